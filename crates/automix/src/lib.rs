@@ -1,0 +1,1 @@
+//! AutoMix / SAMix (being built).

@@ -1,0 +1,1 @@
+//! CIFAR ResNet backbones (being built).

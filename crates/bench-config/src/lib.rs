@@ -1,0 +1,539 @@
+//! The run configuration: plain JSON, no inheritance, every field defaulted.
+//!
+//! Field names follow OpenMixup's configs (`mix_mode`, `alpha`, `mix_prob`,
+//! `mix_repeat`, `mix_args`, `optimizer`, `lr_config`, `max_epochs`, …) so a
+//! researcher can read one beside the other. Unknown fields are rejected, so a
+//! typo is an error instead of a silently ignored setting. Defaults are the
+//! CIFAR-10 benchmark's ResNet-18 MixUp recipe (spec §1–§4).
+//!
+//! This crate only describes and parses; semantic checks that need the methods
+//! themselves (known mode names, α > 0, …) live in [`RunConfig::validate`] and
+//! in the runner.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// A value that may be given as one item or as a list (`"mixup"` or `["mixup", "cutmix"]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    /// A single value.
+    One(T),
+    /// A list of values.
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    /// The values as a list.
+    pub fn to_vec(&self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The whole run configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Experiment name; default: the config file's stem (set by the loader).
+    pub name: String,
+    /// Network and mixing settings.
+    pub model: ModelConfig,
+    /// Data location and loader settings.
+    pub data: DataConfig,
+    /// SGD settings (spec §3.1).
+    pub optimizer: OptimizerConfig,
+    /// Learning-rate schedule (spec §3.2).
+    pub lr_config: LrConfig,
+    /// Number of training epochs (default 400, the base configs' value).
+    pub max_epochs: usize,
+    /// Seed of every random stream of the run (default 0, as `dist_train.sh`).
+    pub seed: u64,
+    /// Output directory for logs and checkpoints; default `work_dirs/<name>`.
+    pub work_dir: Option<String>,
+    /// Checkpoint cadence (spec §8.2).
+    pub checkpoint: CheckpointConfig,
+    /// Logging cadence (spec §8.3).
+    pub log: LogConfig,
+    /// Evaluation settings (spec §3.3).
+    pub evaluation: EvalConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            optimizer: OptimizerConfig::default(),
+            lr_config: LrConfig::default(),
+            max_epochs: 400,
+            seed: 0,
+            work_dir: None,
+            checkpoint: CheckpointConfig::default(),
+            log: LogConfig::default(),
+            evaluation: EvalConfig::default(),
+        }
+    }
+}
+
+/// Backbone architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// CIFAR ResNet-18 (11,173,962 parameters with the 10-way head).
+    Resnet18,
+    /// CIFAR ResNeXt-50 32x4d (22,992,714 parameters with the 10-way head).
+    Resnext50,
+}
+
+/// Weight initialisation scheme (spec §2.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitScheme {
+    /// Benchmark-era: Kaiming-normal fan-out convs, zero-init residual BN, N(0, 0.01²) FC.
+    Benchmark,
+    /// PyTorch module defaults (HEAD OpenMixup since v0.2.7).
+    PytorchDefault,
+}
+
+/// Backbone settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackboneConfig {
+    /// `resnet18` (default) or `resnext50`.
+    pub arch: Arch,
+    /// Channels of the stem and first stage (64 in the benchmark; smaller for tests).
+    pub base_width: usize,
+    /// Blocks per stage; `None` = the architecture's own (`[2,2,2,2]` / `[3,4,6,3]`).
+    pub stage_blocks: Option<[usize; 4]>,
+    /// Initialisation scheme (default `benchmark`).
+    pub init: InitScheme,
+}
+
+impl Default for BackboneConfig {
+    fn default() -> Self {
+        Self {
+            arch: Arch::Resnet18,
+            base_width: 64,
+            stage_blocks: None,
+            init: InitScheme::Benchmark,
+        }
+    }
+}
+
+/// Classification loss of the head (spec §3.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeadLoss {
+    /// `λ·CE(z, y_a) + (1−λ)·CE(z, y_b)` (every table row but PuzzleMix).
+    #[serde(rename = "CE_none")]
+    CeNone,
+    /// Soft-target cross-entropy (PuzzleMix).
+    #[serde(rename = "CE_soft")]
+    CeSoft,
+    /// Binary cross-entropy with logits on the soft target, summed over classes.
+    #[serde(rename = "CE_sigm")]
+    CeSigm,
+}
+
+/// Head settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadConfig {
+    /// Loss (default `CE_none`).
+    pub loss: HeadLoss,
+    /// Number of classes (default 10).
+    pub num_classes: usize,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        Self {
+            loss: HeadLoss::CeNone,
+            num_classes: 10,
+        }
+    }
+}
+
+/// Network and mixing settings (OpenMixup's `model` dict).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Mixing mode or list of modes (default `"mixup"`).
+    pub mix_mode: OneOrMany<String>,
+    /// α per mode, same length as `mix_mode` (default `1.0`).
+    pub alpha: OneOrMany<f64>,
+    /// Probability of each mode; `None` (default) = uniform.
+    pub mix_prob: Option<Vec<f64>>,
+    /// Mixing repeats per batch; values ≤ 1 mean 1 (default 1).
+    pub mix_repeat: usize,
+    /// Per-mode overrides of the methods' hyper-parameters, keyed by mode name
+    /// (e.g. `{"manifoldmix": {"layer": [0, 3]}}`); omitted fields keep the
+    /// CIFAR-10 benchmark values.
+    pub mix_args: BTreeMap<String, serde_json::Value>,
+    /// Backbone.
+    pub backbone: BackboneConfig,
+    /// Head and loss.
+    pub head: HeadConfig,
+    /// AttentiveMix+: safetensors file of the frozen attention network.
+    pub attention_weights: Option<String>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            mix_mode: OneOrMany::One("mixup".into()),
+            alpha: OneOrMany::One(1.0),
+            mix_prob: None,
+            mix_repeat: 1,
+            mix_args: BTreeMap::new(),
+            backbone: BackboneConfig::default(),
+            head: HeadConfig::default(),
+            attention_weights: None,
+        }
+    }
+}
+
+/// Zero-padding (benchmark) or reflection padding for the random crop (spec §1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PaddingMode {
+    /// Pad with zeros (the CIFAR-10 config).
+    Constant,
+    /// Reflect-pad (the CIFAR-100 configs).
+    Reflect,
+}
+
+/// Data settings (spec §1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory with `data_batch_{1..5}.bin` + `test_batch.bin`, or a
+    /// `cifar-10-batches-py` pickle directory (default `data/cifar10`).
+    pub dir: String,
+    /// Download the official archive into `dir` when the files are missing (default false).
+    pub download: bool,
+    /// Images per training batch (default 100).
+    pub batch_size: usize,
+    /// Images per evaluation batch (default 100).
+    pub test_batch_size: usize,
+    /// Background threads producing augmented batches (default 2).
+    pub workers: usize,
+    /// Batches kept ready ahead of the model (default 4).
+    pub prefetch: usize,
+    /// Crop padding mode (default `constant`).
+    pub padding_mode: PaddingMode,
+    /// Use only the first N training images (smoke runs); `None` = all.
+    pub limit_train: Option<usize>,
+    /// Use only the first N test images (smoke runs); `None` = all.
+    pub limit_test: Option<usize>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dir: "data/cifar10".into(),
+            download: false,
+            batch_size: 100,
+            test_batch_size: 100,
+            workers: 2,
+            prefetch: 4,
+            padding_mode: PaddingMode::Constant,
+            limit_train: None,
+            limit_test: None,
+        }
+    }
+}
+
+/// SGD settings (spec §3.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    /// Base learning rate (default 0.1).
+    pub lr: f64,
+    /// Momentum (default 0.9).
+    pub momentum: f64,
+    /// Weight decay applied to every parameter (default 1e-4).
+    pub weight_decay: f64,
+    /// Nesterov momentum (default false).
+    pub nesterov: bool,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            nesterov: false,
+        }
+    }
+}
+
+/// Per-epoch cosine annealing (spec §3.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LrConfig {
+    /// Final learning rate (default 0; AutoMix/SAMix use 0.05).
+    pub min_lr: f64,
+}
+
+impl Default for LrConfig {
+    fn default() -> Self {
+        Self { min_lr: 0.0 }
+    }
+}
+
+/// Checkpoint cadence (spec §8.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save every N epochs, and always after the last one (default 10).
+    pub interval: usize,
+    /// Keep this many newest epoch checkpoints (default 1).
+    pub max_keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            interval: 10,
+            max_keep: 1,
+        }
+    }
+}
+
+/// Logging cadence (spec §8.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Write a train line every N iterations (default 50).
+    pub interval: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { interval: 50 }
+    }
+}
+
+/// Evaluation settings (spec §3.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate every N epochs (default 1).
+    pub interval: usize,
+    /// The reported metric is the median top-1 over the last `median_window + 1`
+    /// evaluations, epochs `E−window..E` (default 10, i.e. 11 values, as the upstream summarizer).
+    pub median_window: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            interval: 1,
+            median_window: 10,
+        }
+    }
+}
+
+/// A configuration error, with the offending file or field named.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl RunConfig {
+    /// Parses a config from JSON text; `origin` names the source in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))
+    }
+
+    /// Reads and parses a config file, filling `name` from the file stem when empty.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
+        let mut cfg = Self::from_json(&text, &path.display().to_string())?;
+        if cfg.name.is_empty() {
+            cfg.name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into());
+        }
+        Ok(cfg)
+    }
+
+    /// Pretty JSON with a trailing newline (the generator's on-disk form).
+    pub fn to_json_pretty(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("config serializes");
+        s.push('\n');
+        s
+    }
+
+    /// The work directory: `work_dir` or `work_dirs/<name>`.
+    pub fn work_dir(&self) -> String {
+        self.work_dir
+            .clone()
+            .unwrap_or_else(|| format!("work_dirs/{}", self.name))
+    }
+
+    /// Structural checks that need no knowledge of the methods: list lengths,
+    /// positive α, probabilities, positive sizes. Errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        let modes = self.model.mix_mode.to_vec();
+        let alphas = self.model.alpha.to_vec();
+        if modes.is_empty() {
+            return err("model.mix_mode: at least one mode is required".into());
+        }
+        if modes.len() >= 6 {
+            return err(format!(
+                "model.mix_mode: at most 5 modes are allowed, got {}",
+                modes.len()
+            ));
+        }
+        if alphas.len() != modes.len() {
+            return err(format!(
+                "model.alpha: {} value(s) given for {} mode(s) in model.mix_mode",
+                alphas.len(),
+                modes.len()
+            ));
+        }
+        for (m, a) in modes.iter().zip(&alphas) {
+            if !(a.is_finite() && *a > 0.0) && m != "vanilla" {
+                return err(format!("model.alpha: α for `{m}` must be > 0, got {a}"));
+            }
+        }
+        if let Some(p) = &self.model.mix_prob {
+            if p.len() != modes.len() {
+                return err(format!(
+                    "model.mix_prob: {} value(s) given for {} mode(s)",
+                    p.len(),
+                    modes.len()
+                ));
+            }
+            if p.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                return err("model.mix_prob: probabilities must be finite and ≥ 0".into());
+            }
+            let sum: f64 = p.iter().sum();
+            if (sum - 1.0).abs() > 1e-6 {
+                return err(format!("model.mix_prob: must sum to 1, sums to {sum}"));
+            }
+        }
+        for key in self.model.mix_args.keys() {
+            if !modes.contains(key) {
+                return err(format!(
+                    "model.mix_args: `{key}` is not one of the configured modes {modes:?}"
+                ));
+            }
+        }
+        if self.model.head.num_classes < 2 {
+            return err("model.head.num_classes: must be at least 2".into());
+        }
+        if self.model.backbone.base_width == 0 {
+            return err("model.backbone.base_width: must be positive".into());
+        }
+        if self.data.batch_size == 0 || self.data.test_batch_size == 0 {
+            return err("data.batch_size: must be positive".into());
+        }
+        if self.max_epochs == 0 {
+            return err("max_epochs: must be positive".into());
+        }
+        if !(self.optimizer.lr > 0.0) {
+            return err(format!(
+                "optimizer.lr: must be > 0, got {}",
+                self.optimizer.lr
+            ));
+        }
+        if self.lr_config.min_lr < 0.0 || self.lr_config.min_lr > self.optimizer.lr {
+            return err(format!(
+                "lr_config.min_lr: must lie in [0, optimizer.lr], got {}",
+                self.lr_config.min_lr
+            ));
+        }
+        if self.checkpoint.interval == 0 || self.checkpoint.max_keep == 0 {
+            return err("checkpoint: interval and max_keep must be positive".into());
+        }
+        if self.log.interval == 0 || self.evaluation.interval == 0 {
+            return err("log.interval / evaluation.interval: must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_object_gives_the_benchmark_defaults() {
+        let c = RunConfig::from_json("{}", "t").unwrap();
+        assert_eq!(c, RunConfig::default());
+        assert_eq!(c.optimizer.lr, 0.1);
+        assert_eq!(c.data.batch_size, 100);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_name() {
+        let e =
+            RunConfig::from_json(r#"{"model": {"mix_mod": "cutmix"}}"#, "cfg.json").unwrap_err();
+        assert!(e.0.contains("cfg.json") && e.0.contains("mix_mod"), "{e}");
+    }
+
+    #[test]
+    fn string_or_list_modes() {
+        let c = RunConfig::from_json(
+            r#"{"model": {"mix_mode": ["mixup", "cutmix"], "alpha": [1, 0.2], "mix_prob": [0.5, 0.5]}}"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.model.mix_mode.to_vec(), vec!["mixup", "cutmix"]);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn structural_errors_name_the_field() {
+        let cases = [
+            (
+                r#"{"model": {"mix_mode": ["mixup", "cutmix"], "alpha": 1}}"#,
+                "model.alpha",
+            ),
+            (r#"{"model": {"alpha": 0}}"#, "model.alpha"),
+            (r#"{"model": {"alpha": -1}}"#, "model.alpha"),
+            (
+                r#"{"model": {"mix_mode": ["mixup", "cutmix"], "alpha": [1, 1], "mix_prob": [0.5, 0.6]}}"#,
+                "model.mix_prob",
+            ),
+            (
+                r#"{"model": {"mix_args": {"cutmix": {}}}}"#,
+                "model.mix_args",
+            ),
+            (r#"{"max_epochs": 0}"#, "max_epochs"),
+        ];
+        for (json, field) in cases {
+            let e = RunConfig::from_json(json, "t")
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(e.0.starts_with(field), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let c = RunConfig::default();
+        let back = RunConfig::from_json(&c.to_json_pretty(), "t").unwrap();
+        assert_eq!(c, back);
+    }
+}

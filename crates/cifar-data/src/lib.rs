@@ -1,0 +1,1 @@
+//! CIFAR-10 loading and augmentation (being built).

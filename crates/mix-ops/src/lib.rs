@@ -1,0 +1,99 @@
+//! Mixup-family augmentations on plain candle tensors.
+//!
+//! Every method takes a batch of normalized images (`N×C×H×W`, any dtype the
+//! method supports, any device) and integer labels (`N`, `u32`), draws its
+//! randomness from the caller's RNG, and returns the mixed images plus the
+//! mixed-label triple `(y_a, y_b, λ)` described in the benchmark spec (§3.4).
+//! Methods that need a network (ManifoldMix, PuzzleMix, AttentiveMix+) reach it
+//! only through the small [`MixModel`] trait or return a [`FeatureMix`]
+//! instruction, so this crate never depends on a particular backbone.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use mix_ops::{MixContext, MixMethod, mixup::MixUp};
+//! use rand::SeedableRng;
+//! let x = Tensor::randn(0f32, 1., (4, 3, 32, 32), &Device::Cpu).unwrap();
+//! let y = Tensor::new(&[0u32, 1, 2, 3], &Device::Cpu).unwrap();
+//! let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+//! let mixed = MixUp::default().mix(&x, &y, &mut MixContext::new(&mut rng)).unwrap();
+//! assert_eq!(mixed.images.dims(), x.dims());
+//! ```
+
+use candle_core::{Result, Tensor};
+use rand::RngCore;
+
+pub mod labels;
+pub mod sample;
+
+pub mod mixup;
+
+pub use labels::{Lambda, MixedLabels};
+
+/// An instruction to mix hidden features inside the backbone (ManifoldMix, §2.5):
+/// `z ← λ·z + (1−λ)·z[π]` applied to the output of stage `layer`
+/// (`layer == 0` mixes the input images before the stem).
+#[derive(Debug, Clone)]
+pub struct FeatureMix {
+    /// 0 = input images, `L ≥ 1` = output of stage `L`.
+    pub layer: usize,
+    /// Weight of the un-permuted features.
+    pub lambda: f64,
+    /// Partner index π (`N`, `u32`) on the images' device.
+    pub perm: Tensor,
+}
+
+/// The output of one mixing step.
+#[derive(Debug, Clone)]
+pub struct Mixed {
+    /// Mixed images, same shape, dtype and device as the input.
+    pub images: Tensor,
+    /// Label triple `(y_a, y_b, λ)`.
+    pub labels: MixedLabels,
+    /// Set by methods that mix inside the network; `images` is then the input unchanged.
+    pub feature_mix: Option<FeatureMix>,
+    /// Per-pixel weight of the original image `x` (`N×1×H×W` or `1×1×H×W`), for
+    /// methods that have one; used by previews and tests.
+    pub mask: Option<Tensor>,
+}
+
+/// Access to a network, for the methods whose mixing depends on one.
+pub trait MixModel {
+    /// Gradient of the batch-mean cross-entropy w.r.t. the input images, taken
+    /// with the model in evaluation mode. Must leave parameters and BatchNorm
+    /// statistics untouched (PuzzleMix saliency, §5.9).
+    fn input_gradient(&self, images: &Tensor, labels: &Tensor) -> Result<Tensor>;
+    /// Feature map `N×C×h×w` of a frozen attention network (AttentiveMix+, §5.7).
+    fn attention_features(&self, images: &Tensor) -> Result<Tensor>;
+}
+
+/// What a mixing step may use besides the batch.
+pub struct MixContext<'a> {
+    /// The run's random stream; every random choice of a method comes from here.
+    pub rng: &'a mut dyn RngCore,
+    /// The network, for methods that need one (`None` for the rest).
+    pub model: Option<&'a dyn MixModel>,
+}
+
+impl<'a> MixContext<'a> {
+    /// A context with an RNG and no model.
+    pub fn new(rng: &'a mut dyn RngCore) -> Self {
+        Self { rng, model: None }
+    }
+
+    /// A context with an RNG and a model.
+    pub fn with_model(rng: &'a mut dyn RngCore, model: &'a dyn MixModel) -> Self {
+        Self {
+            rng,
+            model: Some(model),
+        }
+    }
+}
+
+/// One mixing method. Implementations hold their hyper-parameters (α and the
+/// method's `mix_args`) and are cheap to construct.
+pub trait MixMethod: Send + Sync {
+    /// The `mix_mode` name used in configs (`"mixup"`, `"cutmix"`, …).
+    fn name(&self) -> &'static str;
+    /// Mixes one batch. `images`: `N×C×H×W`; `labels`: `N` (`u32`).
+    fn mix(&self, images: &Tensor, labels: &Tensor, ctx: &mut MixContext<'_>) -> Result<Mixed>;
+}

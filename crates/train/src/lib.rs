@@ -1,0 +1,1 @@
+//! Training machinery (being built).

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("xtask: under construction");
+    std::process::exit(2);
+}
