@@ -121,6 +121,14 @@ impl Run {
         (self.modes.len() == 1).then(|| self.modes[0].as_str())
     }
 
+    /// Trained by `AutoMixup` (AutoMix/SAMix), whose heads' losses are fixed (the
+    /// config's `model.head.loss` does not apply).
+    pub fn is_learned(&self) -> bool {
+        self.single_mode()
+            .and_then(method)
+            .is_some_and(|m| m.learned)
+    }
+
     /// Row label: the table's method name, `+`-joined modes for a multi-mode run,
     /// and the loss when it differs from the table's.
     pub fn label(&self) -> String {
@@ -168,7 +176,7 @@ impl Run {
         let mode = self.single_mode()?;
         let m = method(mode)?;
         let alpha_ok = m.alpha_unused || self.alphas.first() == Some(&m.alpha(self.backbone));
-        let loss_ok = m.learned || self.loss == self.default_loss();
+        let loss_ok = self.is_learned() || self.loss == self.default_loss();
         if !(alpha_ok && loss_ok) {
             return None;
         }
@@ -382,8 +390,7 @@ struct Row<'a> {
 /// Groups runs into table rows per backbone. When two runs fill the same cell the
 /// one with more evaluated epochs wins (a warning names both).
 fn rows(runs: &[Run]) -> BTreeMap<Backbone, Vec<Row<'_>>> {
-    let mut grouped: BTreeMap<Backbone, BTreeMap<RowKey, Row>> =
-        BTreeMap::new();
+    let mut grouped: BTreeMap<Backbone, BTreeMap<RowKey, Row>> = BTreeMap::new();
     for run in runs {
         let Some(summary) = run.summary() else {
             eprintln!(
@@ -517,7 +524,11 @@ pub fn tables(runs: &[Run], compare: bool) -> Result<Tables> {
                     row.label.clone(),
                     run.modes.join("+"),
                     alpha_csv,
-                    run.loss.clone(),
+                    if run.is_learned() {
+                        "-".to_string()
+                    } else {
+                        run.loss.clone()
+                    },
                     e.to_string(),
                     s.last_epoch.to_string(),
                     s.finished.to_string(),

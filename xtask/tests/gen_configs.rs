@@ -1,0 +1,331 @@
+//! `gen-configs`: file names and layout, config validity, scripts, determinism,
+//! and that the committed `configs/cifar10` tree is what the defaults generate.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bench_config::{Arch, HeadLoss, OneOrMany, RunConfig};
+use xtask::gen::{
+    diff_tree, generate, parse_mode_item, write, AlphaOverride, GenOptions, GeneratedFile,
+    SCRIPT_NAMES,
+};
+use xtask::methods::{Backbone, METHODS};
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("xtask-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn paths(files: &[GeneratedFile]) -> Vec<String> {
+    files.iter().map(|f| f.path.display().to_string()).collect()
+}
+
+fn defaults_both() -> GenOptions {
+    GenOptions {
+        backbones: Backbone::ALL.to_vec(),
+        ..GenOptions::default()
+    }
+}
+
+#[test]
+fn golden_listing_for_a_flag_set() {
+    let opts = GenOptions {
+        epochs: vec![200, 800],
+        backbones: vec![Backbone::Rx50],
+        modes: ["smoothmix", "puzzlemix", "samix", "mixup+cutmix"]
+            .iter()
+            .map(|m| parse_mode_item(m).unwrap())
+            .collect(),
+        mix_prob: Some(vec![0.7, 0.3]),
+        ..GenOptions::default()
+    };
+    let got = paths(&generate(&opts).unwrap());
+    let want = [
+        "rx50/mix_modesmoothmix/rx50_mixups_CE_none_alpha0_2_ep200.json",
+        "rx50/mix_modesmoothmix/rx50_mixups_CE_none_alpha0_2_ep800.json",
+        "rx50/mix_modepuzzlemix/rx50_mixups_CE_soft_alpha1_ep200.json",
+        "rx50/mix_modepuzzlemix/rx50_mixups_CE_soft_alpha1_ep800.json",
+        "rx50/mix_modesamix/rx50_samix_alpha2_ep200.json",
+        "rx50/mix_modesamix/rx50_samix_alpha2_ep800.json",
+        "rx50/mix_modemixup_cutmix/rx50_mixups_CE_none_multi_mode_alpha1-0_2_mix_prob0_7-0_3_ep200.json",
+        "rx50/mix_modemixup_cutmix/rx50_mixups_CE_none_multi_mode_alpha1-0_2_mix_prob0_7-0_3_ep800.json",
+        "rx50/train_1gpu.sh",
+        "rx50/train_multi_gpu.sh",
+        "rx50/train_slurm.sh",
+    ];
+    assert_eq!(got, want);
+}
+
+#[test]
+fn defaults_are_the_13_table_rows_at_upstream_epochs_with_the_spec_names() {
+    assert_eq!(METHODS.len(), 13);
+    let files = generate(&defaults_both()).unwrap();
+    let names = paths(&files);
+    assert_eq!(names.len(), 2 * (13 * 3 + 3));
+    for want in [
+        "r18/mix_modemixup/r18_mixups_CE_none_alpha1_ep800.json",
+        "r18/mix_modevanilla/r18_mixups_CE_none_alpha1_ep400.json",
+        "r18/mix_modesmoothmix/r18_mixups_CE_none_alpha0_5_ep1200.json",
+        "rx50/mix_modesmoothmix/rx50_mixups_CE_none_alpha0_2_ep1200.json",
+        "r18/mix_modepuzzlemix/r18_mixups_CE_soft_alpha1_ep400.json",
+        "r18/mix_modeautomix/r18_automix_alpha2_ep800.json",
+        "rx50/mix_modesamix/rx50_samix_alpha2_ep1200.json",
+    ] {
+        assert!(names.iter().any(|n| n == want), "missing {want}");
+    }
+    assert!(
+        !names.iter().any(|n| n.contains("_ep200")),
+        "200 is not an upstream default"
+    );
+}
+
+#[test]
+fn every_config_parses_validates_and_matches_its_name() {
+    let mut seen_names = BTreeMap::new();
+    for f in generate(&defaults_both()).unwrap() {
+        if f.path.extension().unwrap() != "json" {
+            continue;
+        }
+        let origin = f.path.display().to_string();
+        let cfg = RunConfig::from_json(&f.contents, &origin).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.to_json_pretty(),
+            f.contents,
+            "{origin}: not the canonical form"
+        );
+        let stem = f.path.file_stem().unwrap().to_str().unwrap();
+        assert!(
+            stem.ends_with(&format!("_ep{}", cfg.max_epochs)),
+            "{origin}"
+        );
+        let bb = f
+            .path
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_str()
+            .unwrap();
+        let arch = if bb == "r18" {
+            Arch::Resnet18
+        } else {
+            Arch::Resnext50
+        };
+        assert_eq!(cfg.model.backbone.arch, arch, "{origin}");
+        let OneOrMany::One(mode) = &cfg.model.mix_mode else {
+            panic!("{origin}: single mode expected")
+        };
+        let dir = f
+            .path
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(dir, format!("mix_mode{mode}"));
+        let learned = mode == "automix" || mode == "samix";
+        assert_eq!(
+            cfg.lr_config.min_lr,
+            if learned { 0.05 } else { 0.0 },
+            "{origin}"
+        );
+        let loss = if mode == "puzzlemix" {
+            HeadLoss::CeSoft
+        } else {
+            HeadLoss::CeNone
+        };
+        assert_eq!(cfg.model.head.loss, loss, "{origin}");
+        assert_eq!(
+            cfg.model.attention_weights.is_some(),
+            mode == "attentivemix",
+            "{origin}"
+        );
+        assert_eq!(
+            cfg.work_dir.as_deref(),
+            Some(format!("work_dirs/cifar10/{bb}/{dir}/{stem}").as_str())
+        );
+        if let Some(other) = seen_names.insert(cfg.name.clone(), origin.clone()) {
+            panic!("{origin} and {other} share the run name {}", cfg.name);
+        }
+    }
+}
+
+#[test]
+fn alpha_overrides_sweep_or_target_one_mode_and_loss_overrides_apply() {
+    let opts = GenOptions {
+        epochs: vec![400],
+        modes: ["vanilla", "mixup", "cutmix"]
+            .iter()
+            .map(|m| parse_mode_item(m).unwrap())
+            .collect(),
+        alphas: ["0.2", "1", "cutmix=0.5"]
+            .iter()
+            .map(|a| AlphaOverride::parse(a).unwrap())
+            .collect(),
+        loss: Some(HeadLoss::CeSigm),
+        ..GenOptions::default()
+    };
+    let names: Vec<String> = paths(&generate(&opts).unwrap())
+        .into_iter()
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "r18/mix_modevanilla/r18_mixups_CE_sigm_alpha1_ep400.json",
+            "r18/mix_modemixup/r18_mixups_CE_sigm_alpha0_2_ep400.json",
+            "r18/mix_modemixup/r18_mixups_CE_sigm_alpha1_ep400.json",
+            "r18/mix_modecutmix/r18_mixups_CE_sigm_alpha0_5_ep400.json",
+        ]
+    );
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    assert!(parse_mode_item("mixupp")
+        .unwrap_err()
+        .to_string()
+        .contains("unknown mode `mixupp`"));
+    assert!(AlphaOverride::parse("x").is_err());
+    assert!(AlphaOverride::parse("mixup=-1").is_err());
+    let multi_learned = GenOptions {
+        modes: vec![parse_mode_item("automix+mixup").unwrap()],
+        ..GenOptions::default()
+    };
+    assert!(generate(&multi_learned)
+        .unwrap_err()
+        .to_string()
+        .contains("automix"));
+    let prob_without_multi = GenOptions {
+        mix_prob: Some(vec![1.0]),
+        ..GenOptions::default()
+    };
+    assert!(generate(&prob_without_multi)
+        .unwrap_err()
+        .to_string()
+        .contains("--mix-prob"));
+    let bad_prob = GenOptions {
+        modes: vec![parse_mode_item("mixup+cutmix").unwrap()],
+        mix_prob: Some(vec![0.9, 0.9]),
+        ..GenOptions::default()
+    };
+    assert!(generate(&bad_prob)
+        .unwrap_err()
+        .to_string()
+        .contains("model.mix_prob"));
+}
+
+#[test]
+fn scripts_parse_and_name_each_config_of_their_backbone_once() {
+    let dir = temp_dir("scripts");
+    let files = generate(&defaults_both()).unwrap();
+    write(&dir, &files).unwrap();
+    for bb in ["r18", "rx50"] {
+        let configs: Vec<String> = files
+            .iter()
+            .filter(|f| f.path.starts_with(bb) && f.path.extension().unwrap() == "json")
+            .map(|f| f.path.strip_prefix(bb).unwrap().display().to_string())
+            .collect();
+        assert_eq!(configs.len(), 39);
+        for script in SCRIPT_NAMES {
+            let path = dir.join(bb).join(script);
+            let out = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+            assert!(out.status.success(), "{}: {:?}", path.display(), out);
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.starts_with("#!/usr/bin/env bash\n"));
+            assert!(text.contains("RUNNER=\"${RUNNER:-target/release/runner}\""));
+            assert!(text.contains("--device cuda:0"));
+            let listed: Vec<&str> = text
+                .lines()
+                .filter(|l| l.trim_start().starts_with("mix_mode"))
+                .map(str::trim)
+                .collect();
+            assert_eq!(listed, configs, "{}", path.display());
+            for c in &configs {
+                assert_eq!(text.matches(c.as_str()).count(), 1, "{c} in {script}");
+            }
+        }
+        let slurm = std::fs::read_to_string(dir.join(bb).join("train_slurm.sh")).unwrap();
+        assert!(slurm.contains("#SBATCH --gres=gpu:1") && slurm.contains("srun "));
+        assert!(slurm.contains("sbatch --array=0-38"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn read_tree(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), bytes);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_cli_rerun_is_byte_identical_and_check_passes() {
+    let (a, b) = (temp_dir("rerun-a"), temp_dir("rerun-b"));
+    let run = |out: &Path, extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args([
+                "gen-configs",
+                "--backbone",
+                "r18,rx50",
+                "--epochs",
+                "200,400",
+            ])
+            .args(["--modes", "mixup,automix,mixup+gridmix", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&a, &[]);
+    run(&a, &[]);
+    run(&b, &[]);
+    let (ta, tb) = (read_tree(&a), read_tree(&b));
+    assert_eq!(ta.len(), 2 * (3 * 2 + 3));
+    assert_eq!(ta, tb);
+    run(&a, &["--check"]);
+    std::fs::write(a.join("r18/stray.json"), "{}").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "gen-configs",
+            "--backbone",
+            "r18,rx50",
+            "--epochs",
+            "200,400",
+        ])
+        .args(["--modes", "mixup,automix,mixup+gridmix", "--check", "--out"])
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("stray.json"));
+    std::fs::remove_dir_all(&a).unwrap();
+    std::fs::remove_dir_all(&b).unwrap();
+}
+
+#[test]
+fn committed_configs_are_up_to_date() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/cifar10");
+    let problems = diff_tree(&root, &generate(&defaults_both()).unwrap()).unwrap();
+    assert!(
+        problems.is_empty(),
+        "configs/cifar10 is stale; run `cargo xtask gen-configs --backbone r18,rx50`:\n{}",
+        problems.join("\n")
+    );
+}
