@@ -203,6 +203,18 @@ fn check(opts: &GenOptions) -> Result<()> {
             }
         }
     }
+    if opts.loss == Some(HeadLoss::CeNone) {
+        if let Some(item) = opts
+            .modes
+            .iter()
+            .find(|i| i.iter().any(|m| m == "puzzlemix"))
+        {
+            bail!(
+                "--loss CE_none: `{}` includes puzzlemix, whose per-sample λ needs CE_soft or CE_sigm (spec §3.4)",
+                item.join("+")
+            );
+        }
+    }
     if let Some(p) = &opts.mix_prob {
         let multi: Vec<_> = opts.modes.iter().filter(|i| i.len() > 1).collect();
         if multi.is_empty() {

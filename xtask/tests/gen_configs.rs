@@ -201,6 +201,14 @@ fn bad_flags_are_clear_errors() {
         .unwrap_err()
         .to_string()
         .contains("automix"));
+    let puzzle_ce_none = GenOptions {
+        loss: Some(HeadLoss::CeNone),
+        ..GenOptions::default()
+    };
+    assert!(generate(&puzzle_ce_none)
+        .unwrap_err()
+        .to_string()
+        .contains("puzzlemix"));
     let prob_without_multi = GenOptions {
         mix_prob: Some(vec![1.0]),
         ..GenOptions::default()
