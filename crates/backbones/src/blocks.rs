@@ -1,0 +1,264 @@
+//! Residual blocks (spec §2.1), shared by the CIFAR and ImageNet networks.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::conv::{Conv2d, ConvSpec};
+use crate::init::ParamRegistry;
+use crate::norm::BatchNorm2d;
+
+fn conv(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+    vb: VarBuilder,
+    reg: &mut ParamRegistry,
+) -> Result<Conv2d> {
+    let spec = ConvSpec {
+        in_channels,
+        out_channels,
+        kernel,
+        stride,
+        padding: kernel / 2,
+        groups,
+    };
+    Conv2d::new(spec, vb, reg)
+}
+
+/// Shortcut projection `conv1×1(stride) → BN`, named `downsample.0` / `downsample.1`.
+#[derive(Debug, Clone)]
+struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+}
+
+impl Downsample {
+    /// Present iff `stride ≠ 1` or the channel count changes.
+    fn maybe_new(
+        in_channels: usize,
+        out_channels: usize,
+        stride: usize,
+        vb: VarBuilder,
+        reg: &mut ParamRegistry,
+    ) -> Result<Option<Self>> {
+        if stride == 1 && in_channels == out_channels {
+            return Ok(None);
+        }
+        let vb = vb.pp("downsample");
+        Ok(Some(Self {
+            conv: conv(in_channels, out_channels, 1, stride, 1, vb.pp("0"), reg)?,
+            bn: BatchNorm2d::new(out_channels, false, vb.pp("1"), reg)?,
+        }))
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(x)?, train)
+    }
+}
+
+fn shortcut(ds: &Option<Downsample>, x: &Tensor, train: bool) -> Result<Tensor> {
+    match ds {
+        Some(ds) => ds.forward_t(x, train),
+        None => Ok(x.clone()),
+    }
+}
+
+/// Two 3×3 convolutions (expansion 1).
+#[derive(Debug, Clone)]
+pub struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    downsample: Option<Downsample>,
+}
+
+impl BasicBlock {
+    /// `BasicBlock(in, out, stride)`; `bn2` is the zero-init residual BN.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        stride: usize,
+        vb: VarBuilder,
+        reg: &mut ParamRegistry,
+    ) -> Result<Self> {
+        Ok(Self {
+            conv1: conv(in_channels, out_channels, 3, stride, 1, vb.pp("conv1"), reg)?,
+            bn1: BatchNorm2d::new(out_channels, false, vb.pp("bn1"), reg)?,
+            conv2: conv(out_channels, out_channels, 3, 1, 1, vb.pp("conv2"), reg)?,
+            bn2: BatchNorm2d::new(out_channels, true, vb.pp("bn2"), reg)?,
+            downsample: Downsample::maybe_new(in_channels, out_channels, stride, vb, reg)?,
+        })
+    }
+
+    /// `ReLU(BN2(conv2(ReLU(BN1(conv1(x))))) + shortcut(x))`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
+        (h + shortcut(&self.downsample, x, train)?)?.relu()
+    }
+}
+
+/// 1×1 → grouped 3×3 (stride here, `style='pytorch'`) → 1×1 (expansion 4).
+#[derive(Debug, Clone)]
+pub struct Bottleneck {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    conv3: Conv2d,
+    bn3: BatchNorm2d,
+    downsample: Option<Downsample>,
+}
+
+impl Bottleneck {
+    /// `Bottleneck(in, out, stride)` with `mid` channels in the grouped conv;
+    /// `bn3` is the zero-init residual BN.
+    pub fn new(
+        in_channels: usize,
+        mid_channels: usize,
+        out_channels: usize,
+        stride: usize,
+        groups: usize,
+        vb: VarBuilder,
+        reg: &mut ParamRegistry,
+    ) -> Result<Self> {
+        Ok(Self {
+            conv1: conv(in_channels, mid_channels, 1, 1, 1, vb.pp("conv1"), reg)?,
+            bn1: BatchNorm2d::new(mid_channels, false, vb.pp("bn1"), reg)?,
+            conv2: conv(
+                mid_channels,
+                mid_channels,
+                3,
+                stride,
+                groups,
+                vb.pp("conv2"),
+                reg,
+            )?,
+            bn2: BatchNorm2d::new(mid_channels, false, vb.pp("bn2"), reg)?,
+            conv3: conv(mid_channels, out_channels, 1, 1, 1, vb.pp("conv3"), reg)?,
+            bn3: BatchNorm2d::new(out_channels, true, vb.pp("bn3"), reg)?,
+            downsample: Downsample::maybe_new(in_channels, out_channels, stride, vb, reg)?,
+        })
+    }
+
+    /// `ReLU(BN3(conv3(…)) + shortcut(x))`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let h = self
+            .bn2
+            .forward_t(&self.conv2.forward(&h)?, train)?
+            .relu()?;
+        let h = self.bn3.forward_t(&self.conv3.forward(&h)?, train)?;
+        (h + shortcut(&self.downsample, x, train)?)?.relu()
+    }
+}
+
+/// Either kind of residual block.
+#[derive(Debug, Clone)]
+pub enum Block {
+    /// ResNet-18 block.
+    Basic(BasicBlock),
+    /// ResNeXt block.
+    Bottleneck(Bottleneck),
+}
+
+impl Block {
+    /// Runs the block.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Block::Basic(b) => b.forward_t(x, train),
+            Block::Bottleneck(b) => b.forward_t(x, train),
+        }
+    }
+}
+
+/// One stage (`layer1` … `layer4`): a sequence of blocks named `0`, `1`, ….
+#[derive(Debug, Clone)]
+pub struct Stage {
+    blocks: Vec<Block>,
+    out_channels: usize,
+}
+
+impl Stage {
+    /// A stage of `num_blocks` ResNet BasicBlocks; only the first one strides.
+    pub fn basic(
+        in_channels: usize,
+        out_channels: usize,
+        num_blocks: usize,
+        stride: usize,
+        vb: VarBuilder,
+        reg: &mut ParamRegistry,
+    ) -> Result<Self> {
+        let mut blocks = Vec::with_capacity(num_blocks);
+        for i in 0..num_blocks {
+            let (cin, s) = if i == 0 {
+                (in_channels, stride)
+            } else {
+                (out_channels, 1)
+            };
+            blocks.push(Block::Basic(BasicBlock::new(
+                cin,
+                out_channels,
+                s,
+                vb.pp(i),
+                reg,
+            )?));
+        }
+        Ok(Self {
+            blocks,
+            out_channels,
+        })
+    }
+
+    /// A stage of `num_blocks` ResNeXt bottlenecks; only the first one strides.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bottleneck(
+        in_channels: usize,
+        mid_channels: usize,
+        out_channels: usize,
+        groups: usize,
+        num_blocks: usize,
+        stride: usize,
+        vb: VarBuilder,
+        reg: &mut ParamRegistry,
+    ) -> Result<Self> {
+        let mut blocks = Vec::with_capacity(num_blocks);
+        for i in 0..num_blocks {
+            let (cin, s) = if i == 0 {
+                (in_channels, stride)
+            } else {
+                (out_channels, 1)
+            };
+            blocks.push(Block::Bottleneck(Bottleneck::new(
+                cin,
+                mid_channels,
+                out_channels,
+                s,
+                groups,
+                vb.pp(i),
+                reg,
+            )?));
+        }
+        Ok(Self {
+            blocks,
+            out_channels,
+        })
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// Runs the blocks in order.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        for b in &self.blocks {
+            h = b.forward_t(&h, train)?;
+        }
+        Ok(h)
+    }
+}

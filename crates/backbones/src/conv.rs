@@ -1,0 +1,76 @@
+//! The one place where convolutions are computed.
+//!
+//! Every convolution of every backbone in this crate goes through [`Conv2d`],
+//! so a faster kernel can be swapped in here without touching the networks.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::init::{ParamKind, ParamRegistry};
+
+/// A bias-free 2-D convolution (`weight`: `out × in/groups × k × k`).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+}
+
+/// Shape of one convolution layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Square kernel side.
+    pub kernel: usize,
+    /// Stride (both axes).
+    pub stride: usize,
+    /// Zero padding (both axes, both sides).
+    pub padding: usize,
+    /// Channel groups; must divide both channel counts.
+    pub groups: usize,
+}
+
+impl Conv2d {
+    /// Creates (or loads) the weight `<prefix>.weight` and records it for initialization.
+    pub fn new(spec: ConvSpec, vb: VarBuilder, reg: &mut ParamRegistry) -> Result<Self> {
+        let ConvSpec {
+            in_channels,
+            out_channels,
+            kernel,
+            groups,
+            ..
+        } = spec;
+        if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+            candle_core::bail!(
+                "conv `{}`: groups {groups} must divide in ({in_channels}) and out ({out_channels}) channels",
+                vb.prefix()
+            );
+        }
+        let kind = ParamKind::ConvWeight {
+            fan_in: in_channels / groups * kernel * kernel,
+            fan_out: out_channels * kernel * kernel,
+        };
+        let shape = (out_channels, in_channels / groups, kernel, kernel);
+        let weight = reg.get(&vb, shape, "weight", kind)?;
+        Ok(Self {
+            weight,
+            stride: spec.stride,
+            padding: spec.padding,
+            groups,
+        })
+    }
+
+    /// The kernel tensor.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Applies the convolution to an `N×C×H×W` batch.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)
+    }
+}

@@ -1,0 +1,134 @@
+//! The one place where batch normalization is computed.
+//!
+//! PyTorch `BatchNorm2d` semantics (spec §2.1): `eps = 1e-5`, `momentum = 0.1`
+//! with `running ← (1 − momentum)·running + momentum·batch_stat`; in training
+//! mode the batch is normalized with the *biased* batch variance while the
+//! running variance is updated with the *unbiased* one. Running statistics are
+//! variables named `<prefix>.running_mean` / `<prefix>.running_var`, so they
+//! live in the `VarMap` and are saved with checkpoints; they are updated in
+//! place and never take part in autograd.
+
+use candle_core::{DType, Result, Tensor, Var};
+use candle_nn::VarBuilder;
+
+use crate::init::{ParamKind, ParamRegistry};
+
+/// PyTorch's default BatchNorm epsilon.
+pub const BN_EPS: f64 = 1e-5;
+/// PyTorch's default BatchNorm momentum (weight of the new batch statistic).
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// Affine 2-D batch normalization with running statistics.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    channels: usize,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    /// Creates (or loads) `<prefix>.{weight,bias,running_mean,running_var}`.
+    /// `zero_init` marks the last BN of a residual branch (weight 0 under the
+    /// benchmark init scheme).
+    pub fn new(
+        channels: usize,
+        zero_init: bool,
+        vb: VarBuilder,
+        reg: &mut ParamRegistry,
+    ) -> Result<Self> {
+        let weight = reg.get(&vb, channels, "weight", ParamKind::BnWeight { zero_init })?;
+        let bias = reg.get(&vb, channels, "bias", ParamKind::BnBias)?;
+        let running_mean = reg.get(&vb, channels, "running_mean", ParamKind::RunningMean)?;
+        let running_var = reg.get(&vb, channels, "running_var", ParamKind::RunningVar)?;
+        // For a VarMap-backed builder these are the map's own variables (same
+        // storage), so in-place updates land in the map; for a checkpoint-backed
+        // builder they become private copies.
+        Ok(Self {
+            weight,
+            bias,
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+            channels,
+            eps: BN_EPS,
+            momentum: BN_MOMENTUM,
+        })
+    }
+
+    /// Number of normalized channels.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Current running mean (detached copy-free view).
+    pub fn running_mean(&self) -> Tensor {
+        self.running_mean.as_detached_tensor()
+    }
+
+    /// Current running variance (detached copy-free view).
+    pub fn running_var(&self) -> Tensor {
+        self.running_var.as_detached_tensor()
+    }
+
+    /// Normalizes an `N×C×H×W` batch. `train = true` uses batch statistics and
+    /// updates the running ones; `train = false` uses the running statistics.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        if c != self.channels {
+            candle_core::bail!("batch norm expects {} channels, got {c}", self.channels);
+        }
+        let in_dtype = x.dtype();
+        // Half-precision statistics lose too much; compute them in f32.
+        let x = match in_dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
+        let weight = self.weight.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?;
+        let bias = self.bias.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?;
+        let y = if train {
+            let count = n * h * w;
+            if count < 2 {
+                candle_core::bail!(
+                    "batch norm in training mode needs more than one value per channel, got input {:?}",
+                    x.dims()
+                );
+            }
+            let mean = x.mean_keepdim((0, 2, 3))?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+            self.update_running(&mean, &var, count)?;
+            let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+            centered
+                .broadcast_mul(&inv_std.broadcast_mul(&weight)?)?
+                .broadcast_add(&bias)?
+        } else {
+            let rm = self
+                .running_mean()
+                .to_dtype(x.dtype())?
+                .reshape((1, c, 1, 1))?;
+            let rv = self
+                .running_var()
+                .to_dtype(x.dtype())?
+                .reshape((1, c, 1, 1))?;
+            let scale = (rv + self.eps)?.sqrt()?.recip()?.broadcast_mul(&weight)?;
+            let shift = bias.broadcast_sub(&rm.broadcast_mul(&scale)?)?;
+            x.broadcast_mul(&scale)?.broadcast_add(&shift)?
+        };
+        y.to_dtype(in_dtype)
+    }
+
+    fn update_running(&self, mean: &Tensor, biased_var: &Tensor, count: usize) -> Result<()> {
+        let m = self.momentum;
+        let dtype = self.running_mean.dtype();
+        let mean = mean.detach().flatten_all()?.to_dtype(dtype)?;
+        let unbiased = (biased_var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?
+            .to_dtype(dtype)?;
+        let new_mean = ((self.running_mean() * (1.0 - m))? + (mean * m)?)?;
+        let new_var = ((self.running_var() * (1.0 - m))? + (unbiased * m)?)?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)
+    }
+}
