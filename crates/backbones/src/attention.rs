@@ -38,8 +38,10 @@ fn pad_spatial(x: &Tensor, pad: usize, value: f64) -> Result<Tensor> {
 impl ImageNetResNet18 {
     /// Builds the network with stem width `base_width` (64 for torchvision's
     /// ResNet-18) under torchvision names (`conv1`, `bn1`, `layer1.0.conv1`, …).
+    /// Fresh variables follow PyTorch's default init (no zero-init residual):
+    /// this network is only ever used with loaded weights, random ones are for tests.
     pub fn new(base_width: usize, vb: VarBuilder) -> Result<Self> {
-        let mut reg = ParamRegistry::new(InitScheme::Benchmark);
+        let mut reg = ParamRegistry::new(InitScheme::PytorchDefault);
         let stem = ConvSpec {
             in_channels: 3,
             out_channels: base_width,
@@ -105,6 +107,12 @@ impl ImageNetResNet18 {
     /// Every variable with its full name and role.
     pub fn var_specs(&self) -> &[ParamSpec] {
         self.registry.specs()
+    }
+
+    /// Overwrites the network's variables in `varmap` with seeded PyTorch-default
+    /// values (see [`ParamRegistry::init_weights`]).
+    pub fn init_weights(&self, varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
+        self.registry.init_weights(varmap, seed)
     }
 
     /// The `layer4` map; BN uses batch statistics (and updates its running
@@ -299,4 +307,23 @@ fn load_strict<T>(
         );
     }
     Ok(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_pool_pads_with_negative_infinity() {
+        // All-negative input: zero padding would leak zeros into the border maxima.
+        let v: Vec<f32> = (0..16).map(|i| -(i as f32) - 1.0).collect();
+        let x = Tensor::from_vec(v, (1, 1, 4, 4), &Device::Cpu).unwrap();
+        let y = pad_spatial(&x, 1, f64::NEG_INFINITY)
+            .unwrap()
+            .max_pool2d_with_stride(3, 2)
+            .unwrap();
+        // torch.nn.MaxPool2d(3, 2, padding=1) windows: rows/cols {0,1}, {1,2,3}.
+        let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, vec![-1.0, -2.0, -5.0, -6.0]);
+    }
 }
