@@ -1,0 +1,437 @@
+//! The JSON-lines training log (spec §8.3): `<work_dir>/<YYYYmmdd_HHMMSS>.log.json`.
+//!
+//! Line 1 is the run meta (`env_info`, `config`, `seed`, `exp_name`); then `train` lines
+//! (metrics averaged over the log interval) and one `val` line per epoch. Floats are rounded
+//! to 5 decimals like mmcv's JSON logger; keys keep mmcv's order and separators (`", "`,
+//! `": "`). Non-finite floats, which JSON cannot represent, are written as `null`. The file
+//! name uses UTC (mmcv uses local time; this crate has no time-zone database).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use crate::error::{TrainError, TrainResult};
+
+/// Rounds to 5 decimals (mmcv's `round(x, 5)`).
+pub fn round5(x: f64) -> f64 {
+    (x * 1e5).round() / 1e5
+}
+
+/// `YYYYmmdd_HHMMSS` (UTC) of `time`.
+pub fn timestamp(time: SystemTime) -> String {
+    let secs = time
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}{month:02}{day:02}_{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Serializes `value` with floats rounded to 5 decimals and Python's `json.dumps` separators.
+fn write_value(out: &mut String, value: &Value) {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            if x.is_finite() {
+                out.push_str(&Value::from(round5(x)).to_string());
+            } else {
+                out.push_str("null");
+            }
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_value(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => write_fields(out, map.iter().map(|(k, v)| (k.as_str(), v))),
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn write_fields<'a>(out: &mut String, fields: impl Iterator<Item = (&'a str, &'a Value)>) {
+    out.push('{');
+    for (i, (key, value)) in fields.enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&Value::from(key).to_string());
+        out.push_str(": ");
+        write_value(out, value);
+    }
+    out.push('}');
+}
+
+/// One `train` line: metrics averaged over the last log interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainLine {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// 1-based iteration within the epoch (50, 100, …).
+    pub iter: usize,
+    /// Learning rate in use.
+    pub lr: f64,
+    /// Peak device memory in MB, when known (omitted otherwise).
+    pub memory_mb: Option<u64>,
+    /// Mean data-loading time per iteration, seconds.
+    pub data_time: f64,
+    /// The averaged metrics in logging order (`loss`, `acc`, `acc_mix`, … ).
+    pub metrics: Vec<(String, f64)>,
+    /// Mean total time per iteration, seconds.
+    pub time: f64,
+}
+
+/// Appends JSON lines to a run's log file.
+pub struct JsonLogger {
+    path: PathBuf,
+    file: File,
+}
+
+impl JsonLogger {
+    /// Creates a new log `<work_dir>/<YYYYmmdd_HHMMSS>.log.json` (UTC now). Fails rather than
+    /// overwrite an existing file.
+    pub fn create(work_dir: &Path) -> TrainResult<Self> {
+        std::fs::create_dir_all(work_dir).map_err(|e| TrainError::io(work_dir, e))?;
+        let path = work_dir.join(format!("{}.log.json", timestamp(SystemTime::now())));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, e))?;
+        Ok(Self { path, file })
+    }
+
+    /// Opens an existing log to continue it (resume); creates it if absent.
+    pub fn append(path: &Path) -> TrainResult<Self> {
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| TrainError::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// The log file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes one line with the given fields in order (floats rounded to 5 decimals).
+    pub fn write_fields(&mut self, fields: &[(&str, Value)]) -> TrainResult<()> {
+        let mut line = String::new();
+        write_fields(&mut line, fields.iter().map(|(k, v)| (*k, v)));
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|e| TrainError::io(&self.path, e))
+    }
+
+    /// Writes the first line: the run meta.
+    pub fn write_meta(
+        &mut self,
+        env_info: &str,
+        config: &str,
+        seed: u64,
+        exp_name: &str,
+    ) -> TrainResult<()> {
+        self.write_fields(&[
+            ("env_info", Value::from(env_info)),
+            ("config", Value::from(config)),
+            ("seed", Value::from(seed)),
+            ("exp_name", Value::from(exp_name)),
+        ])
+    }
+
+    /// Writes a `train` line.
+    pub fn write_train(&mut self, line: &TrainLine) -> TrainResult<()> {
+        let mut fields: Vec<(&str, Value)> = vec![
+            ("mode", Value::from("train")),
+            ("epoch", Value::from(line.epoch)),
+            ("iter", Value::from(line.iter)),
+            ("lr", Value::from(line.lr)),
+        ];
+        if let Some(mb) = line.memory_mb {
+            fields.push(("memory", Value::from(mb)));
+        }
+        fields.push(("data_time", Value::from(line.data_time)));
+        for (key, value) in &line.metrics {
+            fields.push((key.as_str(), Value::from(*value)));
+        }
+        fields.push(("time", Value::from(line.time)));
+        self.write_fields(&fields)
+    }
+
+    /// Writes a `val` line for 1-based `epoch` (`iter` = number of validation batches).
+    pub fn write_val(
+        &mut self,
+        epoch: usize,
+        iter: usize,
+        lr: f64,
+        metrics: &[(String, f64)],
+    ) -> TrainResult<()> {
+        let mut fields: Vec<(&str, Value)> = vec![
+            ("mode", Value::from("val")),
+            ("epoch", Value::from(epoch)),
+            ("iter", Value::from(iter)),
+            ("lr", Value::from(lr)),
+        ];
+        for (key, value) in metrics {
+            fields.push((key.as_str(), Value::from(*value)));
+        }
+        self.write_fields(&fields)
+    }
+}
+
+/// Batch-size-weighted running means of named metrics over a log interval.
+#[derive(Debug, Clone, Default)]
+pub struct RunningMean {
+    // (name, Σ value·count, Σ count), in first-seen order.
+    entries: Vec<(String, f64, f64)>,
+}
+
+impl RunningMean {
+    /// An empty accumulator.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `value` observed on a batch of `count` samples.
+    pub fn update(&mut self, key: &str, value: f64, count: usize) {
+        let weight = count as f64;
+        match self.entries.iter_mut().find(|(k, _, _)| k == key) {
+            Some((_, sum, total)) => {
+                *sum += value * weight;
+                *total += weight;
+            }
+            None => self.entries.push((key.to_string(), value * weight, weight)),
+        }
+    }
+
+    /// Adds several metrics of the same batch.
+    pub fn update_all(&mut self, values: &[(&str, f64)], count: usize) {
+        for (key, value) in values {
+            self.update(key, *value, count);
+        }
+    }
+
+    /// The weighted mean of `key`, if it was observed with a non-zero count.
+    pub fn mean(&self, key: &str) -> Option<f64> {
+        self.entries
+            .iter()
+            .find(|(k, _, _)| k == key)
+            .filter(|(_, _, total)| *total > 0.0)
+            .map(|(_, sum, total)| sum / total)
+    }
+
+    /// All weighted means in first-seen order.
+    pub fn means(&self) -> Vec<(String, f64)> {
+        self.entries
+            .iter()
+            .filter(|(_, _, total)| *total > 0.0)
+            .map(|(k, sum, total)| (k.clone(), sum / total))
+            .collect()
+    }
+
+    /// Whether nothing has been observed since the last [`RunningMean::clear`].
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Forgets everything (start of a new log interval).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+/// Reads a JSON-lines log. Blank lines are skipped; an unparsable final line without a
+/// trailing newline (a write cut short by a crash) is dropped; any other unparsable line is
+/// an error naming the file and line number.
+pub fn read_log(path: &Path) -> TrainResult<Vec<Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let complete_last_line = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut values = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(v) => values.push(v),
+            Err(_) if i + 1 == lines.len() && !complete_last_line => {}
+            Err(e) => return Err(TrainError::format(path, format!("line {}: {e}", i + 1))),
+        }
+    }
+    Ok(values)
+}
+
+/// `(epoch, value)` of metric `key` over the `val` lines, sorted by epoch; when an epoch was
+/// evaluated more than once (a resumed run), the later line wins.
+pub fn val_metric_history(lines: &[Value], key: &str) -> Vec<(usize, f64)> {
+    let mut by_epoch = BTreeMap::new();
+    for line in lines {
+        if line.get("mode").and_then(Value::as_str) != Some("val") {
+            continue;
+        }
+        let epoch = line.get("epoch").and_then(Value::as_u64);
+        let value = line.get(key).and_then(Value::as_f64);
+        if let (Some(epoch), Some(value)) = (epoch, value) {
+            by_epoch.insert(epoch as usize, value);
+        }
+    }
+    by_epoch.into_iter().collect()
+}
+
+/// [`val_metric_history`] of `head0_top1`, the MixUpClassification top-1 accuracy.
+pub fn val_top1_history(lines: &[Value]) -> Vec<(usize, f64)> {
+    val_metric_history(lines, "head0_top1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_are_utc_calendar_times() {
+        assert_eq!(timestamp(UNIX_EPOCH), "19700101_000000");
+        // 2000-02-29 12:34:56 UTC = 951827696.
+        assert_eq!(
+            timestamp(UNIX_EPOCH + Duration::from_secs(951_827_696)),
+            "20000229_123456"
+        );
+        // 2026-11-24 20:34:15 UTC = 1795552455.
+        assert_eq!(
+            timestamp(UNIX_EPOCH + Duration::from_secs(1_795_552_455)),
+            "20261124_203415"
+        );
+    }
+
+    #[test]
+    fn lines_round_floats_and_keep_field_order() {
+        let dir = std::env::temp_dir().join(format!("train-log-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut log = JsonLogger::create(&dir).unwrap();
+        let name = log
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            name.ends_with(".log.json") && name.len() == "YYYYmmdd_HHMMSS.log.json".len(),
+            "{name}"
+        );
+        log.write_meta("candle 0.11.1", "{\"a\": 1}", 0, "r18_mixup")
+            .unwrap();
+        log.write_train(&TrainLine {
+            epoch: 1,
+            iter: 50,
+            lr: 0.1,
+            memory_mb: Some(1234),
+            data_time: 0.0123456,
+            metrics: vec![
+                ("loss".into(), 2.123456789),
+                ("acc".into(), 12.5),
+                ("acc_mix".into(), f64::NAN),
+            ],
+            time: 0.1000049,
+        })
+        .unwrap();
+        log.write_val(
+            1,
+            100,
+            0.09999383,
+            &[("head0_top1".into(), 41.23456), ("head0_top5".into(), 90.0)],
+        )
+        .unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            r#"{"env_info": "candle 0.11.1", "config": "{\"a\": 1}", "seed": 0, "exp_name": "r18_mixup"}"#
+        );
+        assert_eq!(
+            lines[1],
+            r#"{"mode": "train", "epoch": 1, "iter": 50, "lr": 0.1, "memory": 1234, "data_time": 0.01235, "loss": 2.12346, "acc": 12.5, "acc_mix": null, "time": 0.1}"#
+        );
+        assert_eq!(
+            lines[2],
+            r#"{"mode": "val", "epoch": 1, "iter": 100, "lr": 0.09999, "head0_top1": 41.23456, "head0_top5": 90.0}"#
+        );
+
+        // Resume appends; a torn last line is ignored by the reader; duplicates → later wins.
+        let mut log = JsonLogger::append(&dir.join(&name)).unwrap();
+        log.write_val(2, 100, 0.05, &[("head0_top1".into(), 50.0)])
+            .unwrap();
+        log.write_val(1, 100, 0.1, &[("head0_top1".into(), 45.0)])
+            .unwrap();
+        drop(log);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.join(&name))
+            .unwrap();
+        f.write_all(b"{\"mode\": \"va").unwrap();
+        let parsed = read_log(&dir.join(&name)).unwrap();
+        assert_eq!(parsed.len(), 5);
+        assert_eq!(val_top1_history(&parsed), vec![(1, 45.0), (2, 50.0)]);
+        assert_eq!(val_metric_history(&parsed, "head0_top5"), vec![(1, 90.0)]);
+
+        // A corrupt line in the middle is an error naming the file and line.
+        std::fs::write(dir.join("bad.log.json"), "{}\nnot json\n{}\n").unwrap();
+        let err = read_log(&dir.join("bad.log.json")).unwrap_err().to_string();
+        assert!(
+            err.contains("bad.log.json") && err.contains("line 2"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn running_mean_weights_by_batch_size() {
+        let mut m = RunningMean::new();
+        m.update_all(&[("loss", 2.0), ("acc", 50.0)], 100);
+        m.update_all(&[("loss", 1.0)], 300);
+        assert_eq!(m.mean("loss"), Some(1.25));
+        assert_eq!(m.mean("acc"), Some(50.0));
+        assert_eq!(
+            m.means(),
+            vec![("loss".to_string(), 1.25), ("acc".to_string(), 50.0)]
+        );
+        m.clear();
+        assert!(m.is_empty() && m.mean("loss").is_none());
+    }
+}

@@ -1,0 +1,229 @@
+//! Accuracy metrics and the reported summary statistic (spec §3.3, §3.4).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Result, Tensor, D};
+use mix_ops::MixedLabels;
+
+/// Rank of each sample's label among its logits (0 = top-1), `N` as `f32`.
+///
+/// Ties are broken towards the lower class index, like a stable descending sort, so that
+/// constant logits are not counted as correct for every label.
+fn label_rank(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let (n, c) = logits.dims2()?;
+    let labels = labels.to_dtype(DType::U32)?.unsqueeze(1)?.contiguous()?;
+    let label_logit = logits.gather(&labels, 1)?;
+    let above = logits.broadcast_gt(&label_logit)?.to_dtype(DType::F32)?;
+    let tied = logits.broadcast_eq(&label_logit)?.to_dtype(DType::F32)?;
+    let classes = Tensor::arange(0u32, c as u32, logits.device())?
+        .unsqueeze(0)?
+        .broadcast_as((n, c))?;
+    let before = classes.broadcast_lt(&labels)?.to_dtype(DType::F32)?;
+    (above + (tied * before)?)?.sum(1)
+}
+
+/// Number of samples whose label is among the `k` highest logits (`logits`: `N×C`,
+/// `labels`: `N` integer class indices). `k` must be in `1..=C`.
+pub fn topk_correct(logits: &Tensor, labels: &Tensor, k: usize) -> Result<usize> {
+    let c = logits.dim(D::Minus1)?;
+    if k == 0 || k > c {
+        candle_core::bail!("top-k accuracy needs 1 <= k <= {c} classes, got k = {k}");
+    }
+    let hits = label_rank(logits, labels)?.lt(k as f64)?;
+    let count = hits.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    Ok(count.round() as usize)
+}
+
+/// `100·correct/total` (0 for an empty set).
+pub fn accuracy_pct(correct: usize, total: usize) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        100.0 * correct as f64 / total as f64
+    }
+}
+
+/// The logged `acc_mix` of a mixed batch, in percent (logging only, spec §3.4).
+///
+/// With `λ̄` = λ (or its batch mean): if `λ̄ > 0.5`,
+/// `λ̄·%[top-1 = y_a] + (1−λ̄)·%[second-ranked = y_b]`, else
+/// `(1−λ̄)·%[top-1 = y_b] + λ̄·%[second-ranked = y_a]`.
+pub fn acc_mix(logits: &Tensor, labels: &MixedLabels) -> Result<f64> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let (n, c) = logits.dims2()?;
+    if c < 2 {
+        candle_core::bail!("acc_mix needs at least 2 classes, got {c}");
+    }
+    let lam = labels.lambda.mean()?;
+    let first = logits.argmax_keepdim(1)?;
+    let classes = Tensor::arange(0u32, c as u32, logits.device())?
+        .unsqueeze(0)?
+        .broadcast_as((n, c))?;
+    let is_first = classes.broadcast_eq(&first)?;
+    let masked = is_first.where_cond(
+        &Tensor::full(f32::NEG_INFINITY, (n, c), logits.device())?,
+        &logits,
+    )?;
+    let second = masked.argmax(1)?;
+    let first = first.squeeze(1)?;
+    let pct = |pred: &Tensor, y: &Tensor| -> Result<f64> {
+        let hits = pred
+            .eq(&y.to_dtype(DType::U32)?)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        Ok(accuracy_pct(hits.round() as usize, n))
+    };
+    if lam > 0.5 {
+        Ok(lam * pct(&first, &labels.y_a)? + (1.0 - lam) * pct(&second, &labels.y_b)?)
+    } else {
+        Ok((1.0 - lam) * pct(&first, &labels.y_b)? + lam * pct(&second, &labels.y_a)?)
+    }
+}
+
+/// Median with `numpy.median` semantics: the middle value of the sorted values, or the mean of
+/// the two middle values for an even count. NaN if `values` is empty or contains a NaN.
+pub fn median(values: &[f64]) -> f64 {
+    if values.is_empty() || values.iter().any(|v| v.is_nan()) {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        0.5 * (sorted[mid - 1] + sorted[mid])
+    }
+}
+
+/// Median of the evaluations whose 1-based epoch lies in `first..=last`; a later entry for
+/// the same epoch (a resumed run re-evaluating it) replaces an earlier one. `None` if the
+/// history has no evaluation of epoch `last` (the run has not finished).
+fn median_over_epochs(history: &[(usize, f64)], first: usize, last: usize) -> Option<f64> {
+    let by_epoch: BTreeMap<usize, f64> = history
+        .iter()
+        .filter(|(epoch, _)| (first..=last).contains(epoch))
+        .copied()
+        .collect();
+    by_epoch.contains_key(&last).then(|| {
+        let values: Vec<f64> = by_epoch.values().copied().collect();
+        median(&values)
+    })
+}
+
+/// The reported metric (spec §3.3), as the upstream summarizer computes it: the median of
+/// top-1 over the evaluations with epoch `≥ E − window`, i.e. epochs `E−window..=E`
+/// (`window + 1` values; 11 for the README's "last 10 epochs"). `history` holds
+/// `(1-based epoch, top-1 %)`. `None` until epoch `E` has been evaluated.
+pub fn median_last_k(history: &[(usize, f64)], max_epochs: usize, window: usize) -> Option<f64> {
+    median_over_epochs(history, max_epochs.saturating_sub(window), max_epochs)
+}
+
+/// The literal README variant: the median over exactly the last `window` epochs
+/// `E−window+1..=E` (10 values for `window = 10`). `None` until epoch `E` has been evaluated.
+pub fn median_final_epochs(
+    history: &[(usize, f64)],
+    max_epochs: usize,
+    window: usize,
+) -> Option<f64> {
+    median_over_epochs(history, (max_epochs + 1).saturating_sub(window), max_epochs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use mix_ops::Lambda;
+
+    fn t2<const N: usize>(v: &[[f32; 4]; N]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    fn labels(v: &[u32]) -> Tensor {
+        Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn topk_counts_labels_among_the_k_highest_logits() {
+        let z = t2(&[
+            [0.1, 0.9, 0.5, 0.2], // ranking 1, 2, 3, 0
+            [3.0, 2.0, 1.0, 0.0], // ranking 0, 1, 2, 3
+            [0.0, 0.0, 0.0, 0.0], // ties: ranking by index
+        ]);
+        let y = labels(&[2, 3, 1]);
+        assert_eq!(topk_correct(&z, &y, 1).unwrap(), 0);
+        assert_eq!(topk_correct(&z, &y, 2).unwrap(), 2); // samples 0 and 2
+        assert_eq!(topk_correct(&z, &y, 3).unwrap(), 2);
+        assert_eq!(topk_correct(&z, &y, 4).unwrap(), 3);
+        assert_eq!(topk_correct(&z, &labels(&[1, 0, 0]), 1).unwrap(), 3);
+        assert!(topk_correct(&z, &y, 5).is_err());
+        assert!(topk_correct(&z, &y, 0).is_err());
+        assert_eq!(accuracy_pct(2, 3), 200.0 / 3.0);
+    }
+
+    #[test]
+    fn acc_mix_weights_first_and_second_predictions() {
+        let z = t2(&[
+            [0.1, 0.9, 0.5, 0.2], // first 1, second 2
+            [3.0, 2.0, 1.0, 0.0], // first 0, second 1
+        ]);
+        let y_a = labels(&[1, 2]);
+        let y_b = labels(&[2, 1]);
+        // λ = 0.7: top-1 = y_a in 1/2 samples, second = y_b in 2/2.
+        let high = MixedLabels {
+            y_a: y_a.clone(),
+            y_b: y_b.clone(),
+            lambda: Lambda::Scalar(0.7),
+        };
+        assert!((acc_mix(&z, &high).unwrap() - (0.7 * 50.0 + 0.3 * 100.0)).abs() < 1e-9);
+        // λ̄ = 0.25 (per-sample mean): roles swapped; top-1 = y_b in 0/2, second = y_a in 0/2.
+        let low = MixedLabels {
+            y_a,
+            y_b,
+            lambda: Lambda::PerSample(Tensor::new(&[0.0f32, 0.5], &Device::Cpu).unwrap()),
+        };
+        assert!(acc_mix(&z, &low).unwrap().abs() < 1e-9);
+        let swapped = MixedLabels {
+            y_a: labels(&[0, 3]),
+            y_b: labels(&[1, 0]),
+            lambda: Lambda::Scalar(0.25),
+        };
+        // top-1 = y_b: both; second = y_a: none → 0.75·100.
+        assert!((acc_mix(&z, &swapped).unwrap() - 75.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn median_follows_numpy_for_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[7.0]), 7.0);
+        assert!(median(&[]).is_nan());
+        assert!(median(&[1.0, f64::NAN]).is_nan());
+    }
+
+    #[test]
+    fn median_last_k_uses_epochs_from_e_minus_window_to_e() {
+        // E = 12, window 10: epochs 2..=12 (11 values) vs 3..=12 (10 values).
+        let top1 = [
+            50.0, 90.0, 91.0, 95.0, 92.0, 94.0, 93.0, 96.0, 97.0, 89.0, 98.0, 99.0,
+        ];
+        let history: Vec<(usize, f64)> =
+            top1.iter().enumerate().map(|(i, &v)| (i + 1, v)).collect();
+        // Epochs 2..=12 sorted: 89 90 91 92 93 94 95 96 97 98 99 → 94.
+        assert_eq!(median_last_k(&history, 12, 10), Some(94.0));
+        // Epochs 3..=12 sorted: 89 91 92 93 94 95 96 97 98 99 → (94 + 95)/2.
+        assert_eq!(median_final_epochs(&history, 12, 10), Some(94.5));
+        // Not finished yet.
+        assert_eq!(median_last_k(&history[..11], 12, 10), None);
+        assert_eq!(median_final_epochs(&history[..11], 12, 10), None);
+        // Window longer than the run: everything counts.
+        assert_eq!(median_last_k(&history[..3], 3, 10), Some(90.0));
+        // A re-evaluated epoch (resume) replaces the earlier record.
+        let mut resumed = history.clone();
+        resumed.push((12, 10.0));
+        // Epochs 2..=12 sorted: 10 89 90 91 92 93 94 95 96 97 98 → 93.
+        assert_eq!(median_last_k(&resumed, 12, 10), Some(93.0));
+    }
+}
