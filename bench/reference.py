@@ -1,0 +1,372 @@
+#!/usr/bin/env python3
+"""PyTorch reference of the mixbench CIFAR-10 recipe, for speed and accuracy comparisons.
+
+Follows /work/shared/spec/openmixup-cifar10.md: CIFAR ResNet-18 and ResNeXt-50 32x4d (§2) with
+the benchmark-era initialisation (§2.6), pad-4 random crop + horizontal flip (§1.3), MixUp /
+CutMix (§5.2 / §5.3) with the CE_none loss (§3.4), SGD momentum 0.9, weight decay 1e-4 on every
+parameter (§3.1), cosine learning rate per epoch (§3.2), batch 100 (§1.5).
+
+  # (a) train-step throughput and peak memory, one JSON object:
+  python3 bench/reference.py bench --arch resnet18 --mix mixup --device cpu --batch 32
+  python3 bench/reference.py bench --arch resnext50 --device cuda --dtype bf16
+  # (b) accuracy reference: one JSON line per epoch with the test top-1:
+  python3 bench/reference.py train --data /work/cifar10 --epochs 200 --device cuda
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+ALPHA = {"vanilla": 0.0, "mixup": 1.0, "cutmix": 0.2}
+
+
+# ---------------------------------------------------------------------------------------------
+# §2 backbones
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.last_bn = self.bn2
+        self.downsample = _downsample(c_in, c_out, stride)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.bn2(self.conv2(h))
+        skip = x if self.downsample is None else self.downsample(x)
+        return F.relu(h + skip)
+
+
+class Bottleneck(nn.Module):
+    """ResNeXt bottleneck, `style='pytorch'` (stride on the grouped 3x3)."""
+
+    def __init__(self, c_in, c_out, stride, groups, width_per_group):
+        super().__init__()
+        mid = groups * width_per_group * (c_out // 4) // 64
+        self.conv1 = nn.Conv2d(c_in, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.last_bn = self.bn3
+        self.downsample = _downsample(c_in, c_out, stride)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        skip = x if self.downsample is None else self.downsample(x)
+        return F.relu(h + skip)
+
+
+def _downsample(c_in, c_out, stride):
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+
+class CifarNet(nn.Module):
+    """3x3 stem (no max-pool), four stages with strides (1, 2, 2, 2), GAP, linear head."""
+
+    def __init__(self, arch, num_classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+        )
+        if arch == "resnet18":
+            depths, widths = (2, 2, 2, 2), (64, 128, 256, 512)
+            make = lambda c_in, c_out, s: BasicBlock(c_in, c_out, s)  # noqa: E731
+        elif arch == "resnext50":
+            depths, widths = (3, 4, 6, 3), (256, 512, 1024, 2048)
+            make = lambda c_in, c_out, s: Bottleneck(c_in, c_out, s, 32, 4)  # noqa: E731
+        else:
+            raise ValueError(f"--arch must be resnet18 or resnext50, got {arch!r}")
+        stages, c_in = [], 64
+        for i, (depth, width) in enumerate(zip(depths, widths)):
+            blocks = []
+            for b in range(depth):
+                blocks.append(make(c_in, width, 2 if (i > 0 and b == 0) else 1))
+                c_in = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(c_in, num_classes)
+        self._init_benchmark_era()
+
+    def _init_benchmark_era(self):
+        """§2.6: Kaiming-normal fan_out convs, BN 1/0, zero-init residual, FC N(0, 0.01²)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(m.last_bn.weight)
+        nn.init.normal_(self.fc.weight, 0.0, 0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        h = self.stages(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# §5.2 / §5.3 mixing and the CE_none loss (§3.4)
+
+
+def mix_batch(x, y, mode, rng):
+    """Returns (x_mix, y_a, y_b, lam); one λ and one permutation per batch."""
+    if mode == "vanilla":
+        return x, y, y, 1.0
+    lam = float(rng.beta(ALPHA[mode], ALPHA[mode]))
+    perm = torch.from_numpy(rng.permutation(x.shape[0])).to(x.device)
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+    if mode == "cutmix":
+        size = x.shape[-1]
+        cut = int(size * math.sqrt(1.0 - lam))
+        rc, cc = int(rng.integers(size)), int(rng.integers(size))
+        clip = lambda v: min(max(v, 0), size)  # noqa: E731
+        r1, r2 = clip(rc - cut // 2), clip(rc + cut // 2)
+        c1, c2 = clip(cc - cut // 2), clip(cc + cut // 2)
+        x = x.clone()
+        x[:, :, r1:r2, c1:c2] = x[perm][:, :, r1:r2, c1:c2]
+        lam = 1.0 - (r2 - r1) * (c2 - c1) / float(size * size)
+        return x, y, y[perm], lam
+    raise ValueError(f"--mix must be vanilla, mixup or cutmix, got {mode!r}")
+
+
+def mixed_ce(logits, y_a, y_b, lam):
+    return lam * F.cross_entropy(logits, y_a) + (1 - lam) * F.cross_entropy(logits, y_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# §1 data
+
+
+def read_cifar_bin(path):
+    """Official binary layout: records of 1 label byte + 3072 CHW pixel bytes."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 3073 != 0:
+        sys.exit(f"{path}: size {raw.size} is not a multiple of 3073 (not a CIFAR-10 .bin file)")
+    raw = raw.reshape(-1, 3073)
+    return raw[:, 1:].reshape(-1, 3, 32, 32), raw[:, 0].astype(np.int64)
+
+
+def load_split(data_dir, train):
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if train else ["test_batch.bin"]
+    parts = []
+    for n in names:
+        p = os.path.join(data_dir, n)
+        if not os.path.exists(p):
+            sys.exit(f"--data {data_dir}: missing {n}")
+        parts.append(read_cifar_bin(p))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def augment(images, rng):
+    """§1.3 on uint8 CHW: zero-pad 4, random 32x32 crop, horizontal flip with p = 0.5."""
+    n = images.shape[0]
+    padded = np.zeros((n, 3, 40, 40), dtype=np.uint8)
+    padded[:, :, 4:36, 4:36] = images
+    out = np.empty_like(images)
+    tops, lefts = rng.integers(0, 9, n), rng.integers(0, 9, n)
+    flips = rng.random(n) < 0.5
+    for i in range(n):
+        crop = padded[i, :, tops[i] : tops[i] + 32, lefts[i] : lefts[i] + 32]
+        out[i] = crop[:, :, ::-1] if flips[i] else crop
+    return out
+
+
+def normalize(u8, device):
+    """§1.3 step 3: normalise on the device after collation."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    return (torch.from_numpy(u8).to(device).float() - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------
+# training pieces
+
+
+def make_optimizer(model):
+    # Weight decay on every parameter, BN and biases included (§3.1).
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def cosine_lr(epoch, epochs, base=0.1, min_lr=0.0):
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def autocast(device, dtype):
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def train_step(model, opt, x, y, mix, rng, device, dtype):
+    x, y_a, y_b, lam = mix_batch(x, y, mix, rng)
+    with autocast(device, dtype):
+        logits = model(x)
+    loss = mixed_ce(logits.float(), y_a, y_b, lam)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cmd_bench(args):
+    device = torch.device(args.device)
+    if args.dtype == "bf16" and device.type != "cuda":
+        sys.exit("--dtype bf16 is only benchmarked on cuda (autocast)")
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = CifarNet(args.arch).to(device).train()
+    opt = make_optimizer(model)
+    # Random uint8 images: throughput does not depend on pixel values.
+    u8 = rng.integers(0, 256, (args.batch, 3, 32, 32), dtype=np.uint8)
+    y = torch.from_numpy(rng.integers(0, 10, args.batch)).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # §3.5
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        x = normalize(augment(u8, rng), device)
+        train_step(model, opt, x, y, args.mix, rng, device, args.dtype)
+        sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(
+        json.dumps(
+            {
+                "impl": "pytorch",
+                "arch": args.arch,
+                "mix": args.mix,
+                "device": device.type,
+                "dtype": args.dtype,
+                "batch": args.batch,
+                "images_per_s": args.batch / step_s,
+                "step_ms": step_s * 1e3,
+                "peak_mem_mb": peak_mb,
+                "threads": torch.get_num_threads(),
+                "steps": args.steps,
+                "torch": torch.__version__,
+            }
+        )
+    )
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, device, dtype, batch=100):
+    model.eval()
+    correct1 = correct5 = 0
+    for i in range(0, images.shape[0], batch):
+        x = normalize(images[i : i + batch], device)
+        y = torch.from_numpy(labels[i : i + batch]).to(device)
+        with autocast(device, dtype):
+            logits = model(x).float()
+        top5 = logits.topk(5, dim=1).indices
+        correct1 += (top5[:, 0] == y).sum().item()
+        correct5 += (top5 == y[:, None]).any(dim=1).sum().item()
+    model.train()
+    return 100.0 * correct1 / images.shape[0], 100.0 * correct5 / images.shape[0]
+
+
+def cmd_train(args):
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    train_x, train_y = load_split(args.data, train=True)
+    test_x, test_y = load_split(args.data, train=False)
+    if args.limit:
+        train_x, train_y = train_x[: args.limit], train_y[: args.limit]
+    model = CifarNet(args.arch).to(device).train()
+    opt = make_optimizer(model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    n = train_x.shape[0]
+    for epoch in range(args.epochs):
+        lr = cosine_lr(epoch, args.epochs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        order = rng.permutation(n)
+        start, losses = time.perf_counter(), []
+        for i in range(0, n, args.batch):
+            idx = order[i : i + args.batch]
+            x = normalize(augment(train_x[idx], rng), device)
+            y = torch.from_numpy(train_y[idx]).to(device)
+            losses.append(train_step(model, opt, x, y, args.mix, rng, device, args.dtype))
+        train_s = time.perf_counter() - start
+        top1, top5 = evaluate(model, test_x, test_y, device, args.dtype)
+        record = {
+            "impl": "pytorch",
+            "arch": args.arch,
+            "mix": args.mix,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": float(torch.stack(losses).mean()),
+            "test_top1": top1,
+            "test_top5": top5,
+            "train_s": train_s,
+        }
+        print(json.dumps(record), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("bench", "train"):
+        s = sub.add_parser(name)
+        s.add_argument("--arch", default="resnet18", choices=["resnet18", "resnext50"])
+        s.add_argument("--mix", default="mixup", choices=sorted(ALPHA))
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        s.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+        s.add_argument("--batch", type=int, default=100)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    b = sub.choices["bench"]
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--warmup", type=int, default=2)
+    t = sub.choices["train"]
+    t.add_argument("--data", required=True, help="directory with the CIFAR-10 .bin files")
+    t.add_argument("--epochs", type=int, default=200)
+    t.add_argument("--limit", type=int, default=0, help="use only the first N train images")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cmd_bench(args) if args.cmd == "bench" else cmd_train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+//! `conv2d` as a candle custom op with a fast backward.
+
+use crate::cpu::{self, conv::ConvGeom};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+};
+
+/// Stride, zero padding and group count of a 2-D convolution (same on both spatial axes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvParams {
+    /// Step between neighbouring output positions, in input pixels.
+    pub stride: usize,
+    /// Zero padding added on each side of both spatial axes.
+    pub padding: usize,
+    /// Number of channel groups; input and output channels must both divide by it.
+    pub groups: usize,
+}
+
+impl Default for ConvParams {
+    fn default() -> Self {
+        Self {
+            stride: 1,
+            padding: 0,
+            groups: 1,
+        }
+    }
+}
+
+/// Checks shapes and returns the geometry of `x [N, C_in, H, W] (*) w [C_out, C_in/groups, kh, kw]`.
+fn geometry(x: &Shape, w: &Shape, cfg: ConvParams) -> Result<ConvGeom> {
+    let (batch, c_in, h, wd) = match x.dims() {
+        &[n, c, h, w] => (n, c, h, w),
+        d => bail!("kernels::conv2d: input must be [N, C, H, W], got {d:?}"),
+    };
+    let (c_out, c_in_per_group, kh, kw) = match w.dims() {
+        &[o, i, kh, kw] => (o, i, kh, kw),
+        d => bail!("kernels::conv2d: weight must be [C_out, C_in/groups, kh, kw], got {d:?}"),
+    };
+    if cfg.stride == 0 || cfg.groups == 0 {
+        bail!("kernels::conv2d: stride and groups must be positive, got {cfg:?}");
+    }
+    if c_in != c_in_per_group * cfg.groups || c_out % cfg.groups != 0 {
+        bail!(
+            "kernels::conv2d: input channels {c_in}, weight {:?} and groups {} do not match",
+            w.dims(),
+            cfg.groups
+        );
+    }
+    if h + 2 * cfg.padding < kh || wd + 2 * cfg.padding < kw {
+        bail!(
+            "kernels::conv2d: kernel {kh}x{kw} larger than padded input {}x{}",
+            h + 2 * cfg.padding,
+            wd + 2 * cfg.padding
+        );
+    }
+    Ok(ConvGeom {
+        batch,
+        c_in,
+        h,
+        w: wd,
+        c_out,
+        kh,
+        kw,
+        stride: cfg.stride,
+        padding: cfg.padding,
+        groups: cfg.groups,
+        h_out: (h + 2 * cfg.padding - kh) / cfg.stride + 1,
+        w_out: (wd + 2 * cfg.padding - kw) / cfg.stride + 1,
+    })
+}
+
+/// 2-D convolution (no bias, dilation 1) of `x [N, C_in, H, W]` with
+/// `w [C_out, C_in/groups, kh, kw]`, differentiable in both arguments.
+///
+/// On CPU f32 tensors this runs the custom im2col + GEMM op, whose backward computes the input
+/// gradient with GEMM + col2im and the weight gradient with im2col + GEMM, all groups in one
+/// call. Other devices and dtypes use candle's own `conv2d`, so callers can always use it.
+pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvParams) -> Result<Tensor> {
+    let geom = geometry(x.shape(), w.shape(), cfg)?;
+    let custom = matches!(x.device(), Device::Cpu)
+        && matches!(w.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32;
+    if !custom {
+        return x.conv2d(w, cfg.padding, cfg.stride, 1, cfg.groups);
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dOp { geom })
+}
+
+/// Forward op; its backward runs [`Conv2dBackwardOp`].
+struct Conv2dOp {
+    geom: ConvGeom,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "kernels-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geom;
+        let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
+        let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
+        let out = cpu::conv::conv2d_forward(g, x, w);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((g.batch, g.c_out, g.h_out, g.w_out)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Inputs that no gradient can reach (e.g. the image batch) skip their GEMMs.
+        let need_x = x.track_op();
+        let need_w = w.track_op();
+        if !need_x && !need_w {
+            return Ok((None, None));
+        }
+        let op = Conv2dBackwardOp {
+            geom: self.geom,
+            need_x,
+            need_w,
+        };
+        let packed = x.apply_op3_no_bwd(w, &grad_res.contiguous()?, &op)?;
+        let mut offset = 0;
+        let grad_x = if need_x {
+            let n = x.elem_count();
+            offset = n;
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let grad_w = if need_w {
+            Some(
+                packed
+                    .narrow(0, offset, w.elem_count())?
+                    .reshape(w.shape())?,
+            )
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w))
+    }
+}
+
+/// `(x, w, grad_out) -> [grad_x (flat, if needed), grad_w (flat, if needed)]`.
+struct Conv2dBackwardOp {
+    geom: ConvGeom,
+    need_x: bool,
+    need_w: bool,
+}
+
+impl CustomOp3 for Conv2dBackwardOp {
+    fn name(&self) -> &'static str {
+        "kernels-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
+        let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
+        let dy = cpu::f32_slice(s3, l3, self.name(), "output gradient")?;
+        let packed = cpu::conv::conv2d_backward(&self.geom, x, w, dy, self.need_x, self.need_w);
+        let len = packed.len();
+        Ok((CpuStorage::F32(packed), Shape::from(len)))
+    }
+}

@@ -1,0 +1,388 @@
+//! 2-D convolution on contiguous NCHW f32 buffers: im2col + GEMM forward, GEMM + col2im
+//! input gradient, im2col + GEMM weight gradient. Groups are handled inside the same call.
+//!
+//! Work is split over chunks of whole images. When the output plane is small (late ResNet
+//! stages) several images share one chunk so each GEMM packs the weight once for many columns.
+
+use super::matmul::{matmul, MatRef};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Shape of one convolution (square stride/padding, dilation 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConvGeom {
+    pub batch: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub groups: usize,
+    pub h_out: usize,
+    pub w_out: usize,
+}
+
+/// Columns per GEMM we aim for: enough that packing the weight is amortised.
+const TARGET_GEMM_COLUMNS: usize = 256;
+
+impl ConvGeom {
+    fn c_in_per_group(&self) -> usize {
+        self.c_in / self.groups
+    }
+    fn c_out_per_group(&self) -> usize {
+        self.c_out / self.groups
+    }
+    /// Rows of one group's column matrix (= columns of one group's weight matrix).
+    fn k_per_group(&self) -> usize {
+        self.c_in_per_group() * self.kh * self.kw
+    }
+    fn plane_out(&self) -> usize {
+        self.h_out * self.w_out
+    }
+    fn image_in(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+    fn image_out(&self) -> usize {
+        self.c_out * self.plane_out()
+    }
+    /// A 1x1, stride-1, unpadded conv reads the input image as its column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Images per chunk, and how many workers run chunks in parallel.
+    fn schedule(&self) -> Schedule {
+        let threads = rayon::current_num_threads().max(1);
+        let wanted = TARGET_GEMM_COLUMNS.div_ceil(self.plane_out().max(1));
+        let per_thread = self.batch.div_ceil(threads).max(1);
+        let images_per_chunk = wanted.clamp(1, per_thread);
+        let chunks = self.batch.div_ceil(images_per_chunk);
+        let workers = chunks.min(threads).max(1);
+        // Too few chunks to keep every thread busy: let the GEMMs split work instead.
+        let parallelism = if workers < threads {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        Schedule {
+            images_per_chunk,
+            workers,
+            parallelism,
+        }
+    }
+
+    /// Range of output positions `o` along one axis whose input index
+    /// `o * stride + offset - padding` falls inside `[0, size)`.
+    fn valid_range(&self, offset: usize, size: usize, out_size: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = if self.padding > offset {
+            (self.padding - offset).div_ceil(s)
+        } else {
+            0
+        };
+        let hi = if size + self.padding > offset {
+            ((size + self.padding - offset - 1) / s + 1).min(out_size)
+        } else {
+            0
+        };
+        (lo, hi.max(lo))
+    }
+
+    /// Writes the column matrix of `image` into `col` (`c_in*kh*kw` rows, `row_stride` apart,
+    /// starting at column `col_offset`).
+    fn im2col(&self, image: &[f32], col: &mut [f32], row_stride: usize, col_offset: usize) {
+        let (wo, s, p) = (self.w_out, self.stride, self.padding);
+        let mut row = 0;
+        for c in 0..self.c_in {
+            let plane = &image[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for ki in 0..self.kh {
+                let (oy_lo, oy_hi) = self.valid_range(ki, self.h, self.h_out);
+                for kj in 0..self.kw {
+                    let (ox_lo, ox_hi) = self.valid_range(kj, self.w, self.w_out);
+                    let dst = &mut col[row * row_stride + col_offset..][..self.plane_out()];
+                    dst[..oy_lo * wo].fill(0.0);
+                    dst[oy_hi * wo..].fill(0.0);
+                    for oy in oy_lo..oy_hi {
+                        let iy = oy * s + ki - p;
+                        let src = &plane[iy * self.w..(iy + 1) * self.w];
+                        let out = &mut dst[oy * wo..(oy + 1) * wo];
+                        out[..ox_lo].fill(0.0);
+                        out[ox_hi..].fill(0.0);
+                        if ox_hi > ox_lo {
+                            let ix0 = ox_lo * s + kj - p;
+                            if s == 1 {
+                                out[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
+                            } else {
+                                for (o, ox) in out[ox_lo..ox_hi].iter_mut().zip(0..) {
+                                    *o = src[ix0 + ox * s];
+                                }
+                            }
+                        }
+                    }
+                    row += 1;
+                }
+            }
+        }
+    }
+
+    /// Adds the column matrix `col` (layout as in [`Self::im2col`]) back onto `image`.
+    fn col2im_add(&self, col: &[f32], row_stride: usize, col_offset: usize, image: &mut [f32]) {
+        let (wo, s, p) = (self.w_out, self.stride, self.padding);
+        let mut row = 0;
+        for c in 0..self.c_in {
+            let plane = &mut image[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for ki in 0..self.kh {
+                let (oy_lo, oy_hi) = self.valid_range(ki, self.h, self.h_out);
+                for kj in 0..self.kw {
+                    let (ox_lo, ox_hi) = self.valid_range(kj, self.w, self.w_out);
+                    let src_rows = &col[row * row_stride + col_offset..][..self.plane_out()];
+                    if ox_hi > ox_lo {
+                        for oy in oy_lo..oy_hi {
+                            let iy = oy * s + ki - p;
+                            let dst = &mut plane[iy * self.w..(iy + 1) * self.w];
+                            let src = &src_rows[oy * wo + ox_lo..oy * wo + ox_hi];
+                            let ix0 = ox_lo * s + kj - p;
+                            if s == 1 {
+                                for (d, v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
+                                    *d += v;
+                                }
+                            } else {
+                                for (i, v) in src.iter().enumerate() {
+                                    dst[ix0 + i * s] += v;
+                                }
+                            }
+                        }
+                    }
+                    row += 1;
+                }
+            }
+        }
+    }
+}
+
+struct Schedule {
+    images_per_chunk: usize,
+    workers: usize,
+    parallelism: Parallelism,
+}
+
+/// Splits `items` into `workers` contiguous runs of near-equal length.
+fn split_runs<T>(items: Vec<T>, workers: usize) -> Vec<Vec<T>> {
+    let per = items.len().div_ceil(workers.max(1)).max(1);
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        if i % per == 0 {
+            runs.push(Vec::with_capacity(per));
+        }
+        runs.last_mut().expect("a run was just pushed").push(item);
+    }
+    runs
+}
+
+/// Forward convolution: `x` is `[batch, c_in, h, w]`, `weight` is
+/// `[c_out, c_in/groups, kh, kw]`; returns `[batch, c_out, h_out, w_out]`.
+pub(crate) fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    let sched = g.schedule();
+    let (cog, kg, plane) = (g.c_out_per_group(), g.k_per_group(), g.plane_out());
+    let mut out = vec![0f32; g.batch * g.image_out()];
+    let chunks: Vec<(usize, &mut [f32])> = out
+        .chunks_mut(sched.images_per_chunk * g.image_out())
+        .enumerate()
+        .map(|(i, o)| (i * sched.images_per_chunk, o))
+        .collect();
+    let run_chunk = |first: usize, out_chunk: &mut [f32]| {
+        let images = out_chunk.len() / g.image_out();
+        let cols = images * plane;
+        let x_chunk = &x[first * g.image_in()..(first + images) * g.image_in()];
+        let direct_input = g.is_pointwise() && images == 1;
+        let col_storage = if direct_input {
+            Vec::new()
+        } else {
+            let mut col = vec![0f32; g.c_in * g.kh * g.kw * cols];
+            for b in 0..images {
+                let img = &x_chunk[b * g.image_in()..(b + 1) * g.image_in()];
+                g.im2col(img, &mut col, cols, b * plane);
+            }
+            col
+        };
+        let col: &[f32] = if direct_input { x_chunk } else { &col_storage };
+        // One image: GEMM writes NCHW directly. Several: GEMM writes [c_out, images*plane]
+        // and the rows are then scattered to each image.
+        let mut staging = if images == 1 {
+            Vec::new()
+        } else {
+            vec![0f32; g.c_out * cols]
+        };
+        let dst: &mut [f32] = if images == 1 {
+            &mut *out_chunk
+        } else {
+            &mut staging
+        };
+        for grp in 0..g.groups {
+            matmul(
+                cog,
+                cols,
+                kg,
+                &mut dst[grp * cog * cols..],
+                cols,
+                false,
+                MatRef::row_major(&weight[grp * cog * kg..(grp + 1) * cog * kg], kg),
+                MatRef::row_major(&col[grp * kg * cols..(grp + 1) * kg * cols], cols),
+                sched.parallelism,
+            );
+        }
+        if images > 1 {
+            for co in 0..g.c_out {
+                for b in 0..images {
+                    out_chunk[b * g.image_out() + co * plane..][..plane]
+                        .copy_from_slice(&staging[co * cols + b * plane..][..plane]);
+                }
+            }
+        }
+    };
+    split_runs(chunks, sched.workers)
+        .into_par_iter()
+        .for_each(|run| {
+            for (first, out_chunk) in run {
+                run_chunk(first, out_chunk);
+            }
+        });
+    out
+}
+
+/// Gradients of [`conv2d_forward`], packed in one buffer: `grad_x` (when `need_grad_x`)
+/// followed by `grad_weight` (when `need_grad_w`).
+pub(crate) fn conv2d_backward(
+    g: &ConvGeom,
+    x: &[f32],
+    weight: &[f32],
+    grad_out: &[f32],
+    need_grad_x: bool,
+    need_grad_w: bool,
+) -> Vec<f32> {
+    let sched = g.schedule();
+    let (cog, kg, plane) = (g.c_out_per_group(), g.k_per_group(), g.plane_out());
+    let weight_len = g.c_out * kg;
+    let grad_x_len = if need_grad_x {
+        g.batch * g.image_in()
+    } else {
+        0
+    };
+    let grad_w_len = if need_grad_w { weight_len } else { 0 };
+    let mut packed = vec![0f32; grad_x_len + grad_w_len];
+    let (grad_x, grad_w) = packed.split_at_mut(grad_x_len);
+    let chunk_count = g.batch.div_ceil(sched.images_per_chunk);
+    let mut grad_x_chunks: Vec<Option<&mut [f32]>> = if need_grad_x {
+        grad_x
+            .chunks_mut(sched.images_per_chunk * g.image_in())
+            .map(Some)
+            .collect()
+    } else {
+        (0..chunk_count).map(|_| None).collect()
+    };
+    let chunks: Vec<(usize, Option<&mut [f32]>)> = grad_x_chunks
+        .drain(..)
+        .enumerate()
+        .map(|(i, gx)| (i * sched.images_per_chunk, gx))
+        .collect();
+
+    let run_chunk = |first: usize, grad_x_chunk: Option<&mut [f32]>, grad_w_acc: &mut [f32]| {
+        let images = (g.batch - first).min(sched.images_per_chunk);
+        let cols = images * plane;
+        let dy_chunk = &grad_out[first * g.image_out()..(first + images) * g.image_out()];
+        let x_chunk = &x[first * g.image_in()..(first + images) * g.image_in()];
+        let gathered;
+        let dy: &[f32] = if images == 1 {
+            dy_chunk
+        } else {
+            let mut buf = vec![0f32; g.c_out * cols];
+            for co in 0..g.c_out {
+                for b in 0..images {
+                    buf[co * cols + b * plane..][..plane]
+                        .copy_from_slice(&dy_chunk[b * g.image_out() + co * plane..][..plane]);
+                }
+            }
+            gathered = buf;
+            &gathered
+        };
+        let direct = g.is_pointwise() && images == 1;
+        if need_grad_w {
+            let col_storage;
+            let col: &[f32] = if direct {
+                x_chunk
+            } else {
+                let mut col = vec![0f32; g.c_in * g.kh * g.kw * cols];
+                for b in 0..images {
+                    let img = &x_chunk[b * g.image_in()..(b + 1) * g.image_in()];
+                    g.im2col(img, &mut col, cols, b * plane);
+                }
+                col_storage = col;
+                &col_storage
+            };
+            for grp in 0..g.groups {
+                matmul(
+                    cog,
+                    kg,
+                    cols,
+                    &mut grad_w_acc[grp * cog * kg..(grp + 1) * cog * kg],
+                    kg,
+                    true,
+                    MatRef::row_major(&dy[grp * cog * cols..(grp + 1) * cog * cols], cols),
+                    MatRef::transposed(&col[grp * kg * cols..(grp + 1) * kg * cols], cols),
+                    sched.parallelism,
+                );
+            }
+        }
+        if let Some(gx) = grad_x_chunk {
+            let mut dcol_storage = if direct {
+                Vec::new()
+            } else {
+                vec![0f32; g.c_in * g.kh * g.kw * cols]
+            };
+            let dcol: &mut [f32] = if direct { &mut *gx } else { &mut dcol_storage };
+            for grp in 0..g.groups {
+                matmul(
+                    kg,
+                    cols,
+                    cog,
+                    &mut dcol[grp * kg * cols..(grp + 1) * kg * cols],
+                    cols,
+                    false,
+                    MatRef::transposed(&weight[grp * cog * kg..(grp + 1) * cog * kg], kg),
+                    MatRef::row_major(&dy[grp * cog * cols..(grp + 1) * cog * cols], cols),
+                    sched.parallelism,
+                );
+            }
+            if !direct {
+                for b in 0..images {
+                    let img = &mut gx[b * g.image_in()..(b + 1) * g.image_in()];
+                    g.col2im_add(&dcol_storage, cols, b * plane, img);
+                }
+            }
+        }
+    };
+
+    let partial_grad_w: Vec<Vec<f32>> = split_runs(chunks, sched.workers)
+        .into_par_iter()
+        .map(|run| {
+            let mut acc = if need_grad_w {
+                vec![0f32; weight_len]
+            } else {
+                Vec::new()
+            };
+            for (first, gx) in run {
+                run_chunk(first, gx, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    for part in &partial_grad_w {
+        for (t, p) in grad_w.iter_mut().zip(part) {
+            *t += p;
+        }
+    }
+    packed
+}

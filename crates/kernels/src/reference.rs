@@ -1,0 +1,35 @@
+//! Reference implementations from candle's stock ops: the fallback on devices and dtypes the
+//! custom ops do not cover, and the ground truth in tests and benchmarks.
+
+use crate::ConvParams;
+use candle_core::{bail, Result, Tensor};
+
+/// candle's own `conv2d` (its backward uses `conv_transpose2d` for the input gradient).
+pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvParams) -> Result<Tensor> {
+    x.conv2d(w, cfg.padding, cfg.stride, 1, cfg.groups)
+}
+
+/// Training-mode BatchNorm from generic ops: returns `(y, batch_mean, biased batch_var)` with
+/// the statistics detached, matching [`crate::batch_norm_train`].
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dims = x.dims();
+    if dims.len() < 2 {
+        bail!("reference::batch_norm_train: input must be [N, C, ...], got {dims:?}");
+    }
+    let (n, c) = (dims[0], dims[1]);
+    let x3 = x.reshape((n, c, ()))?;
+    let mean = x3.mean_keepdim(2)?.mean_keepdim(0)?;
+    let centered = x3.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(2)?.mean_keepdim(0)?;
+    let y = centered
+        .broadcast_div(&(&var + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.reshape((1, c, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1))?)?
+        .reshape(dims)?;
+    Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
+}

@@ -1,0 +1,307 @@
+//! Forward values and every gradient of the custom ops against candle's stock ops, plus a
+//! finite-difference check on tiny cases.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use kernels::{reference, ConvParams};
+
+/// Deterministic values in [-1, 1) from a xorshift stream, so failures reproduce.
+fn pseudo_random(dims: &[usize], seed: u64) -> Result<Tensor> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let n: usize = dims.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(values, dims, &Device::Cpu)
+}
+
+/// Largest absolute difference, relative to the reference's largest magnitude (at least 1).
+fn relative_error(actual: &Tensor, expected: &Tensor) -> Result<f32> {
+    assert_eq!(actual.dims(), expected.dims());
+    let diff = (actual - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let scale = expected.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+    Ok(diff / scale)
+}
+
+fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f32) -> Result<()> {
+    let err = relative_error(actual, expected)?;
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+    Ok(())
+}
+
+struct ConvCase {
+    batch: usize,
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    cfg: ConvParams,
+}
+
+/// Positional constructor keeps the case table one line per case.
+#[allow(clippy::too_many_arguments)]
+const fn case(
+    batch: usize,
+    c_in: usize,
+    c_out: usize,
+    hw: (usize, usize),
+    k: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> ConvCase {
+    ConvCase {
+        batch,
+        c_in,
+        c_out,
+        h: hw.0,
+        w: hw.1,
+        k,
+        cfg: ConvParams {
+            stride,
+            padding,
+            groups,
+        },
+    }
+}
+
+const CONV_CASES: &[ConvCase] = &[
+    case(3, 4, 6, (7, 7), 3, 1, 1, 1),
+    case(3, 4, 6, (8, 8), 3, 2, 1, 1),
+    case(3, 4, 6, (6, 5), 3, 1, 0, 1),
+    // Square only with stride 2: candle's own conv backward mishandles non-square strided inputs.
+    case(3, 4, 6, (7, 7), 3, 2, 0, 1),
+    case(3, 8, 4, (5, 5), 1, 1, 0, 1),
+    case(3, 8, 12, (6, 6), 1, 2, 0, 1),
+    case(3, 8, 8, (9, 9), 3, 2, 1, 4),
+    case(3, 8, 12, (6, 6), 3, 1, 1, 4),
+    case(3, 8, 8, (5, 5), 1, 1, 0, 4),
+    // Small planes: several images share one GEMM (the late-stage path).
+    case(3, 6, 5, (4, 4), 3, 1, 1, 1),
+    case(5, 8, 8, (2, 2), 3, 1, 1, 4),
+    // One image: the GEMMs themselves run multithreaded.
+    case(1, 4, 6, (7, 7), 3, 2, 1, 1),
+];
+
+/// Forward and both gradients of `kernels::conv2d` against candle's `conv2d` with autograd.
+#[test]
+fn conv2d_matches_candle_forward_and_gradients() -> Result<()> {
+    for (i, c) in CONV_CASES.iter().enumerate() {
+        let seed = 100 * i as u64;
+        let x = Var::from_tensor(&pseudo_random(&[c.batch, c.c_in, c.h, c.w], seed + 1)?)?;
+        let w = Var::from_tensor(&pseudo_random(
+            &[c.c_out, c.c_in / c.cfg.groups, c.k, c.k],
+            seed + 2,
+        )?)?;
+        let ours = kernels::conv2d(x.as_tensor(), w.as_tensor(), c.cfg)?;
+        let stock = reference::conv2d(x.as_tensor(), w.as_tensor(), c.cfg)?;
+        let what = format!("case {i} ({:?}, k {})", c.cfg, c.k);
+        assert_close(&format!("{what} forward"), &ours, &stock, 1e-5)?;
+
+        let probe = pseudo_random(stock.dims(), seed + 3)?;
+        let g_ours = (ours * &probe)?.sum_all()?.backward()?;
+        let g_stock = (stock * &probe)?.sum_all()?.backward()?;
+        for (name, v) in [("grad x", &x), ("grad w", &w)] {
+            let a = g_ours.get(v).expect("custom op produced the gradient");
+            let b = g_stock.get(v).expect("candle produced the gradient");
+            assert_close(&format!("{what} {name}"), a, b, 1e-4)?;
+        }
+    }
+    Ok(())
+}
+
+/// When the input is a constant (the image batch), only the weight gradient is produced.
+#[test]
+fn conv2d_skips_input_gradient_for_constant_input() -> Result<()> {
+    let cfg = ConvParams {
+        stride: 1,
+        padding: 1,
+        groups: 1,
+    };
+    let x = pseudo_random(&[2, 3, 5, 5], 7)?;
+    let w = Var::from_tensor(&pseudo_random(&[4, 3, 3, 3], 8)?)?;
+    let g_ours = kernels::conv2d(&x, w.as_tensor(), cfg)?
+        .sqr()?
+        .sum_all()?
+        .backward()?;
+    let g_stock = reference::conv2d(&x, w.as_tensor(), cfg)?
+        .sqr()?
+        .sum_all()?
+        .backward()?;
+    assert!(g_ours.get(&x).is_none());
+    assert_close(
+        "grad w",
+        g_ours.get(&w).expect("weight gradient"),
+        g_stock.get(&w).expect("weight gradient"),
+        1e-4,
+    )
+}
+
+#[test]
+fn conv2d_rejects_mismatched_shapes() -> Result<()> {
+    let x = pseudo_random(&[2, 6, 5, 5], 1)?;
+    let w = pseudo_random(&[4, 4, 3, 3], 2)?;
+    let err = kernels::conv2d(&x, &w, ConvParams::default()).unwrap_err();
+    assert!(err.to_string().contains("groups"), "{err}");
+    let grouped = ConvParams {
+        groups: 3,
+        ..ConvParams::default()
+    };
+    let w = pseudo_random(&[4, 2, 3, 3], 2)?;
+    assert!(kernels::conv2d(&x, &w, grouped).is_err());
+    Ok(())
+}
+
+/// Non-CPU-f32 inputs take candle's path and still give the same values.
+#[test]
+fn conv2d_falls_back_for_other_dtypes() -> Result<()> {
+    let cfg = ConvParams {
+        stride: 2,
+        padding: 1,
+        groups: 2,
+    };
+    let x = pseudo_random(&[2, 4, 6, 6], 3)?;
+    let w = pseudo_random(&[6, 2, 3, 3], 4)?;
+    let ours = kernels::conv2d(&x.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?, cfg)?;
+    assert_eq!(ours.dtype(), DType::F64);
+    let stock = reference::conv2d(&x, &w, cfg)?;
+    assert_close("f64 fallback", &ours.to_dtype(DType::F32)?, &stock, 1e-5)
+}
+
+/// Forward, statistics and all three gradients of the fused BatchNorm against generic ops.
+#[test]
+fn batch_norm_train_matches_generic_ops() -> Result<()> {
+    for (i, dims) in [vec![3usize, 5, 4, 4], vec![6, 5], vec![2, 3, 3, 1]]
+        .into_iter()
+        .enumerate()
+    {
+        for relu in [false, true] {
+            let seed = 1000 + 10 * i as u64;
+            let c = dims[1];
+            // An offset mean exercises the two-pass variance.
+            let x = Var::from_tensor(&pseudo_random(&dims, seed)?.affine(3.0, 2.0)?)?;
+            let w = Var::from_tensor(&(pseudo_random(&[c], seed + 1)? + 1.5)?)?;
+            let b = Var::from_tensor(&pseudo_random(&[c], seed + 2)?)?;
+            let eps = 1e-5;
+            let (y, mean, var) = if relu {
+                kernels::batch_norm_relu_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), eps)?
+            } else {
+                kernels::batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), eps)?
+            };
+            let (y_ref, mean_ref, var_ref) =
+                reference::batch_norm_train(x.as_tensor(), w.as_tensor(), b.as_tensor(), eps)?;
+            let y_ref = if relu { y_ref.relu()? } else { y_ref };
+            let what = format!("bn {dims:?} relu={relu}");
+            assert_close(&format!("{what} y"), &y, &y_ref, 1e-5)?;
+            assert_close(&format!("{what} mean"), &mean, &mean_ref, 1e-5)?;
+            assert_close(&format!("{what} var"), &var, &var_ref, 1e-5)?;
+
+            let probe = pseudo_random(&dims, seed + 3)?;
+            let g = (y * &probe)?.sum_all()?.backward()?;
+            let g_ref = (y_ref * &probe)?.sum_all()?.backward()?;
+            for (name, v) in [("grad x", &x), ("grad w", &w), ("grad b", &b)] {
+                let a = g.get(v).expect("custom op produced the gradient");
+                let e = g_ref.get(v).expect("generic ops produced the gradient");
+                assert_close(&format!("{what} {name}"), a, e, 1e-4)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_eval_is_the_running_stats_affine() -> Result<()> {
+    let x = pseudo_random(&[2, 3, 2, 2], 5)?;
+    let rm = Tensor::new(&[0.5f32, -1.0, 0.0], &Device::Cpu)?;
+    let rv = Tensor::new(&[1.0f32, 4.0, 0.25], &Device::Cpu)?;
+    let w = Tensor::new(&[2.0f32, 1.0, -1.0], &Device::Cpu)?;
+    let b = Tensor::new(&[0.0f32, 1.0, 0.5], &Device::Cpu)?;
+    let y = kernels::batch_norm_eval(&x, &rm, &rv, &w, &b, 0.0)?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let ys = y.flatten_all()?.to_vec1::<f32>()?;
+    let (m, v, g, bb) = (
+        [0.5, -1.0, 0.0],
+        [1.0, 4.0, 0.25],
+        [2.0, 1.0, -1.0],
+        [0.0, 1.0, 0.5],
+    );
+    for (i, (&xv, &yv)) in xs.iter().zip(&ys).enumerate() {
+        let c = (i / 4) % 3;
+        let expected = (xv - m[c]) / f32::sqrt(v[c]) * g[c] + bb[c];
+        assert!(
+            (yv - expected).abs() < 1e-6,
+            "element {i}: {yv} vs {expected}"
+        );
+    }
+    Ok(())
+}
+
+/// Central finite differences of `loss(x) = sum(f(x) * probe)` at a few coordinates of `var`.
+fn finite_difference_check(
+    what: &str,
+    var: &Var,
+    analytic: &Tensor,
+    loss: &dyn Fn() -> Result<f32>,
+) -> Result<()> {
+    let base = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+    let analytic = analytic.flatten_all()?.to_vec1::<f32>()?;
+    let h = 1e-2f32;
+    let step = (base.len() / 7).max(1);
+    for i in (0..base.len()).step_by(step) {
+        let mut plus = base.clone();
+        plus[i] += h;
+        var.set(&Tensor::from_vec(plus, var.dims(), &Device::Cpu)?)?;
+        let l_plus = loss()?;
+        let mut minus = base.clone();
+        minus[i] -= h;
+        var.set(&Tensor::from_vec(minus, var.dims(), &Device::Cpu)?)?;
+        let l_minus = loss()?;
+        var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu)?)?;
+        let numeric = (l_plus - l_minus) / (2.0 * h);
+        let err = (numeric - analytic[i]).abs() / analytic[i].abs().max(1.0);
+        assert!(
+            err < 1e-2,
+            "{what}[{i}]: numeric {numeric} vs analytic {}",
+            analytic[i]
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn finite_differences_agree_on_tiny_cases() -> Result<()> {
+    let cfg = ConvParams {
+        stride: 2,
+        padding: 1,
+        groups: 2,
+    };
+    let x = Var::from_tensor(&pseudo_random(&[2, 4, 5, 5], 11)?)?;
+    let w = Var::from_tensor(&pseudo_random(&[4, 2, 3, 3], 12)?)?;
+    let bn_w = Var::from_tensor(&(pseudo_random(&[4], 13)? + 1.0)?)?;
+    let bn_b = Var::from_tensor(&pseudo_random(&[4], 14)?)?;
+    let probe = pseudo_random(&[2, 4, 3, 3], 15)?;
+    // conv -> BN, so both ops' backward passes are in the chain (no ReLU: its kink would
+    // make central differences unreliable; the fused ReLU is checked against generic ops).
+    let forward = || -> Result<Tensor> {
+        let y = kernels::conv2d(x.as_tensor(), w.as_tensor(), cfg)?;
+        let (y, _, _) = kernels::batch_norm_train(&y, bn_w.as_tensor(), bn_b.as_tensor(), 1e-5)?;
+        (y * &probe)?.sum_all()
+    };
+    let grads = forward()?.backward()?;
+    let loss = || forward()?.to_scalar::<f32>();
+    for (name, v) in [
+        ("x", &x),
+        ("w", &w),
+        ("bn weight", &bn_w),
+        ("bn bias", &bn_b),
+    ] {
+        let g = grads.get(v).expect("gradient").clone();
+        finite_difference_check(name, v, &g, &loss)?;
+    }
+    Ok(())
+}
