@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::blocks::Stage;
-use crate::cifar::{CifarResNet, CifarResNetConfig};
+use crate::cifar::{Arch, CifarResNet, CifarResNetConfig};
 use crate::conv::{Conv2d, ConvSpec};
 use crate::init::{InitScheme, ParamRegistry, ParamSpec};
 use crate::norm::BatchNorm2d;
@@ -83,7 +83,17 @@ impl ImageNetResNet18 {
         device: &Device,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let tensors = read_prefixed(path, prefix, device)?;
+        let tensors = strip_prefix(read_all(path, device)?, prefix);
+        Self::from_tensors(path, prefix, tensors, dtype, device)
+    }
+
+    fn from_tensors(
+        path: &Path,
+        prefix: Option<&str>,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let width = match tensors.get("conv1.weight") {
             Some(t) => t.dim(0)?,
             None => candle_core::bail!(
@@ -171,7 +181,92 @@ impl AttentionNet {
         device: &Device,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let tensors = read_prefixed(path, prefix, device)?;
+        let tensors = strip_prefix(read_all(path, device)?, prefix);
+        Self::cifar_from_tensors(path, cfg, prefix, tensors, device)
+    }
+
+    /// Loads an attention network from a safetensors file, recognizing what it
+    /// holds: the one network in the file is found by its `conv1.weight` key
+    /// (bare, or under a prefix such as `backbone.` or `model.`); a 7×7 stem
+    /// means a torchvision ImageNet ResNet-18, a 3×3 stem one of this project's
+    /// CIFAR networks, whose configuration (architecture, width, blocks per
+    /// stage, classes) is read off the key names and shapes. Loading is strict
+    /// either way. A file holding several networks (e.g. an AutoMix checkpoint)
+    /// needs [`Self::load_with_prefix`].
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let all = read_all(path, device)?;
+        let mut prefixes: Vec<&str> = all
+            .keys()
+            .filter_map(|k| k.strip_suffix("conv1.weight"))
+            .filter(|p| (p.is_empty() || p.ends_with('.')) && !p.contains("layer"))
+            .collect();
+        prefixes.sort();
+        match prefixes.as_slice() {
+            [p] => {
+                let p = p.to_string();
+                Self::from_tensors(path, Some(&p), strip_prefix(all, Some(&p)), device)
+            }
+            [] => candle_core::bail!(
+                "{}: no `conv1.weight` key, not a ResNet checkpoint",
+                path.display()
+            ),
+            many => candle_core::bail!(
+                "{}: several networks in the file (key prefixes {many:?}); pick one with AttentionNet::load_with_prefix",
+                path.display()
+            ),
+        }
+    }
+
+    /// Like [`Self::load`], for the network whose keys start with `prefix`
+    /// (keys outside the prefix are ignored).
+    pub fn load_with_prefix(
+        path: impl AsRef<Path>,
+        prefix: Option<&str>,
+        device: &Device,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let tensors = strip_prefix(read_all(path, device)?, prefix);
+        Self::from_tensors(path, prefix, tensors, device)
+    }
+
+    fn from_tensors(
+        path: &Path,
+        prefix: Option<&str>,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let p = prefix.unwrap_or("");
+        let stem = match tensors.get("conv1.weight") {
+            Some(t) => t.dims().to_vec(),
+            None => candle_core::bail!("{}: missing key `{p}conv1.weight`", path.display()),
+        };
+        match stem.as_slice() {
+            [_, 3, 7, 7] => Ok(Self::ImageNet(ImageNetResNet18::from_tensors(
+                path,
+                prefix,
+                tensors,
+                DType::F32,
+                device,
+            )?)),
+            [width, 3, 3, 3] => {
+                let cfg = infer_cifar_config(path, p, *width, &tensors)?;
+                Self::cifar_from_tensors(path, cfg, prefix, tensors, device)
+            }
+            other => candle_core::bail!(
+                "{}: key `{p}conv1.weight` has shape {other:?}; expected a 7×7 (ImageNet) or 3×3 (CIFAR) stem over 3 channels",
+                path.display()
+            ),
+        }
+    }
+
+    fn cifar_from_tensors(
+        path: &Path,
+        cfg: CifarResNetConfig,
+        prefix: Option<&str>,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
         let net = load_strict(path, prefix, tensors, &[], DType::F32, device, |vb| {
             let net = CifarResNet::new(cfg, vb)?;
             let specs = net.var_specs().to_vec();
@@ -205,25 +300,65 @@ impl AttentionNet {
     }
 }
 
-/// Reads a safetensors file and keeps the keys under `prefix` (stripped); with
-/// no prefix every key is kept. Errors name the file.
-fn read_prefixed(
-    path: &Path,
-    prefix: Option<&str>,
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let all = candle_core::safetensors::load(path, device).map_err(|e| {
+/// Reads every tensor of a safetensors file; errors name the file.
+fn read_all(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device).map_err(|e| {
         candle_core::Error::Msg(format!(
             "cannot read safetensors file {}: {e}",
             path.display()
         ))
-    })?;
-    Ok(match prefix {
+    })
+}
+
+/// Keeps the keys under `prefix`, stripped; with no prefix every key is kept.
+fn strip_prefix(all: HashMap<String, Tensor>, prefix: Option<&str>) -> HashMap<String, Tensor> {
+    match prefix {
         None | Some("") => all,
         Some(p) => all
             .into_iter()
             .filter_map(|(k, v)| k.strip_prefix(p).map(|s| (s.to_string(), v)))
             .collect(),
+    }
+}
+
+/// Reads a CIFAR network's configuration off a checkpoint's (prefix-stripped)
+/// keys: ResNeXt iff blocks have a `conv3`, blocks per stage from the block
+/// indices present, classes from `fc.weight`. Groups follow the crate's rule
+/// for the width; a checkpoint that used other groups fails the shape check.
+fn infer_cifar_config(
+    path: &Path,
+    prefix: &str,
+    base_width: usize,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<CifarResNetConfig> {
+    let arch = if tensors.contains_key("layer1.0.conv3.weight") {
+        Arch::ResNeXt50
+    } else {
+        Arch::ResNet18
+    };
+    let mut blocks = [0usize; 4];
+    for (s, b) in blocks.iter_mut().enumerate() {
+        while tensors.contains_key(&format!("layer{}.{}.conv1.weight", s + 1, *b)) {
+            *b += 1;
+        }
+    }
+    if let Some(s) = blocks.iter().position(|&b| b == 0) {
+        candle_core::bail!(
+            "{}: missing key `{prefix}layer{}.0.conv1.weight`",
+            path.display(),
+            s + 1
+        );
+    }
+    let num_classes = match tensors.get("fc.weight") {
+        Some(t) => t.dim(0)?,
+        None => candle_core::bail!("{}: missing key `{prefix}fc.weight`", path.display()),
+    };
+    Ok(CifarResNetConfig {
+        arch,
+        base_width,
+        stage_blocks: Some(blocks),
+        num_classes,
+        init: InitScheme::Benchmark,
     })
 }
 

@@ -232,3 +232,57 @@ fn cifar_checkpoint_as_attention_network() {
     assert!(err.contains("model.layer1.0."), "{err}");
     std::fs::remove_file(path).ok();
 }
+
+#[test]
+fn load_recognizes_what_the_file_holds() {
+    // torchvision file, bare and under an mmcls-style prefix.
+    let (map, _) = tiny_imagenet_tensors();
+    let path = save(&map, "auto-imagenet");
+    let net = AttentionNet::load(&path, &Device::Cpu).unwrap();
+    assert!(matches!(&net, AttentionNet::ImageNet(n) if n.base_width() == WIDTH));
+    std::fs::remove_file(&path).ok();
+    let prefixed: HashMap<String, Tensor> = map
+        .into_iter()
+        .map(|(k, v)| (format!("backbone.{k}"), v))
+        .collect();
+    let path = save(&prefixed, "auto-mmcls");
+    assert!(matches!(
+        AttentionNet::load(&path, &Device::Cpu).unwrap(),
+        AttentionNet::ImageNet(_)
+    ));
+    std::fs::remove_file(&path).ok();
+
+    // A CIFAR ResNeXt checkpoint with non-default depth; two networks in one file.
+    let cfg = CifarResNetConfig {
+        arch: Arch::ResNeXt50,
+        base_width: 4,
+        stage_blocks: Some([1, 2, 1, 1]),
+        num_classes: 7,
+        ..Default::default()
+    };
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let q = CifarResNet::new(cfg, vb.pp("model_q")).unwrap();
+    q.init_weights(&varmap, 4).unwrap();
+    let path = temp_path("auto-cifar");
+    varmap.save(&path).unwrap();
+    match AttentionNet::load(&path, &Device::Cpu).unwrap() {
+        AttentionNet::Cifar { net, input_size } => {
+            assert_eq!(input_size, 56);
+            assert_eq!(net.config().arch, Arch::ResNeXt50);
+            assert_eq!(net.config().blocks(), [1, 2, 1, 1]);
+            assert_eq!(net.num_classes(), 7);
+            assert_eq!(net.config().base_width, 4);
+        }
+        other => panic!("expected a CIFAR network, got {other:?}"),
+    }
+    CifarResNet::new(cfg, vb.pp("model_k")).unwrap();
+    varmap.save(&path).unwrap();
+    let err = AttentionNet::load(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("load_with_prefix"), "{err}");
+    let k = AttentionNet::load_with_prefix(&path, Some("model_k."), &Device::Cpu).unwrap();
+    assert!(matches!(k, AttentionNet::Cifar { .. }));
+    std::fs::remove_file(&path).ok();
+}
