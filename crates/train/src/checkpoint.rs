@@ -129,6 +129,17 @@ pub fn varmap_tensors(varmap: &VarMap, prefix: &str) -> Vec<(String, Tensor)> {
     list
 }
 
+/// The entries of `tensors` renamed to `prefix + name`, sorted by name, for saving (e.g. the
+/// optimizer state under `optim.`).
+pub fn with_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> Vec<(String, Tensor)> {
+    let mut list: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v.clone()))
+        .collect();
+    list.sort_by(|a, b| a.0.cmp(&b.0));
+    list
+}
+
 /// The entries of `tensors` whose names start with `prefix`, with the prefix removed.
 pub fn strip_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
     tensors
@@ -576,6 +587,12 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(bias, vec![-2.0; 3]);
-        assert_eq!(strip_prefix(&good, "model.").len(), 2);
+        let stripped = strip_prefix(&good, "model.");
+        assert_eq!(stripped.len(), 2);
+        let names: Vec<String> = with_prefix(&stripped, "model_k.")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(names, vec!["model_k.fc.bias", "model_k.fc.weight"]);
     }
 }

@@ -18,4 +18,4 @@ pub mod sgd;
 pub use error::{TrainError, TrainResult};
 pub use loss::{cross_entropy, mixed_loss, HeadLoss};
 pub use schedule::{cosine_anneal, cosine_lr};
-pub use sgd::{GroupLr, GroupOptions, Sgd};
+pub use sgd::{trainable_vars, GroupLr, GroupOptions, Sgd};

@@ -35,6 +35,25 @@ pub fn topk_correct(logits: &Tensor, labels: &Tensor, k: usize) -> Result<usize>
     Ok(count.round() as usize)
 }
 
+/// [`topk_correct`] for several `k` at once (one ranking pass), e.g. `&[1, 5]` for evaluation.
+pub fn topk_corrects(logits: &Tensor, labels: &Tensor, ks: &[usize]) -> Result<Vec<usize>> {
+    let c = logits.dim(D::Minus1)?;
+    if let Some(k) = ks.iter().find(|&&k| k == 0 || k > c) {
+        candle_core::bail!("top-k accuracy needs 1 <= k <= {c} classes, got k = {k}");
+    }
+    let rank = label_rank(logits, labels)?;
+    ks.iter()
+        .map(|&k| {
+            let count = rank
+                .lt(k as f64)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            Ok(count.round() as usize)
+        })
+        .collect()
+}
+
 /// `100·correct/total` (0 for an empty set).
 pub fn accuracy_pct(correct: usize, total: usize) -> f64 {
     if total == 0 {
@@ -158,6 +177,8 @@ mod tests {
         assert_eq!(topk_correct(&z, &y, 3).unwrap(), 2);
         assert_eq!(topk_correct(&z, &y, 4).unwrap(), 3);
         assert_eq!(topk_correct(&z, &labels(&[1, 0, 0]), 1).unwrap(), 3);
+        assert_eq!(topk_corrects(&z, &y, &[1, 2, 4]).unwrap(), vec![0, 2, 3]);
+        assert!(topk_corrects(&z, &y, &[1, 5]).is_err());
         assert!(topk_correct(&z, &y, 5).is_err());
         assert!(topk_correct(&z, &y, 0).is_err());
         assert_eq!(accuracy_pct(2, 3), 200.0 / 3.0);

@@ -271,6 +271,23 @@ impl Sgd {
     }
 }
 
+/// The variables of `varmap` that the optimizer should update: every variable whose name
+/// `is_buffer` rejects (pass `backbones::is_buffer` to drop BatchNorm running statistics),
+/// sorted by name so that group order is deterministic.
+pub fn trainable_vars(
+    varmap: &candle_nn::VarMap,
+    is_buffer: impl Fn(&str) -> bool,
+) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let mut vars: Vec<(String, Var)> = data
+        .iter()
+        .filter(|(name, _)| !is_buffer(name))
+        .map(|(name, var)| (name.clone(), var.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 fn validate_options(options: &GroupOptions) -> TrainResult<()> {
     let bad = |msg: String| Err(TrainError::format("<optimizer options>", msg));
     if !(options.momentum >= 0.0 && options.momentum.is_finite()) {
@@ -390,6 +407,34 @@ mod tests {
             vec(&sgd.state_tensors().unwrap()["buf.w"]),
             vec(&state["buf.w"])
         );
+    }
+
+    #[test]
+    fn trainable_vars_drop_buffers_in_name_order() {
+        let varmap = candle_nn::VarMap::new();
+        for name in [
+            "bn.weight",
+            "bn.running_mean",
+            "conv.weight",
+            "bn.running_var",
+        ] {
+            varmap
+                .get(
+                    2,
+                    name,
+                    candle_nn::Init::Const(0.0),
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap();
+        }
+        let names: Vec<String> = trainable_vars(&varmap, |n| {
+            n.ends_with("running_mean") || n.ends_with("running_var")
+        })
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+        assert_eq!(names, vec!["bn.weight", "conv.weight"]);
     }
 
     #[test]
