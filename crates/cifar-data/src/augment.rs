@@ -59,7 +59,7 @@ impl AugmentParams {
 }
 
 // Separate tags keep the order and augmentation streams independent even for equal keys.
-const ORDER_STREAM: u64 = 0x6f72_6465_72; // "order"
+const ORDER_STREAM: u64 = 0x006f_7264_6572; // "order"
 const AUGMENT_STREAM: u64 = 0x6175_676d; // "augm"
 
 fn keyed_rng(tag: u64, seed: u64, epoch: u64, index: u64) -> ChaCha8Rng {
@@ -87,7 +87,9 @@ pub fn batch_augment_params(
     count: usize,
 ) -> Vec<AugmentParams> {
     let mut rng = keyed_rng(AUGMENT_STREAM, seed, epoch as u64, batch as u64);
-    (0..count).map(|_| AugmentParams::sample(&mut rng)).collect()
+    (0..count)
+        .map(|_| AugmentParams::sample(&mut rng))
+        .collect()
 }
 
 /// Maps a padded-image coordinate (`0..40`) to a source coordinate, or `None` for zero padding.
@@ -109,8 +111,16 @@ fn source_index(padded: usize, mode: PaddingMode) -> Option<usize> {
 /// `dst[c][y][x] = padded[c][y + top][x' + left]` with `x' = 31 − x` when flipping and `x`
 /// otherwise, where `padded` is `src` with a 4-pixel border filled according to `mode`.
 pub fn augment_image(src: &[u8], dst: &mut [u8], params: AugmentParams, mode: PaddingMode) {
-    assert_eq!(src.len(), IMAGE_BYTES, "augment_image: source must be 3072 bytes");
-    assert_eq!(dst.len(), IMAGE_BYTES, "augment_image: destination must be 3072 bytes");
+    assert_eq!(
+        src.len(),
+        IMAGE_BYTES,
+        "augment_image: source must be 3072 bytes"
+    );
+    assert_eq!(
+        dst.len(),
+        IMAGE_BYTES,
+        "augment_image: destination must be 3072 bytes"
+    );
     assert!(
         params.top <= MAX_OFFSET && params.left <= MAX_OFFSET,
         "augment_image: crop offsets must be in 0..=8"

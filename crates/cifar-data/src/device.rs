@@ -11,7 +11,8 @@ pub const STD: [f32; 3] = [0.2023, 0.1994, 0.2010];
 
 /// `(255·mean_c, 255·std_c)` as `1×3×1×1` tensors on `device`, computed in f64.
 fn channel_constants(device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
-    let scaled = |v: [f32; 3]| -> Vec<f32> { v.iter().map(|&x| (x as f64 * 255.0) as f32).collect() };
+    let scaled =
+        |v: [f32; 3]| -> Vec<f32> { v.iter().map(|&x| (x as f64 * 255.0) as f32).collect() };
     let mean = Tensor::from_vec(scaled(MEAN), (1, 3, 1, 1), device)?;
     let std = Tensor::from_vec(scaled(STD), (1, 3, 1, 1), device)?;
     Ok((mean, std))
@@ -37,7 +38,9 @@ pub fn denormalize_to_u8(x: &Tensor) -> candle_core::Result<Vec<u8>> {
     let x4 = match x.rank() {
         4 => x.clone(),
         3 => x.unsqueeze(0)?,
-        r => candle_core::bail!("denormalize_to_u8: expected a 3-D or 4-D image tensor, got rank {r}"),
+        r => candle_core::bail!(
+            "denormalize_to_u8: expected a 3-D or 4-D image tensor, got rank {r}"
+        ),
     };
     if x4.dim(1)? != 3 {
         candle_core::bail!(

@@ -134,7 +134,11 @@ fn unpack_into(archive: &Path, staging: &Path) -> Result<Vec<String>, DataError>
             .path()
             .map_err(|e| bad(format!("bad entry name: {e}")))?
             .into_owned();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+        else {
             continue;
         };
         if !wanted(&name) || extracted.contains(&name) {

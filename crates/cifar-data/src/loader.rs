@@ -245,7 +245,10 @@ impl Drop for TrainLoader {
 /// The split in order, in batches of `batch_size` (the last one may be smaller), without
 /// augmentation. Panics when `batch_size` is 0.
 pub fn test_batches(split: &CifarSplit, batch_size: usize) -> impl Iterator<Item = U8Batch> + '_ {
-    assert!(batch_size > 0, "test_batches: batch_size must be at least 1");
+    assert!(
+        batch_size > 0,
+        "test_batches: batch_size must be at least 1"
+    );
     (0..split.len()).step_by(batch_size).map(move |start| {
         let end = (start + batch_size).min(split.len());
         U8Batch {

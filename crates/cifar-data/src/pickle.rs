@@ -25,7 +25,10 @@ pub(crate) enum PyValue {
     Tuple(Rc<Vec<PyValue>>),
     List(Rc<RefCell<Vec<PyValue>>>),
     Dict(Rc<RefCell<Vec<(PyValue, PyValue)>>>),
-    Global { module: Rc<str>, name: Rc<str> },
+    Global {
+        module: Rc<str>,
+        name: Rc<str>,
+    },
     Object(Rc<RefCell<PyObject>>),
 }
 
@@ -184,7 +187,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, pairs: Vec<PyValue>) -> PResult<()> {
-        if pairs.len() % 2 != 0 {
+        if pairs.len() % 2 == 1 {
             return Err(format!("odd number of dict items at byte {}", self.pos));
         }
         let pos = self.pos;
@@ -363,10 +366,7 @@ impl<'a> Machine<'a> {
                     let inner = text
                         .strip_prefix(b"'")
                         .and_then(|t| t.strip_suffix(b"'"))
-                        .or_else(|| {
-                            text.strip_prefix(b"\"")
-                                .and_then(|t| t.strip_suffix(b"\""))
-                        })
+                        .or_else(|| text.strip_prefix(b"\"").and_then(|t| t.strip_suffix(b"\"")))
                         .ok_or_else(|| format!("unquoted STRING at byte {at}"))?;
                     if inner.contains(&b'\\') {
                         return Err(format!(
@@ -541,14 +541,10 @@ impl<'a> Machine<'a> {
                 }
                 0x97 | 0x98 => {
                     return Err(format!(
-                        "out-of-band pickle buffers (opcode 0x{op:02x} at byte {at}) are not supported"
-                    ))
+                    "out-of-band pickle buffers (opcode 0x{op:02x} at byte {at}) are not supported"
+                ))
                 }
-                _ => {
-                    return Err(format!(
-                        "unsupported pickle opcode 0x{op:02x} at byte {at}"
-                    ))
-                }
+                _ => return Err(format!("unsupported pickle opcode 0x{op:02x} at byte {at}")),
             }
         }
     }
@@ -581,7 +577,10 @@ fn is_global(v: &PyValue, modules: &[&str], wanted: &str) -> bool {
 /// Checks that a pickled `numpy.dtype(...)` object is unsigned 8-bit.
 fn check_u8_dtype(dtype: &PyValue) -> PResult<()> {
     let PyValue::Object(obj) = dtype else {
-        return Err(format!("array dtype is a {}, expected numpy.dtype", dtype.kind()));
+        return Err(format!(
+            "array dtype is a {}, expected numpy.dtype",
+            dtype.kind()
+        ));
     };
     let obj = obj.borrow();
     if !is_global(&obj.callable, &["numpy"], "dtype") {
@@ -593,9 +592,7 @@ fn check_u8_dtype(dtype: &PyValue) -> PResult<()> {
         .and_then(|a| a.first().and_then(PyValue::as_text))
         .ok_or("numpy.dtype without a type code")?;
     if code != "u1" && code != "|u1" && code != "uint8" {
-        return Err(format!(
-            "array dtype is {code:?}, expected uint8 (\"u1\")"
-        ));
+        return Err(format!("array dtype is {code:?}, expected uint8 (\"u1\")"));
     }
     Ok(())
 }
@@ -689,9 +686,15 @@ pub(crate) fn numpy_u8_matrix(v: &PyValue) -> PResult<U8Matrix> {
         let raw = raw_bytes(&items[3])?;
         make_matrix(&shape, &raw, fortran)
     } else if is_global(&obj.callable, &NUMERIC, "_frombuffer") {
-        let args = obj.args.items().ok_or("_frombuffer arguments are not a tuple")?;
+        let args = obj
+            .args
+            .items()
+            .ok_or("_frombuffer arguments are not a tuple")?;
         if args.len() != 4 {
-            return Err(format!("_frombuffer has {} arguments, expected 4", args.len()));
+            return Err(format!(
+                "_frombuffer has {} arguments, expected 4",
+                args.len()
+            ));
         }
         let raw = raw_bytes(&args[0])?;
         check_u8_dtype(&args[1])?;
@@ -706,10 +709,12 @@ pub(crate) fn numpy_u8_matrix(v: &PyValue) -> PResult<U8Matrix> {
 /// Looks up `key` in a pickled dict whose keys are `bytes` (python 2 files) or `str`.
 pub(crate) fn dict_get(dict: &PyValue, key: &str) -> PResult<Option<PyValue>> {
     let PyValue::Dict(d) = dict else {
-        return Err(format!("top-level object is a {}, expected dict", dict.kind()));
+        return Err(format!(
+            "top-level object is a {}, expected dict",
+            dict.kind()
+        ));
     };
-    Ok(d
-        .borrow()
+    Ok(d.borrow()
         .iter()
         .find(|(k, _)| k.as_text().as_deref() == Some(key))
         .map(|(_, v)| v.clone()))

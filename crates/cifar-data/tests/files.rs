@@ -118,8 +118,8 @@ fn pickles_written_by_numpy() {
         "numpy_fortran_p4.pkl",
         "numpy_strkeys_p3.pkl",
     ] {
-        let split = load_pickle_file(&fixtures.join(name))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let split =
+            load_pickle_file(&fixtures.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(split.labels, vec![3, 9, 0], "{name}");
         assert!(split.images == expected_images, "{name}: pixels differ");
     }
@@ -132,10 +132,17 @@ fn load_test_pickle_layout_in_subdir() {
     std::fs::create_dir(&sub).unwrap();
     let (images, labels) = synthetic(10_000, 4);
     let labels_i64: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
-    std::fs::write(sub.join("test_batch"), py2_numpy_pickle(&images, &labels_i64)).unwrap();
+    std::fs::write(
+        sub.join("test_batch"),
+        py2_numpy_pickle(&images, &labels_i64),
+    )
+    .unwrap();
     for i in 1..=5 {
         std::fs::hard_link(sub.join("test_batch"), sub.join(format!("data_batch_{i}")))
-            .or_else(|_| std::fs::copy(sub.join("test_batch"), sub.join(format!("data_batch_{i}"))).map(|_| ()))
+            .or_else(|_| {
+                std::fs::copy(sub.join("test_batch"), sub.join(format!("data_batch_{i}")))
+                    .map(|_| ())
+            })
             .unwrap();
     }
     assert_eq!(
@@ -196,7 +203,10 @@ fn size_not_a_record_multiple() {
         let err = load_binary_file(&path).unwrap_err();
         assert!(matches!(err, DataError::BadSize { .. }), "{err:?}");
         let msg = one_line(&err);
-        assert!(msg.contains(name) && msg.contains(&size.to_string()), "{msg}");
+        assert!(
+            msg.contains(name) && msg.contains(&size.to_string()),
+            "{msg}"
+        );
         assert!(msg.contains("3073"), "{msg}");
     }
 }
@@ -207,7 +217,10 @@ fn wrong_record_count_is_rejected_by_load_test() {
     let (images, labels) = synthetic(9_999, 5);
     write_binary_batch(&tmp.path().join("test_batch.bin"), &images, &labels).unwrap();
     let err = load_test(tmp.path()).unwrap_err();
-    assert!(matches!(err, DataError::RecordCount { found: 9_999, .. }), "{err:?}");
+    assert!(
+        matches!(err, DataError::RecordCount { found: 9_999, .. }),
+        "{err:?}"
+    );
     let msg = one_line(&err);
     assert!(msg.contains("test_batch.bin") && msg.contains("9999") && msg.contains("10000"));
 }
@@ -223,17 +236,30 @@ fn label_above_nine_names_the_record() {
     std::fs::write(&path, &bytes).unwrap();
     let err = load_binary_file(&path).unwrap_err();
     assert!(
-        matches!(err, DataError::BadLabel { record: 7, label: 10, .. }),
+        matches!(
+            err,
+            DataError::BadLabel {
+                record: 7,
+                label: 10,
+                ..
+            }
+        ),
         "{err:?}"
     );
     let msg = one_line(&err);
-    assert!(msg.contains("bad_label.bin") && msg.contains("record 7"), "{msg}");
+    assert!(
+        msg.contains("bad_label.bin") && msg.contains("record 7"),
+        "{msg}"
+    );
 
     // writing such a label is refused too
     let mut bad = labels.clone();
     bad[3] = 200;
     let err = write_binary_batch(&tmp.path().join("w.bin"), &images, &bad).unwrap_err();
-    assert!(matches!(err, DataError::BadLabel { record: 3, .. }), "{err:?}");
+    assert!(
+        matches!(err, DataError::BadLabel { record: 3, .. }),
+        "{err:?}"
+    );
     assert!(!tmp.path().join("w.bin").exists());
 }
 
@@ -251,15 +277,33 @@ fn malformed_pickles_are_rejected_clearly() {
         assert!(msg.contains(name), "{name}: {msg}");
         assert!(msg.contains(expect), "{name}: expected {expect:?} in {msg}");
     };
-    check("truncated", &good[..good.len() / 2], "unexpected end of file");
-    check("garbage", b"\x00\x01\x02", "unsupported pickle opcode 0x00 at byte 0");
+    check(
+        "truncated",
+        &good[..good.len() / 2],
+        "unexpected end of file",
+    );
+    check(
+        "garbage",
+        b"\x00\x01\x02",
+        "unsupported pickle opcode 0x00 at byte 0",
+    );
     // label 12 at record 2
     let mut bad_labels = labels_i64.clone();
     bad_labels[2] = 12;
     let err_path = tmp.path().join("label12");
     std::fs::write(&err_path, py2_numpy_pickle(&images, &bad_labels)).unwrap();
     let err = load_pickle_file(&err_path).unwrap_err();
-    assert!(matches!(err, DataError::BadLabel { record: 2, label: 12, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            DataError::BadLabel {
+                record: 2,
+                label: 12,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     // fewer labels than rows
     check(
         "short_labels",
