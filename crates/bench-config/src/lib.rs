@@ -181,6 +181,10 @@ pub struct ModelConfig {
     pub head: HeadConfig,
     /// AttentiveMix+: safetensors file of the frozen attention network.
     pub attention_weights: Option<String>,
+    /// AutoMix/SAMix settings (the fields of `automix::AutoMixConfig`, e.g.
+    /// `{"mask_adjust": 0.25}`); `None` (default) = the adapted CIFAR config of the
+    /// chosen mode. Only allowed with `mix_mode` `automix` or `samix`.
+    pub automix: Option<serde_json::Value>,
 }
 
 impl Default for ModelConfig {
@@ -194,6 +198,7 @@ impl Default for ModelConfig {
             backbone: BackboneConfig::default(),
             head: HeadConfig::default(),
             attention_weights: None,
+            automix: None,
         }
     }
 }
@@ -437,6 +442,9 @@ impl RunConfig {
                 ));
             }
         }
+        if self.model.automix.is_some() && !modes.iter().any(|m| m == "automix" || m == "samix") {
+            return err("model.automix: only used with mix_mode `automix` or `samix`".into());
+        }
         if self.model.head.num_classes < 2 {
             return err("model.head.num_classes: must be at least 2".into());
         }
@@ -449,7 +457,7 @@ impl RunConfig {
         if self.max_epochs == 0 {
             return err("max_epochs: must be positive".into());
         }
-        if !(self.optimizer.lr > 0.0) {
+        if self.optimizer.lr.is_nan() || self.optimizer.lr <= 0.0 {
             return err(format!(
                 "optimizer.lr: must be > 0, got {}",
                 self.optimizer.lr

@@ -1,0 +1,233 @@
+//! `runner bench`: train-step throughput, mixing cost and data-loading speed, as JSON.
+//!
+//! Every figure of one invocation is measured in the same process on the same
+//! machine, so the ratios it prints (mixing vs. a step, a method's step vs. a
+//! vanilla step) are the numbers to quote.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use bench_config::{Arch, RunConfig};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use mix_ops::MixContext;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+use train::sgd::Sgd;
+
+use crate::mixmodel::NetMixModel;
+use crate::setup;
+
+/// Options of `runner bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// `resnet18` or `resnext50`.
+    #[arg(long, default_value = "resnet18")]
+    pub arch: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Channels of the stem (64 = the real network).
+    #[arg(long, default_value_t = 64)]
+    pub base_width: usize,
+    /// Comma-separated modes whose whole train step is timed.
+    #[arg(long, value_delimiter = ',', default_value = "vanilla,mixup,cutmix")]
+    pub step_modes: Vec<String>,
+    /// Comma-separated modes whose mixing alone is timed (`all` = every hand-crafted mode).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub mix_modes: Vec<String>,
+    /// Timed steps per mode (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// CIFAR-10 directory for the load+augment measurement (skipped when absent).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<String>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Loader threads for the load+augment measurement.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+}
+
+/// Entry point of `runner bench`.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let device = crate::device::parse_device(&args.device)?;
+    let mut cfg = RunConfig::default();
+    cfg.model.backbone.arch = match args.arch.as_str() {
+        "resnet18" | "r18" => Arch::Resnet18,
+        "resnext50" | "rx50" => Arch::Resnext50,
+        other => bail!("--arch: unknown architecture `{other}` (resnet18 or resnext50)"),
+    };
+    cfg.model.backbone.base_width = args.base_width;
+    if args.steps == 0 || args.batch == 0 {
+        bail!("--steps and --batch must be positive");
+    }
+    let mut report = json!({
+        "impl": "mixbench",
+        "arch": args.arch,
+        "device": args.device,
+        "dtype": "f32",
+        "batch": args.batch,
+        "base_width": args.base_width,
+        "threads": rayon_threads(),
+    });
+
+    let (x, y) = synthetic_batch(args.batch, &device)?;
+    let mut steps = serde_json::Map::new();
+    let mut vanilla_ms = None;
+    for mode in &args.step_modes {
+        let ms = time_train_step(&cfg, mode, &x, &y, args.steps, &device)?;
+        if mode == "vanilla" {
+            vanilla_ms = Some(ms);
+        }
+        steps.insert(
+            mode.clone(),
+            json!({
+                "step_ms": ms,
+                "images_per_s": args.batch as f64 * 1000.0 / ms,
+                "epoch_s_estimate": 50_000.0 / args.batch as f64 * ms / 1000.0,
+            }),
+        );
+    }
+    if let Some(v) = vanilla_ms {
+        for (_, s) in steps.iter_mut() {
+            s["ratio_to_vanilla"] = json!(s["step_ms"].as_f64().unwrap() / v);
+        }
+    }
+    report["train_step"] = Value::Object(steps);
+
+    let mix_modes: Vec<String> = if args.mix_modes.iter().any(|m| m == "all") {
+        mix_ops::registry::MIX_MODES
+            .iter()
+            .filter(|m| !setup::LEARNED_MODES.contains(m) && **m != "attentivemix")
+            .map(|m| m.to_string())
+            .collect()
+    } else {
+        args.mix_modes.clone()
+    };
+    let (_, net) = setup::build_backbone(&cfg, &device)?;
+    let mut mixing = serde_json::Map::new();
+    for mode in &mix_modes {
+        let ms = time_mixing(&net, mode, &x, &y, args.steps.max(5), &device)?;
+        let mut entry = json!({ "mix_ms": ms });
+        if let Some(v) = vanilla_ms {
+            entry["fraction_of_vanilla_step"] = json!(ms / v);
+        }
+        mixing.insert(mode.clone(), entry);
+    }
+    report["mixing"] = Value::Object(mixing);
+
+    if let Some(dir) = &args.data {
+        let train = cifar_data::load_train(Path::new(dir))?;
+        let ips = cifar_data::bench_load_augment(&train, args.batch, args.workers, 100);
+        report["load_augment_images_per_s"] = json!(ips);
+        if let Some(v) = vanilla_ms {
+            report["load_augment_fraction_of_vanilla_step"] =
+                json!(args.batch as f64 / ips * 1000.0 / v);
+        }
+    }
+    report["peak_rss_mb"] = json!(crate::trainer::peak_memory_mb());
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// A normalized random batch with labels cycling through the classes.
+fn synthetic_batch(n: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let x = Tensor::randn(0f32, 1.0, (n, 3, 32, 32), device)?;
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
+    Ok((x, Tensor::from_vec(labels, n, device)?))
+}
+
+fn sync(device: &Device) -> Result<()> {
+    device.synchronize()?;
+    Ok(())
+}
+
+/// Milliseconds of one full train step (mix, forward, loss, backward, SGD), median of `steps`.
+fn time_train_step(
+    cfg: &RunConfig,
+    mode: &str,
+    x: &Tensor,
+    y: &Tensor,
+    steps: usize,
+    device: &Device,
+) -> Result<f64> {
+    let mut cfg = cfg.clone();
+    let cfg = &mut cfg;
+    cfg.model.mix_mode = bench_config::OneOrMany::One(mode.to_string());
+    cfg.model.alpha =
+        bench_config::OneOrMany::One(mix_ops::registry::default_alpha(mode, "r18").unwrap_or(1.0));
+    if mode == "puzzlemix" {
+        cfg.model.head.loss = bench_config::HeadLoss::CeSoft;
+    }
+    let method = setup::build_methods(cfg)?.remove(0);
+    let loss_kind = setup::head_loss(cfg);
+    let (varmap, net) = setup::build_backbone(cfg, device)?;
+    let mut sgd = Sgd::new(
+        train::sgd::trainable_vars(&varmap, backbones::is_buffer),
+        crate::trainer::sgd_options(cfg),
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut times = Vec::new();
+    for i in 0..=steps {
+        sync(device)?;
+        let t = Instant::now();
+        let mix_model = NetMixModel {
+            net: &net,
+            attention: None,
+        };
+        let mixed = method.mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?;
+        let logits = net.forward_mix(&mixed.images, true, mixed.feature_mix.as_ref())?;
+        let loss = train::loss::mixed_loss(&logits, &mixed.labels, loss_kind)?;
+        let grads = loss.backward()?;
+        sgd.step(&grads, 0.1)?;
+        let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        sync(device)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(train::metrics::median(&times))
+}
+
+/// Milliseconds of the mixing call alone, median of `reps`.
+fn time_mixing(
+    net: &backbones::CifarResNet,
+    mode: &str,
+    x: &Tensor,
+    y: &Tensor,
+    reps: usize,
+    device: &Device,
+) -> Result<f64> {
+    let alpha = mix_ops::registry::default_alpha(mode, "r18").unwrap_or(1.0);
+    let method = mix_ops::registry::build_method(mode, alpha, None)?;
+    let mix_model = NetMixModel {
+        net,
+        attention: None,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut times = Vec::new();
+    for i in 0..=reps {
+        sync(device)?;
+        let t = Instant::now();
+        let mixed = method.mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?;
+        let _ = mixed
+            .images
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(train::metrics::median(&times))
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}

@@ -1,0 +1,94 @@
+//! A small RGB canvas for the preview grid: tiles, labels in an 8×8 bitmap font, PNG output.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use font8x8::UnicodeFonts;
+
+/// An RGB8 image.
+pub struct Canvas {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    pixels: Vec<u8>,
+}
+
+impl Canvas {
+    /// A canvas filled with one colour.
+    pub fn new(width: usize, height: usize, fill: [u8; 3]) -> Self {
+        let mut pixels = Vec::with_capacity(width * height * 3);
+        for _ in 0..width * height {
+            pixels.extend_from_slice(&fill);
+        }
+        Self {
+            width,
+            height,
+            pixels,
+        }
+    }
+
+    fn put(&mut self, x: usize, y: usize, rgb: [u8; 3]) {
+        if x < self.width && y < self.height {
+            let o = (y * self.width + x) * 3;
+            self.pixels[o..o + 3].copy_from_slice(&rgb);
+        }
+    }
+
+    /// Draws a CHW `u8` RGB image (`3×h×w`) at (x, y), each pixel as a `scale×scale` block.
+    pub fn blit_chw(&mut self, chw: &[u8], h: usize, w: usize, x: usize, y: usize, scale: usize) {
+        for r in 0..h * scale {
+            for c in 0..w * scale {
+                let (sr, sc) = (r / scale, c / scale);
+                let i = sr * w + sc;
+                self.put(x + c, y + r, [chw[i], chw[h * w + i], chw[2 * h * w + i]]);
+            }
+        }
+    }
+
+    /// Draws a single-channel map in [0, 1] (`h×w`) as gray at (x, y).
+    pub fn blit_gray(&mut self, map: &[f32], h: usize, w: usize, x: usize, y: usize, scale: usize) {
+        for r in 0..h * scale {
+            for c in 0..w * scale {
+                let v = (map[(r / scale) * w + c / scale].clamp(0.0, 1.0) * 255.0).round() as u8;
+                self.put(x + c, y + r, [v, v, v]);
+            }
+        }
+    }
+
+    /// Writes ASCII text with its top-left corner at (x, y).
+    pub fn text(&mut self, s: &str, x: usize, y: usize, rgb: [u8; 3]) {
+        for (k, ch) in s.chars().enumerate() {
+            let Some(glyph) = font8x8::BASIC_FONTS.get(ch) else {
+                continue;
+            };
+            for (row, bits) in glyph.iter().enumerate() {
+                for col in 0..8 {
+                    if bits & (1 << col) != 0 {
+                        self.put(x + k * 8 + col, y + row, rgb);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Saves as PNG, through a temporary file so an existing image is replaced only on success.
+    pub fn save_png(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("png.tmp");
+        {
+            let file = std::fs::File::create(&tmp)
+                .with_context(|| format!("{}: cannot create", tmp.display()))?;
+            let mut enc = png::Encoder::new(
+                std::io::BufWriter::new(file),
+                self.width as u32,
+                self.height as u32,
+            );
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut writer = enc.write_header()?;
+            writer.write_image_data(&self.pixels)?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,290 @@
+//! End-to-end tests of the `runner` binary on real CIFAR-10 images (tiny
+//! networks, CPU). They need the official binary files in `CIFAR10_DIR`;
+//! without it they are skipped loudly, except under `CI=true` where that fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+fn runner() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_runner"))
+}
+
+fn data_dir(test: &str) -> Option<PathBuf> {
+    let dir = cifar_data::cifar10_dir_for_tests();
+    if dir.is_none() {
+        eprintln!("SKIPPED {test}: set CIFAR10_DIR to a directory with the CIFAR-10 .bin files");
+    }
+    dir
+}
+
+/// A tiny-network config (stem width 8, one block per stage) for smoke runs.
+fn tiny_config(dir: &Path, data: &Path, modes: Value, alpha: Value, extra: Value) -> PathBuf {
+    let mut cfg = json!({
+        "model": {
+            "mix_mode": modes,
+            "alpha": alpha,
+            "backbone": {"arch": "resnet18", "base_width": 8, "stage_blocks": [1, 1, 1, 1]},
+        },
+        "data": {"dir": data, "batch_size": 50, "test_batch_size": 250,
+                 "limit_train": 1000, "limit_test": 500, "workers": 1},
+        "max_epochs": 3,
+        "checkpoint": {"interval": 1},
+        "log": {"interval": 5},
+        "work_dir": dir.join("work"),
+    });
+    merge(&mut cfg, extra);
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    path
+}
+
+fn merge(base: &mut Value, extra: Value) {
+    match (base, extra) {
+        (Value::Object(b), Value::Object(e)) => {
+            for (k, v) in e {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, e) => *b = e,
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.arg("--quiet").output().expect("runner starts");
+    assert!(
+        out.status.success(),
+        "runner failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Every JSON line of the run's log.
+fn log_lines(work: &Path) -> Vec<Value> {
+    let log = std::fs::read_dir(work)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".log.json"))
+        .expect("a .log.json file");
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn train_losses(lines: &[Value]) -> Vec<(u64, f64)> {
+    lines
+        .iter()
+        .filter(|l| l["mode"] == "train")
+        .map(|l| (l["epoch"].as_u64().unwrap(), l["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn mean_loss_of_epoch(losses: &[(u64, f64)], epoch: u64) -> f64 {
+    let v: Vec<f64> = losses
+        .iter()
+        .filter(|(e, _)| *e == epoch)
+        .map(|(_, l)| *l)
+        .collect();
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn every_hand_crafted_mode_trains_with_finite_decreasing_loss() {
+    let Some(data) = data_dir("every_hand_crafted_mode_trains") else {
+        return;
+    };
+    let modes = [
+        ("vanilla", 1.0),
+        ("mixup", 1.0),
+        ("cutmix", 0.2),
+        ("manifoldmix", 2.0),
+        ("smoothmix", 0.5),
+        ("saliencymix", 0.2),
+        ("fmix", 0.2),
+        ("puzzlemix", 1.0),
+        ("gridmix", 0.2),
+        ("resizemix", 1.0),
+    ];
+    for (mode, alpha) in modes {
+        let tmp = tempfile::tempdir().unwrap();
+        let loss = if mode == "puzzlemix" {
+            "CE_soft"
+        } else {
+            "CE_none"
+        };
+        let cfg = tiny_config(
+            tmp.path(),
+            &data,
+            json!(mode),
+            json!(alpha),
+            json!({"model": {"head": {"loss": loss}}}),
+        );
+        run_ok(runner().arg("--config").arg(&cfg));
+        let lines = log_lines(&tmp.path().join("work"));
+        let losses = train_losses(&lines);
+        assert!(
+            losses.iter().all(|(_, l)| l.is_finite()),
+            "{mode}: {losses:?}"
+        );
+        let (first, last) = (
+            mean_loss_of_epoch(&losses, 1),
+            mean_loss_of_epoch(&losses, 3),
+        );
+        assert!(
+            last < first,
+            "{mode}: loss did not decrease ({first} → {last})"
+        );
+        eprintln!("{mode}: mean train loss epoch 1 {first:.4} → epoch 3 {last:.4}");
+        let summary = lines.last().unwrap();
+        assert_eq!(summary["mode"], "summary", "{mode}");
+    }
+}
+
+#[test]
+fn attentivemix_trains_with_a_cifar_checkpoint_as_attention_network() {
+    let Some(data) = data_dir("attentivemix_trains") else {
+        return;
+    };
+    // The attention network: a vanilla tiny run's final checkpoint.
+    let teacher = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        teacher.path(),
+        &data,
+        json!("vanilla"),
+        json!(1.0),
+        json!({"max_epochs": 1}),
+    );
+    run_ok(runner().arg("--config").arg(&cfg));
+    let weights = teacher.path().join("work/latest.safetensors");
+    assert!(weights.is_file());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        tmp.path(),
+        &data,
+        json!("attentivemix"),
+        json!(2.0),
+        json!({"model": {"attention_weights": weights}}),
+    );
+    run_ok(runner().arg("--config").arg(&cfg));
+    let losses = train_losses(&log_lines(&tmp.path().join("work")));
+    assert!(losses.iter().all(|(_, l)| l.is_finite()));
+    assert!(mean_loss_of_epoch(&losses, 3) < mean_loss_of_epoch(&losses, 1));
+}
+
+#[test]
+fn resumed_run_continues_exactly_like_an_uninterrupted_one() {
+    let Some(data) = data_dir("resume") else {
+        return;
+    };
+    let extra = json!({"max_epochs": 2, "log": {"interval": 1},
+                       "data": {"limit_train": 200, "limit_test": 100, "batch_size": 20}});
+    let whole = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        whole.path(),
+        &data,
+        json!("mixup"),
+        json!(1.0),
+        extra.clone(),
+    );
+    run_ok(runner().arg("--config").arg(&cfg));
+
+    let split = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(split.path(), &data, json!("mixup"), json!(1.0), extra);
+    run_ok(
+        runner()
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--stop-after", "1"]),
+    );
+    run_ok(runner().arg("--config").arg(&cfg).arg("--resume"));
+
+    let a = log_lines(&whole.path().join("work"));
+    let b = log_lines(&split.path().join("work"));
+    let pick = |lines: &[Value], mode: &str| -> Vec<(u64, u64, f64)> {
+        lines
+            .iter()
+            .filter(|l| l["mode"] == mode)
+            .map(|l| {
+                let key = if mode == "train" {
+                    "loss"
+                } else {
+                    "head0_top1"
+                };
+                (
+                    l["epoch"].as_u64().unwrap(),
+                    l["iter"].as_u64().unwrap(),
+                    l[key].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // The first step after the resume point and every later one match.
+    assert_eq!(pick(&a, "train"), pick(&b, "train"));
+    assert_eq!(pick(&a, "val"), pick(&b, "val"));
+}
+
+#[test]
+fn an_existing_run_is_never_overwritten() {
+    let Some(data) = data_dir("no_overwrite") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        tmp.path(),
+        &data,
+        json!("vanilla"),
+        json!(1.0),
+        json!({"max_epochs": 1, "data": {"limit_train": 100, "limit_test": 100}}),
+    );
+    run_ok(runner().arg("--config").arg(&cfg));
+    let ckpt = tmp.path().join("work/latest.safetensors");
+    let before = std::fs::read(&ckpt).unwrap();
+    let out = runner()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already holds a run") && err.contains("--resume"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&ckpt).unwrap(), before);
+}
+
+/// Learning check: a tiny ResNet on 5,000 real training images for a few
+/// hundred steps must be clearly above chance (10%) on 1,000 test images.
+#[test]
+fn tiny_resnet_learns_real_cifar10() {
+    let Some(data) = data_dir("tiny_resnet_learns") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        tmp.path(),
+        &data,
+        json!("vanilla"),
+        json!(1.0),
+        json!({
+            "model": {"backbone": {"base_width": 16}},
+            "data": {"limit_train": 5000, "limit_test": 1000, "batch_size": 50, "workers": 2},
+            "max_epochs": 4,
+            "optimizer": {"lr": 0.05},
+            "checkpoint": {"interval": 4},
+            "log": {"interval": 50},
+        }),
+    );
+    let out = run_ok(runner().arg("--config").arg(&cfg));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("summary JSON on stdout");
+    let top1 = summary["final_top1"].as_f64().unwrap();
+    eprintln!("tiny ResNet (width 16), 400 steps on 5,000 images: test top-1 {top1:.1}%");
+    assert!(top1 > 30.0, "top-1 {top1}% is not clearly above chance");
+}
