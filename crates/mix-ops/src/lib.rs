@@ -23,11 +23,30 @@ use candle_core::{Result, Tensor};
 use rand::RngCore;
 
 pub mod labels;
+pub mod policy;
 pub mod sample;
 
+pub mod boxes;
+pub mod graphcut;
+pub mod norm;
+pub mod registry;
+pub mod saliency;
+pub mod transport;
+
+pub mod attentivemix;
+pub mod cutmix;
+pub mod fmix;
+pub mod gridmix;
+pub mod manifoldmix;
 pub mod mixup;
+pub mod puzzlemix;
+pub mod resizemix;
+pub mod saliencymix;
+pub mod smoothmix;
+pub mod vanilla;
 
 pub use labels::{Lambda, MixedLabels};
+pub use registry::{build_method, MixConfigError, MIX_MODES};
 
 /// An instruction to mix hidden features inside the backbone (ManifoldMix, §2.5):
 /// `z ← λ·z + (1−λ)·z[π]` applied to the output of stage `layer`
