@@ -38,7 +38,7 @@ use crate::labels::{Lambda, MixedLabels};
 use crate::norm::{CIFAR10_MEAN, CIFAR10_STD};
 use crate::registry::MixArgs;
 use crate::sample::{beta_lambda, perm_tensor, permutation};
-use crate::transport::{avg_pool_maps, greedy_transport, host_f32, move_patches};
+use crate::transport::{avg_pool_maps, host_f32, move_patches, GreedyTransport};
 use crate::{MixContext, MixMethod, MixModel, Mixed};
 
 /// PuzzleMix `mix_args` (spec §5.0). `Default` is the CIFAR-10 config.
@@ -250,24 +250,22 @@ impl PuzzleMix {
         let (pooled_px, pooled_side) = pooled_denormalized(images, neigh)?;
 
         let cells = blocks * blocks;
-        let block_masks: Vec<Vec<f32>> = (0..n)
-            .map(|i| {
-                let p = perm[i];
-                let pix_self = &pooled_px[i * 3 * pooled_side * pooled_side..]
-                    [..3 * pooled_side * pooled_side];
-                let pix_partner = &pooled_px[p * 3 * pooled_side * pooled_side..]
-                    [..3 * pooled_side * pooled_side];
-                self.block_mask(
-                    &block_sal[i * cells..(i + 1) * cells],
-                    &block_sal[p * cells..(p + 1) * cells],
-                    pix_self,
-                    pix_partner,
-                    pooled_side,
-                    blocks,
-                    draws.alpha0,
-                )
-            })
-            .collect();
+        let block_masks: Vec<Vec<f32>> = par_map(n, |i| {
+            let p = perm[i];
+            let pix_self =
+                &pooled_px[i * 3 * pooled_side * pooled_side..][..3 * pooled_side * pooled_side];
+            let pix_partner =
+                &pooled_px[p * 3 * pooled_side * pooled_side..][..3 * pooled_side * pooled_side];
+            self.block_mask(
+                &block_sal[i * cells..(i + 1) * cells],
+                &block_sal[p * cells..(p + 1) * cells],
+                pix_self,
+                pix_partner,
+                pooled_side,
+                blocks,
+                draws.alpha0,
+            )
+        });
 
         let device = images.device();
         let perm_t = perm_tensor(&draws.perm, device)?;
@@ -288,19 +286,15 @@ impl PuzzleMix {
                 .iter()
                 .map(|m| nearest_resize(m, blocks, grid))
                 .collect();
-            let eps = args.t_eps as f32;
-            let plan_self: Vec<Vec<Option<usize>>> = (0..n)
-                .map(|i| {
-                    greedy_transport(&masks[i], &g1[i * cells_t..(i + 1) * cells_t], grid, eps)
-                })
-                .collect();
-            let plan_partner: Vec<Vec<Option<usize>>> = (0..n)
-                .map(|i| {
-                    let inverse: Vec<f32> = masks[i].iter().map(|&m| 1.0 - m).collect();
-                    let p = perm[i];
-                    greedy_transport(&inverse, &g1[p * cells_t..(p + 1) * cells_t], grid, eps)
-                })
-                .collect();
+            let planner = GreedyTransport::new(grid, args.t_eps as f32);
+            let plan_self = par_map(n, |i| {
+                planner.plan(&masks[i], &g1[i * cells_t..(i + 1) * cells_t])
+            });
+            let plan_partner = par_map(n, |i| {
+                let inverse: Vec<f32> = masks[i].iter().map(|&m| 1.0 - m).collect();
+                let p = perm[i];
+                planner.plan(&inverse, &g1[p * cells_t..(p + 1) * cells_t])
+            });
             (
                 grid,
                 masks,
@@ -482,6 +476,35 @@ impl MixMethod for PuzzleMix {
         let draws = self.draw(ctx.rng, images.dim(0)?);
         Ok(self.mix_with(images, labels, &saliency, &draws)?.0)
     }
+}
+
+/// Maps `f` over `0..n` on up to `available_parallelism()` threads (the graph
+/// cuts and transport plans of different samples are independent); the result
+/// does not depend on the thread count.
+fn par_map<T: Send, F: Fn(usize) -> T + Sync>(n: usize, f: F) -> Vec<T> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n);
+    if threads <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let chunk = n.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let f = &f;
+                scope.spawn(move || {
+                    (t * chunk..((t + 1) * chunk).min(n))
+                        .map(f)
+                        .collect::<Vec<T>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("puzzlemix worker thread panicked"))
+            .collect()
+    })
 }
 
 /// numpy's `astype(int32)` on in-range values: truncation toward zero.

@@ -22,70 +22,98 @@ pub fn greedy_transport(
     grid: usize,
     eps: f32,
 ) -> Vec<Option<usize>> {
-    let cells = grid * grid;
-    assert_eq!(mask.len(), cells, "mask must have grid² entries");
-    assert_eq!(saliency.len(), cells, "saliency must have grid² entries");
-    let scale = ((grid.max(2) - 1) * (grid.max(2) - 1)) as f32;
-    let mut cost = vec![0f32; cells * cells];
-    for p in 0..cells {
-        let (rp, cp) = ((p / grid) as i64, (p % grid) as i64);
-        for q in 0..cells {
-            let (rq, cq) = ((q / grid) as i64, (q % grid) as i64);
-            let dist = ((rp - rq) * (rp - rq) + (cp - cq) * (cp - cq)) as f32 / scale;
-            let occupied = if mask[q] > 0.0 { 1f32 } else { 0f32 };
-            cost[p * cells + q] = eps * dist - saliency[p] * occupied;
-        }
-    }
-    let row_argmin = |cost: &[f32], p: usize| -> usize {
-        let row = &cost[p * cells..(p + 1) * cells];
-        let mut best = 0;
-        for (q, &v) in row.iter().enumerate() {
-            if v < row[best] {
-                best = q;
+    GreedyTransport::new(grid, eps).plan(mask, saliency)
+}
+
+/// [`greedy_transport`] with the distance term `eps·C` computed once, for
+/// planning many samples on the same grid.
+#[derive(Debug, Clone)]
+pub struct GreedyTransport {
+    grid: usize,
+    /// `eps·C[p,q]`, `T²×T²`, in `f32` as in the reference.
+    eps_dist: Vec<f32>,
+}
+
+impl GreedyTransport {
+    /// Precomputes `eps·C` for a `grid × grid` cell grid.
+    pub fn new(grid: usize, eps: f32) -> Self {
+        let cells = grid * grid;
+        let scale = ((grid.max(2) - 1) * (grid.max(2) - 1)) as f32;
+        let mut eps_dist = vec![0f32; cells * cells];
+        for p in 0..cells {
+            let (rp, cp) = ((p / grid) as i64, (p % grid) as i64);
+            for q in 0..cells {
+                let (rq, cq) = ((q / grid) as i64, (q % grid) as i64);
+                let dist = ((rp - rq) * (rp - rq) + (cp - cq) * (cp - cq)) as f32 / scale;
+                eps_dist[p * cells + q] = eps * dist;
             }
         }
-        best
-    };
-    let mut row_best: Vec<usize> = (0..cells).map(|p| row_argmin(&cost, p)).collect();
-    let mut winner: Vec<Option<usize>> = vec![None; cells];
-    for round in 0..grid {
-        // Rows planned to each column, in increasing row order.
-        let mut planned: Vec<Vec<usize>> = vec![Vec::new(); cells];
-        for (p, &q) in row_best.iter().enumerate() {
-            planned[q].push(p);
+        Self { grid, eps_dist }
+    }
+
+    /// The plan for one sample (see [`greedy_transport`]).
+    pub fn plan(&self, mask: &[f32], saliency: &[f32]) -> Vec<Option<usize>> {
+        let grid = self.grid;
+        let cells = grid * grid;
+        assert_eq!(mask.len(), cells, "mask must have grid² entries");
+        assert_eq!(saliency.len(), cells, "saliency must have grid² entries");
+        let mut cost = self.eps_dist.clone();
+        for (p, row) in cost.chunks_mut(cells).enumerate() {
+            for (c, &m) in row.iter_mut().zip(mask) {
+                let occupied = if m > 0.0 { 1f32 } else { 0f32 };
+                *c -= saliency[p] * occupied;
+            }
         }
-        winner.iter_mut().for_each(|w| *w = None);
-        for (q, rows) in planned.iter().enumerate() {
-            // fight[·, q] is cost[p, q] on planned rows and 0 elsewhere; the
-            // argmin takes the first row on ties.
-            let first_unplanned = (0..cells).find(|p| row_best[*p] != q);
-            let mut best: Option<(usize, f32)> = first_unplanned.map(|p| (p, 0.0));
-            for &p in rows {
+        let row_argmin = |cost: &[f32], p: usize| -> usize {
+            let row = &cost[p * cells..(p + 1) * cells];
+            let mut best = 0;
+            for (q, &v) in row.iter().enumerate() {
+                if v < row[best] {
+                    best = q;
+                }
+            }
+            best
+        };
+        let mut row_best: Vec<usize> = (0..cells).map(|p| row_argmin(&cost, p)).collect();
+        let mut winner: Vec<Option<usize>> = vec![None; cells];
+        // Per column: the best planned row so far (lowest cost, first row on ties).
+        let mut best_planned: Vec<Option<(usize, f32)>> = vec![None; cells];
+        for round in 0..grid {
+            best_planned.iter_mut().for_each(|b| *b = None);
+            for (p, &q) in row_best.iter().enumerate() {
                 let v = cost[p * cells + q];
-                best = match best {
-                    Some((bp, bv)) if bv < v || (bv == v && bp < p) => Some((bp, bv)),
-                    _ => Some((p, v)),
+                if best_planned[q].is_none_or(|(_, bv)| v < bv) {
+                    best_planned[q] = Some((p, v));
+                }
+            }
+            for (q, w) in winner.iter_mut().enumerate() {
+                // fight[·, q] is cost[p, q] on planned rows and 0 on the others; its
+                // argmin (first row on ties) must be a planned row for q to be won.
+                let first_unplanned = if row_best[0] != q {
+                    Some(0)
+                } else {
+                    (0..cells).find(|&p| row_best[p] != q)
+                };
+                *w = match (best_planned[q], first_unplanned) {
+                    (None, _) => None,
+                    (Some((p, _)), None) => Some(p),
+                    (Some((p, v)), Some(u)) => (v < 0.0 || (v == 0.0 && p < u)).then_some(p),
                 };
             }
-            if let Some((p, _)) = best {
-                if row_best[p] == q {
-                    winner[q] = Some(p);
+            if round + 1 == grid {
+                break;
+            }
+            // Losers pay +1 on the cell they wanted and re-plan.
+            for p in 0..cells {
+                let q = row_best[p];
+                if winner[q] != Some(p) {
+                    cost[p * cells + q] += 1.0;
+                    row_best[p] = row_argmin(&cost, p);
                 }
             }
         }
-        if round + 1 == grid {
-            break;
-        }
-        // Losers pay +1 on the cell they wanted and re-plan.
-        for p in 0..cells {
-            let q = row_best[p];
-            if winner[q] != Some(p) {
-                cost[p * cells + q] += 1.0;
-                row_best[p] = row_argmin(&cost, p);
-            }
-        }
+        winner
     }
-    winner
 }
 
 /// For every output pixel of a `side × side` image (`side = grid·patch`), the
