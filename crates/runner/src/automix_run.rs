@@ -64,7 +64,8 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<AutoMixModel> {
 /// SGD over the model's groups, with the config's momentum and weight decay for the encoder.
 fn optimizer(model: &AutoMixModel, cfg: &RunConfig) -> Result<Sgd> {
     let mut sgd: Option<Sgd> = None;
-    for (name, vars, mut opts) in model.optimizer_groups() {
+    for group in model.optimizer_groups() {
+        let (name, vars, mut opts) = (group.name, group.vars, group.options);
         if name == "q" {
             opts = crate::trainer::sgd_options(cfg);
         } else {
