@@ -273,6 +273,27 @@ fn finite_difference_check(
     Ok(())
 }
 
+/// Non-square strided inputs, which candle's own conv backward cannot be compared on.
+#[test]
+fn finite_differences_agree_on_non_square_strided_conv() -> Result<()> {
+    let cfg = ConvParams {
+        stride: 2,
+        padding: 1,
+        groups: 1,
+    };
+    let x = Var::from_tensor(&pseudo_random(&[2, 3, 7, 6], 21)?)?;
+    let w = Var::from_tensor(&pseudo_random(&[4, 3, 3, 3], 22)?)?;
+    let probe = pseudo_random(&[2, 4, 4, 3], 23)?;
+    let forward = || (kernels::conv2d(x.as_tensor(), w.as_tensor(), cfg)? * &probe)?.sum_all();
+    let grads = forward()?.backward()?;
+    let loss = || forward()?.to_scalar::<f32>();
+    for (name, v) in [("x", &x), ("w", &w)] {
+        let g = grads.get(v).expect("gradient").clone();
+        finite_difference_check(name, v, &g, &loss)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn finite_differences_agree_on_tiny_cases() -> Result<()> {
     let cfg = ConvParams {

@@ -185,9 +185,15 @@ fn split_runs<T>(items: Vec<T>, workers: usize) -> Vec<Vec<T>> {
 /// Forward convolution: `x` is `[batch, c_in, h, w]`, `weight` is
 /// `[c_out, c_in/groups, kh, kw]`; returns `[batch, c_out, h_out, w_out]`.
 pub(crate) fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; g.batch * g.image_out()];
+    conv2d_forward_into(g, x, weight, &mut out);
+    out
+}
+
+/// [`conv2d_forward`] writing into `out` (`batch * c_out * h_out * w_out` elements).
+fn conv2d_forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32]) {
     let sched = g.schedule();
     let (cog, kg, plane) = (g.c_out_per_group(), g.k_per_group(), g.plane_out());
-    let mut out = vec![0f32; g.batch * g.image_out()];
     let chunks: Vec<(usize, &mut [f32])> = out
         .chunks_mut(sched.images_per_chunk * g.image_out())
         .enumerate()
@@ -250,7 +256,43 @@ pub(crate) fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32]) -> Vec<f32
                 run_chunk(first, out_chunk);
             }
         });
-    out
+}
+
+/// For stride 1 the input gradient is itself a convolution: of `grad_out` with the kernel
+/// flipped spatially and input/output channels swapped (per group), padded by `k - 1 - p`.
+/// That reuses the forward's well-shaped GEMMs instead of a tall GEMM plus col2im.
+fn input_grad_as_conv(g: &ConvGeom) -> Option<ConvGeom> {
+    if g.stride != 1 || g.padding + 1 > g.kh || g.kh != g.kw {
+        return None;
+    }
+    Some(ConvGeom {
+        c_in: g.c_out,
+        h: g.h_out,
+        w: g.w_out,
+        c_out: g.c_in,
+        padding: g.kh - 1 - g.padding,
+        h_out: g.h,
+        w_out: g.w,
+        ..*g
+    })
+}
+
+/// The kernel of [`input_grad_as_conv`]: `[c_in, c_out/groups, kh, kw]`, spatially flipped.
+fn flip_transpose_weight(g: &ConvGeom, weight: &[f32]) -> Vec<f32> {
+    let (cog, cig, kk) = (g.c_out_per_group(), g.c_in_per_group(), g.kh * g.kw);
+    let mut flipped = vec![0f32; weight.len()];
+    for grp in 0..g.groups {
+        for co in 0..cog {
+            for ci in 0..cig {
+                let src = &weight[((grp * cog + co) * cig + ci) * kk..][..kk];
+                let dst = &mut flipped[((grp * cig + ci) * cog + co) * kk..][..kk];
+                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        }
+    }
+    flipped
 }
 
 /// Gradients of [`conv2d_forward`], packed in one buffer: `grad_x` (when `need_grad_x`)
@@ -274,6 +316,15 @@ pub(crate) fn conv2d_backward(
     let grad_w_len = if need_grad_w { weight_len } else { 0 };
     let mut packed = vec![0f32; grad_x_len + grad_w_len];
     let (grad_x, grad_w) = packed.split_at_mut(grad_x_len);
+    let transposed_conv = if need_grad_x {
+        input_grad_as_conv(g)
+    } else {
+        None
+    };
+    if let Some(geom) = &transposed_conv {
+        conv2d_forward_into(geom, grad_out, &flip_transpose_weight(g, weight), grad_x);
+    }
+    let need_grad_x = need_grad_x && transposed_conv.is_none();
     let chunk_count = g.batch.div_ceil(sched.images_per_chunk);
     let mut grad_x_chunks: Vec<Option<&mut [f32]>> = if need_grad_x {
         grad_x
