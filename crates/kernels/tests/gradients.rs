@@ -84,6 +84,7 @@ const CONV_CASES: &[ConvCase] = &[
     // Small planes: several images share one GEMM (the late-stage path).
     case(3, 6, 5, (4, 4), 3, 1, 1, 1),
     case(5, 8, 8, (2, 2), 3, 1, 1, 4),
+    case(9, 4, 6, (2, 2), 3, 1, 1, 1),
     // One image: the GEMMs themselves run multithreaded.
     case(1, 4, 6, (7, 7), 3, 2, 1, 1),
 ];

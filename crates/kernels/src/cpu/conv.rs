@@ -53,23 +53,23 @@ impl ConvGeom {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// Images per chunk, and how many workers run chunks in parallel.
+    /// Images per chunk, and whether the GEMMs themselves run multithreaded.
     fn schedule(&self) -> Schedule {
         let threads = rayon::current_num_threads().max(1);
         let wanted = TARGET_GEMM_COLUMNS.div_ceil(self.plane_out().max(1));
-        let per_thread = self.batch.div_ceil(threads).max(1);
-        let images_per_chunk = wanted.clamp(1, per_thread);
+        // At least two chunks per thread when the batch allows, so rayon can rebalance when
+        // a core is busy with something else (a static split waits for the slowest thread).
+        let max_per_chunk = self.batch.div_ceil(2 * threads).max(1);
+        let images_per_chunk = wanted.clamp(1, max_per_chunk);
         let chunks = self.batch.div_ceil(images_per_chunk);
-        let workers = chunks.min(threads).max(1);
         // Too few chunks to keep every thread busy: let the GEMMs split work instead.
-        let parallelism = if workers < threads {
+        let parallelism = if chunks < threads {
             Parallelism::Rayon(threads)
         } else {
             Parallelism::None
         };
         Schedule {
             images_per_chunk,
-            workers,
             parallelism,
         }
     }
@@ -165,21 +165,7 @@ impl ConvGeom {
 
 struct Schedule {
     images_per_chunk: usize,
-    workers: usize,
     parallelism: Parallelism,
-}
-
-/// Splits `items` into `workers` contiguous runs of near-equal length.
-fn split_runs<T>(items: Vec<T>, workers: usize) -> Vec<Vec<T>> {
-    let per = items.len().div_ceil(workers.max(1)).max(1);
-    let mut runs: Vec<Vec<T>> = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        if i % per == 0 {
-            runs.push(Vec::with_capacity(per));
-        }
-        runs.last_mut().expect("a run was just pushed").push(item);
-    }
-    runs
 }
 
 /// Forward convolution: `x` is `[batch, c_in, h, w]`, `weight` is
@@ -249,13 +235,9 @@ fn conv2d_forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32])
             }
         }
     };
-    split_runs(chunks, sched.workers)
+    chunks
         .into_par_iter()
-        .for_each(|run| {
-            for (first, out_chunk) in run {
-                run_chunk(first, out_chunk);
-            }
-        });
+        .for_each(|(first, out_chunk)| run_chunk(first, out_chunk));
 }
 
 /// For stride 1 the input gradient is itself a convolution: of `grad_out` with the kernel
@@ -416,17 +398,14 @@ pub(crate) fn conv2d_backward(
         }
     };
 
-    let partial_grad_w: Vec<Vec<f32>> = split_runs(chunks, sched.workers)
+    // One weight-gradient accumulator per rayon split, summed at the end.
+    let partial_grad_w: Vec<Vec<f32>> = chunks
         .into_par_iter()
-        .map(|run| {
-            let mut acc = if need_grad_w {
-                vec![0f32; weight_len]
-            } else {
-                Vec::new()
-            };
-            for (first, gx) in run {
-                run_chunk(first, gx, &mut acc);
+        .fold(Vec::new, |mut acc: Vec<f32>, (first, gx)| {
+            if need_grad_w && acc.is_empty() {
+                acc = vec![0f32; weight_len];
             }
+            run_chunk(first, gx, &mut acc);
             acc
         })
         .collect();
