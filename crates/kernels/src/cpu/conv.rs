@@ -27,6 +27,8 @@ pub(crate) struct ConvGeom {
 
 /// Columns per GEMM we aim for: enough that packing the weight is amortised.
 const TARGET_GEMM_COLUMNS: usize = 256;
+/// Columns per weight-gradient GEMM (its reduction dimension) we aim for.
+const TARGET_REDUCTION_COLUMNS: usize = 1024;
 
 impl ConvGeom {
     fn c_in_per_group(&self) -> usize {
@@ -54,12 +56,24 @@ impl ConvGeom {
     }
 
     /// Images per chunk, and whether the GEMMs themselves run multithreaded.
-    fn schedule(&self) -> Schedule {
+    ///
+    /// The forward aims for `TARGET_GEMM_COLUMNS` columns and at least two chunks per thread,
+    /// so rayon can rebalance when a core is busy with something else. The weight gradient
+    /// reduces over the columns into a weight-sized accumulator, which is memory-bound when
+    /// chunks are narrow, so the backward aims for `TARGET_REDUCTION_COLUMNS` instead.
+    fn schedule(&self, backward: bool) -> Schedule {
         let threads = rayon::current_num_threads().max(1);
-        let wanted = TARGET_GEMM_COLUMNS.div_ceil(self.plane_out().max(1));
-        // At least two chunks per thread when the batch allows, so rayon can rebalance when
-        // a core is busy with something else (a static split waits for the slowest thread).
-        let max_per_chunk = self.batch.div_ceil(2 * threads).max(1);
+        let target = if backward {
+            TARGET_REDUCTION_COLUMNS
+        } else {
+            TARGET_GEMM_COLUMNS
+        };
+        let wanted = target.div_ceil(self.plane_out().max(1));
+        let max_per_chunk = if backward {
+            self.batch.max(1)
+        } else {
+            self.batch.div_ceil(2 * threads).max(1)
+        };
         let images_per_chunk = wanted.clamp(1, max_per_chunk);
         let chunks = self.batch.div_ceil(images_per_chunk);
         // Too few chunks to keep every thread busy: let the GEMMs split work instead.
@@ -178,7 +192,7 @@ pub(crate) fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32]) -> Vec<f32
 
 /// [`conv2d_forward`] writing into `out` (`batch * c_out * h_out * w_out` elements).
 fn conv2d_forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32]) {
-    let sched = g.schedule();
+    let sched = g.schedule(false);
     let (cog, kg, plane) = (g.c_out_per_group(), g.k_per_group(), g.plane_out());
     let chunks: Vec<(usize, &mut [f32])> = out
         .chunks_mut(sched.images_per_chunk * g.image_out())
@@ -287,7 +301,7 @@ pub(crate) fn conv2d_backward(
     need_grad_x: bool,
     need_grad_w: bool,
 ) -> Vec<f32> {
-    let sched = g.schedule();
+    let sched = g.schedule(true);
     let (cog, kg, plane) = (g.c_out_per_group(), g.k_per_group(), g.plane_out());
     let weight_len = g.c_out * kg;
     let grad_x_len = if need_grad_x {
