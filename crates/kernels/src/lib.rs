@@ -10,7 +10,7 @@
 //!
 //! The custom ops run on CPU f32 tensors; on other devices or dtypes every function falls back
 //! to candle's generic ops ([`reference`]), so callers never need to branch. Each op keeps its
-//! kernels in [`cpu`]-style slice functions behind the candle op plumbing, so a CUDA kernel can
+//! kernels in plain slice functions (module `cpu`) behind the candle op plumbing, so a CUDA kernel can
 //! be added as the op's `cuda_fwd` without changing the public API.
 
 mod batch_norm;
