@@ -76,6 +76,14 @@ fn log_lines(work: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The checkpoint the work dir's `latest` pointer names.
+fn latest_checkpoint(work: &Path) -> PathBuf {
+    let name = std::fs::read_to_string(work.join("latest")).expect("a latest pointer");
+    let path = work.join(name.trim());
+    assert!(path.is_file(), "{} missing", path.display());
+    path
+}
+
 fn train_losses(lines: &[Value]) -> Vec<(u64, f64)> {
     lines
         .iter()
@@ -160,8 +168,7 @@ fn attentivemix_trains_with_a_cifar_checkpoint_as_attention_network() {
         json!({"max_epochs": 1}),
     );
     run_ok(runner().arg("--config").arg(&cfg));
-    let weights = teacher.path().join("work/latest.safetensors");
-    assert!(weights.is_file());
+    let weights = latest_checkpoint(&teacher.path().join("work"));
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny_config(
@@ -243,7 +250,7 @@ fn an_existing_run_is_never_overwritten() {
         json!({"max_epochs": 1, "data": {"limit_train": 100, "limit_test": 100}}),
     );
     run_ok(runner().arg("--config").arg(&cfg));
-    let ckpt = tmp.path().join("work/latest.safetensors");
+    let ckpt = latest_checkpoint(&tmp.path().join("work"));
     let before = std::fs::read(&ckpt).unwrap();
     let out = runner()
         .arg("--config")
@@ -287,4 +294,100 @@ fn tiny_resnet_learns_real_cifar10() {
     let top1 = summary["final_top1"].as_f64().unwrap();
     eprintln!("tiny ResNet (width 16), 400 steps on 5,000 images: test top-1 {top1:.1}%");
     assert!(top1 > 30.0, "top-1 {top1}% is not clearly above chance");
+}
+
+#[test]
+fn automix_and_samix_train_and_resume_identically() {
+    let Some(data) = data_dir("automix_and_samix") else {
+        return;
+    };
+    for mode in ["automix", "samix"] {
+        let extra = json!({"max_epochs": 2, "log": {"interval": 2}, "lr_config": {"min_lr": 0.05},
+                           "data": {"limit_train": 200, "limit_test": 100, "batch_size": 20}});
+        let whole = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(whole.path(), &data, json!(mode), json!(2.0), extra.clone());
+        run_ok(runner().arg("--config").arg(&cfg));
+        let a = log_lines(&whole.path().join("work"));
+        let losses: Vec<f64> = a
+            .iter()
+            .filter(|l| l["mode"] == "train")
+            .flat_map(|l| {
+                [
+                    "loss",
+                    "loss_mix_q",
+                    "loss_one_q",
+                    "loss_mix_k",
+                    "loss_mask",
+                ]
+                .map(|k| l[k].as_f64().unwrap())
+            })
+            .collect();
+        assert!(
+            !losses.is_empty() && losses.iter().all(|v| v.is_finite()),
+            "{mode}: {losses:?}"
+        );
+        let val = a.iter().find(|l| l["mode"] == "val").expect("a val line");
+        for head in ["acc_mix_k", "acc_one_k", "acc_mix_q", "acc_one_q"] {
+            assert!(
+                val[format!("{head}_top1")].is_f64(),
+                "{mode}: {head} missing in {val}"
+            );
+        }
+        assert!(
+            a.last().unwrap()["median_top1"].is_f64(),
+            "{mode}: no summary"
+        );
+
+        let split = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(split.path(), &data, json!(mode), json!(2.0), extra);
+        run_ok(
+            runner()
+                .arg("--config")
+                .arg(&cfg)
+                .args(["--stop-after", "1"]),
+        );
+        run_ok(runner().arg("--config").arg(&cfg).arg("--resume"));
+        let b = log_lines(&split.path().join("work"));
+        let strip = |lines: &[Value]| -> Vec<Value> {
+            lines
+                .iter()
+                .filter(|l| l["mode"] == "train" || l["mode"] == "val")
+                .map(|l| {
+                    let mut l = l.clone();
+                    for k in ["time", "data_time", "memory"] {
+                        l.as_object_mut().unwrap().remove(k);
+                    }
+                    l
+                })
+                .collect()
+        };
+        assert_eq!(strip(&a), strip(&b), "{mode}: resumed run diverged");
+    }
+}
+
+#[test]
+fn preview_writes_a_png_grid_for_every_method() {
+    let Some(data) = data_dir("preview") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(tmp.path(), &data, json!("mixup"), json!(1.0), json!({}));
+    let out_png = tmp.path().join("grid.png");
+    let out = runner()
+        .args(["preview", "--samples", "4", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out_png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&out_png).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG");
+    // Width and height from the IHDR chunk: one row per hand-crafted mode but attentivemix.
+    let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert!(height > 9 * 64, "height {height}");
 }

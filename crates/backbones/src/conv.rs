@@ -71,6 +71,17 @@ impl Conv2d {
 
     /// Applies the convolution to an `N×C×H×W` batch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)
+        // The kernels crate's op computes the backward with GEMMs (candle's own
+        // input gradient is a naive transposed convolution) and runs every group
+        // in one call; it falls back to candle's conv2d off CPU-f32.
+        kernels::conv2d(
+            x,
+            &self.weight,
+            kernels::ConvParams {
+                stride: self.stride,
+                padding: self.padding,
+                groups: self.groups,
+            },
+        )
     }
 }

@@ -96,14 +96,15 @@ impl BatchNorm2d {
                     x.dims()
                 );
             }
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+            // One fused pass forward and one backward on CPU (generic ops elsewhere).
+            let (y, mean, var) = kernels::batch_norm_train(
+                &x,
+                &weight.flatten_all()?,
+                &bias.flatten_all()?,
+                self.eps,
+            )?;
             self.update_running(&mean, &var, count)?;
-            let inv_std = (var + self.eps)?.sqrt()?.recip()?;
-            centered
-                .broadcast_mul(&inv_std.broadcast_mul(&weight)?)?
-                .broadcast_add(&bias)?
+            y
         } else {
             let rm = self
                 .running_mean()

@@ -361,7 +361,15 @@ impl std::error::Error for ConfigError {}
 impl RunConfig {
     /// Parses a config from JSON text; `origin` names the source in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        serde_json::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            if path.is_empty() || path == "." {
+                ConfigError(format!("{origin}: {}", e.inner()))
+            } else {
+                ConfigError(format!("{origin}: {path}: {}", e.inner()))
+            }
+        })
     }
 
     /// Reads and parses a config file, filling `name` from the file stem when empty.

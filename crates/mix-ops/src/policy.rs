@@ -89,7 +89,10 @@ mod tests {
         let n = 20_000;
         let first = (0..n).filter(|_| p.pick(&mut rng)[0] == 0).count() as f64 / n as f64;
         // 5 standard deviations of a binomial proportion at p = 0.8.
-        assert!((first - 0.8).abs() < 5.0 * (0.16f64 / n as f64).sqrt(), "{first}");
+        assert!(
+            (first - 0.8).abs() < 5.0 * (0.16f64 / n as f64).sqrt(),
+            "{first}"
+        );
     }
 
     #[test]

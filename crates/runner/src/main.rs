@@ -103,7 +103,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of causes joined, the outermost naming the file or field.
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            // The first line only: candle appends a backtrace after a newline when
+            // RUST_BACKTRACE is set.
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", msg.lines().next().unwrap_or_default());
             ExitCode::from(2)
         }
     }

@@ -74,7 +74,7 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
         train::checkpoint::load_varmap(&varmap, &tensors, "model.", ckpt)?;
     }
     let attention = match &args.attention_weights {
-        Some(p) => Some(backbones::AttentionNet::load(p, &device)?),
+        Some(p) => Some(crate::mixmodel::load_attention(p, &device)?),
         None => None,
     };
     let modes: Vec<String> = match &args.modes {

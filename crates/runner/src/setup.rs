@@ -95,8 +95,13 @@ pub fn build_methods(cfg: &RunConfig) -> Result<Vec<Box<dyn MixMethod>>> {
         .iter()
         .zip(alphas)
         .map(|(mode, alpha)| {
-            mix_ops::registry::build_method(mode, alpha, cfg.model.mix_args.get(mode))
-                .map_err(|e| anyhow::anyhow!("model.mix_mode: {e}"))
+            let args = cfg.model.mix_args.get(mode);
+            mix_ops::registry::build_method(mode, alpha, args).map_err(|e| match args {
+                Some(_) if !matches!(e, mix_ops::MixConfigError::UnknownMode(_)) => {
+                    anyhow::anyhow!("model.mix_args.{mode}: {e}")
+                }
+                _ => anyhow::anyhow!("model.mix_mode: {e}"),
+            })
         })
         .collect()
 }

@@ -112,7 +112,7 @@ impl Trainer {
         let (train_data, test_data) = setup::load_data(&cfg)?;
         let (varmap, net) = setup::build_backbone(&cfg, &device)?;
         let attention = match &cfg.model.attention_weights {
-            Some(p) => Some(backbones::AttentionNet::load(Path::new(p), &device)?),
+            Some(p) => Some(crate::mixmodel::load_attention(Path::new(p), &device)?),
             None => None,
         };
         let mut sgd = Sgd::new(

@@ -412,14 +412,30 @@ pub(crate) fn conv2d_backward(
         }
     };
 
-    // One weight-gradient accumulator per rayon split, summed at the end.
-    let partial_grad_w: Vec<Vec<f32>> = chunks
+    // One weight-gradient accumulator per contiguous run of chunks, summed in order
+    // at the end. The runs are fixed by the thread count alone (not by work
+    // stealing), so the floating-point sum — and a whole training run — is
+    // reproducible, which resuming from a checkpoint relies on.
+    let runs = rayon::current_num_threads().clamp(1, chunks.len().max(1));
+    let per_run = chunks.len().div_ceil(runs).max(1);
+    let mut grouped: Vec<Vec<(usize, Option<&mut [f32]>)>> = Vec::with_capacity(runs);
+    for chunk in chunks {
+        if grouped.last().is_none_or(|g| g.len() == per_run) {
+            grouped.push(Vec::with_capacity(per_run));
+        }
+        grouped.last_mut().expect("just pushed").push(chunk);
+    }
+    let partial_grad_w: Vec<Vec<f32>> = grouped
         .into_par_iter()
-        .fold(Vec::new, |mut acc: Vec<f32>, (first, gx)| {
-            if need_grad_w && acc.is_empty() {
-                acc = vec![0f32; weight_len];
+        .map(|run| {
+            let mut acc = if need_grad_w {
+                vec![0f32; weight_len]
+            } else {
+                Vec::new()
+            };
+            for (first, gx) in run {
+                run_chunk(first, gx, &mut acc);
             }
-            run_chunk(first, gx, &mut acc);
             acc
         })
         .collect();
