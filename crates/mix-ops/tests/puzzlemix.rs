@@ -622,3 +622,33 @@ fn block_count_follows_block_num() {
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![2, 4]);
 }
+
+/// With i.i.d. saliencies the two images of a pair are exchangeable, so over
+/// many batches the mask mean (the per-sample λ) must centre on 1/2 and spread
+/// over (0, 1) like the Beta(1, 1) prior it is drawn around.
+#[test]
+fn lambda_is_centred_on_one_half_for_exchangeable_saliency() {
+    let method = PuzzleMix::default();
+    let mut lambdas = Vec::new();
+    for seed in 0..12u64 {
+        let (x, y, grad) = batch(8, 100 + seed);
+        let model = FixedGradient(grad);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mixed = mix_ops::MixMethod::mix(
+            &method,
+            &x,
+            &y,
+            &mut MixContext::with_model(&mut rng, &model),
+        )
+        .unwrap();
+        lambdas.extend(per_sample_lambda(&mixed));
+    }
+    let mean = lambdas.iter().sum::<f32>() / lambdas.len() as f32;
+    let above = lambdas.iter().filter(|&&l| l > 0.5).count();
+    eprintln!(
+        "PuzzleMix λ over {} samples: mean {mean:.3}, {above} above 1/2",
+        lambdas.len()
+    );
+    assert!((0.3..0.7).contains(&mean), "mean λ {mean}: {lambdas:?}");
+    assert!(above > lambdas.len() / 5, "{lambdas:?}");
+}
