@@ -291,6 +291,9 @@ fn flip_transpose_weight(g: &ConvGeom, weight: &[f32]) -> Vec<f32> {
     flipped
 }
 
+/// A backward work item: the first image of the chunk and its slice of the input gradient.
+type BackwardChunk<'a> = (usize, Option<&'a mut [f32]>);
+
 /// Gradients of [`conv2d_forward`], packed in one buffer: `grad_x` (when `need_grad_x`)
 /// followed by `grad_weight` (when `need_grad_w`).
 pub(crate) fn conv2d_backward(
@@ -418,7 +421,7 @@ pub(crate) fn conv2d_backward(
     // reproducible, which resuming from a checkpoint relies on.
     let runs = rayon::current_num_threads().clamp(1, chunks.len().max(1));
     let per_run = chunks.len().div_ceil(runs).max(1);
-    let mut grouped: Vec<Vec<(usize, Option<&mut [f32]>)>> = Vec::with_capacity(runs);
+    let mut grouped: Vec<Vec<BackwardChunk>> = Vec::with_capacity(runs);
     for chunk in chunks {
         if grouped.last().is_none_or(|g| g.len() == per_run) {
             grouped.push(Vec::with_capacity(per_run));
