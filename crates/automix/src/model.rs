@@ -2,9 +2,8 @@
 //! MixBlock, and the per-step procedure of §5.12.5.
 
 use backbones::{is_buffer, CifarResNet, CifarResNetConfig, ClsHead, ParamRegistry};
-use candle_core::{DType, Device, Result, Shape, Tensor, Var, D};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder, VarMap};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
 use mix_ops::sample::{beta_lambda, perm_tensor, permutation};
 use mix_ops::MixedLabels;
 use rand::{Rng, RngCore, SeedableRng};
@@ -30,30 +29,6 @@ pub const EVAL_HEADS: [&str; 4] = ["acc_mix_k", "acc_one_k", "acc_mix_q", "acc_o
 
 /// Name of the second classifier head inside each side's VarMap.
 const HEAD_MIX: &str = "head_mix";
-
-/// A `VarBuilder` backend over the k-side VarMap that hands out *detached* views of the
-/// parameters (so no gradient is ever computed for them, while `Var::set` by the EMA is still
-/// seen through the shared storage) and the variables themselves for BN running statistics
-/// (which the backbone updates in place).
-struct MomentumBackend {
-    vm: VarMap,
-}
-
-impl SimpleBackend for MomentumBackend {
-    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let t = self.vm.get(s, name, h, dtype, dev)?;
-        Ok(if is_buffer(name) { t } else { t.detach() })
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let t = self.vm.get_unchecked(name, dtype, dev)?;
-        Ok(if is_buffer(name) { t } else { t.detach() })
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.vm.contains_tensor(name)
-    }
-}
 
 /// One side (q or k): encoder whose `fc` is `Head_one`, plus `Head_mix`.
 struct Side {
@@ -168,10 +143,9 @@ impl AutoMixModel {
             backbone_cfg,
             VarBuilder::from_varmap(&vm_q, DType::F32, device),
         )?;
-        let k_backend: Box<dyn SimpleBackend> = Box::new(MomentumBackend { vm: vm_k.clone() });
         let k = Side::new(
             backbone_cfg,
-            VarBuilder::from_backend(k_backend, DType::F32, device.clone()),
+            backbones::DetachedVarMap::new(vm_k.clone()).into_var_builder(DType::F32, device),
         )?;
         let mixblock = MixBlock::new(
             &cfg,

@@ -38,11 +38,13 @@ pub mod attention;
 pub mod blocks;
 pub mod cifar;
 pub mod conv;
+pub mod frozen;
 pub mod init;
 pub mod norm;
 
 pub use attention::{AttentionNet, ImageNetResNet18, CIFAR_ATTENTION_INPUT};
 pub use cifar::{Arch, CifarResNet, CifarResNetConfig, ClsHead};
+pub use frozen::DetachedVarMap;
 pub use init::{InitScheme, ParamKind, ParamRegistry, ParamSpec};
 pub use norm::BatchNorm2d;
 

@@ -108,7 +108,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         args.mix_modes.clone()
     };
-    let (_, net) = setup::build_backbone(&cfg, &device)?;
+    let (varmap, _) = setup::build_backbone(&cfg, &device)?;
+    let net = setup::frozen_view(&cfg, &varmap, &device)?;
     let mut mixing = serde_json::Map::new();
     for mode in &mix_modes {
         let ms = time_mixing(&net, mode, &x, &y, args.steps.max(5), &device)?;
@@ -166,6 +167,7 @@ fn time_train_step(
     let method = setup::build_methods(cfg)?.remove(0);
     let loss_kind = setup::head_loss(cfg);
     let (varmap, net) = setup::build_backbone(cfg, device)?;
+    let frozen = setup::frozen_view(cfg, &varmap, device)?;
     let mut sgd = Sgd::new(
         train::sgd::trainable_vars(&varmap, backbones::is_buffer),
         crate::trainer::sgd_options(cfg),
@@ -176,7 +178,7 @@ fn time_train_step(
         sync(device)?;
         let t = Instant::now();
         let mix_model = NetMixModel {
-            net: &net,
+            net: &frozen,
             attention: None,
         };
         let mixed = method.mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?;

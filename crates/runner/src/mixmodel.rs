@@ -9,7 +9,8 @@ use mix_ops::MixModel;
 /// Gives mixing methods the trained backbone (for input gradients) and the
 /// frozen attention network, if the run has one.
 pub struct NetMixModel<'a> {
-    /// The backbone being trained.
+    /// The backbone being trained, built over detached weights
+    /// (`setup::frozen_view`), so the saliency backward computes no weight gradients.
     pub net: &'a CifarResNet,
     /// AttentiveMix+'s frozen attention network.
     pub attention: Option<&'a AttentionNet>,
@@ -114,6 +115,22 @@ mod tests {
             .unwrap();
         assert!(norm > 0.0 && norm.is_finite());
         assert_eq!(snapshot(&varmap), before);
+        // The same gradient as through the trainable network, without weight gradients.
+        let direct = NetMixModel {
+            net: &net,
+            attention: None,
+        }
+        .input_gradient(&x, &y)
+        .unwrap();
+        let diff = (&grad - &direct)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
         assert!(model.attention_features(&x).is_err());
     }
 }

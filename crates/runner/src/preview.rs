@@ -68,7 +68,7 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
     let device = crate::device::parse_device(&args.device)?;
     let (images, labels) = one_per_class(Path::new(&cfg.data.dir), args.samples, &device)?;
 
-    let (varmap, net) = setup::build_backbone(&cfg, &device)?;
+    let (varmap, _) = setup::build_backbone(&cfg, &device)?;
     if let Some(ckpt) = &args.checkpoint {
         let (tensors, _) = train::checkpoint::load_checkpoint(ckpt, &device)?;
         train::checkpoint::load_varmap(&varmap, &tensors, "model.", ckpt)?;
@@ -86,8 +86,9 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
             .map(|m| m.to_string())
             .collect(),
     };
+    let frozen = setup::frozen_view(&cfg, &varmap, &device)?;
     let mix_model = NetMixModel {
-        net: &net,
+        net: &frozen,
         attention: attention.as_ref(),
     };
 

@@ -151,6 +151,14 @@ pub fn build_backbone(cfg: &RunConfig, device: &Device) -> Result<(VarMap, Cifar
     Ok((varmap, net))
 }
 
+/// A second view of the backbone over detached weights: same storage, always
+/// current, but a backward through it computes only the input gradient (what
+/// PuzzleMix's saliency needs), not every weight gradient.
+pub fn frozen_view(cfg: &RunConfig, varmap: &VarMap, device: &Device) -> Result<CifarResNet> {
+    let vb = backbones::DetachedVarMap::new(varmap.clone()).into_var_builder(DType::F32, device);
+    Ok(CifarResNet::new(backbone_config(cfg), vb)?)
+}
+
 /// The loader's padding mode.
 pub fn padding_mode(cfg: &RunConfig) -> cifar_data::PaddingMode {
     match cfg.data.padding_mode {

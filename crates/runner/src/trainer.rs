@@ -88,6 +88,8 @@ struct Trainer {
     device: Device,
     varmap: VarMap,
     net: backbones::CifarResNet,
+    /// The same network over detached weights, for PuzzleMix's saliency pass.
+    frozen: backbones::CifarResNet,
     attention: Option<backbones::AttentionNet>,
     methods: Vec<Box<dyn mix_ops::MixMethod>>,
     picker: mix_ops::policy::ModePicker,
@@ -111,6 +113,7 @@ impl Trainer {
             .with_context(|| format!("work_dir {}: cannot create", work_dir.0.display()))?;
         let (train_data, test_data) = setup::load_data(&cfg)?;
         let (varmap, net) = setup::build_backbone(&cfg, &device)?;
+        let frozen = setup::frozen_view(&cfg, &varmap, &device)?;
         let attention = match &cfg.model.attention_weights {
             Some(p) => Some(crate::mixmodel::load_attention(Path::new(p), &device)?),
             None => None,
@@ -155,6 +158,7 @@ impl Trainer {
             device,
             varmap,
             net,
+            frozen,
             attention,
             sgd,
             mix_rng,
@@ -244,7 +248,7 @@ impl Trainer {
         let picks = self.picker.pick(&mut self.mix_rng);
         let scale = 1.0 / picks.len() as f64;
         let mix_model = NetMixModel {
-            net: &self.net,
+            net: &self.frozen,
             attention: self.attention.as_ref(),
         };
         let mut total: Option<Tensor> = None;
