@@ -62,7 +62,7 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<AutoMixModel> {
 }
 
 /// SGD over the model's groups, with the config's momentum and weight decay for the encoder.
-fn optimizer(model: &AutoMixModel, cfg: &RunConfig) -> Result<Sgd> {
+pub fn optimizer(model: &AutoMixModel, cfg: &RunConfig) -> Result<Sgd> {
     let mut sgd: Option<Sgd> = None;
     for group in model.optimizer_groups() {
         let (name, vars, mut opts) = (group.name, group.vars, group.options);

@@ -32,7 +32,8 @@ pub struct BenchArgs {
     /// Channels of the stem (64 = the real network).
     #[arg(long, default_value_t = 64)]
     pub base_width: usize,
-    /// Comma-separated modes whose whole train step is timed.
+    /// Comma-separated modes whose whole train step is timed (`automix` and
+    /// `samix` included: their step runs the momentum encoder and MixBlock too).
     #[arg(long, value_delimiter = ',', default_value = "vanilla,mixup,cutmix")]
     pub step_modes: Vec<String>,
     /// Comma-separated modes whose mixing alone is timed (`all` = every hand-crafted mode).
@@ -161,6 +162,9 @@ fn time_train_step(
     cfg.model.mix_mode = bench_config::OneOrMany::One(mode.to_string());
     cfg.model.alpha =
         bench_config::OneOrMany::One(mix_ops::registry::default_alpha(mode, "r18").unwrap_or(1.0));
+    if setup::LEARNED_MODES.contains(&mode) {
+        return time_automix_step(cfg, x, y, steps, device);
+    }
     if mode == "puzzlemix" {
         cfg.model.head.loss = bench_config::HeadLoss::CeSoft;
     }
@@ -187,6 +191,34 @@ fn time_train_step(
         let grads = loss.backward()?;
         sgd.step(&grads, 0.1)?;
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        sync(device)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(train::metrics::median(&times))
+}
+
+/// Milliseconds of one AutoMix/SAMix step (four forwards, backward, SGD, EMA update).
+fn time_automix_step(
+    cfg: &RunConfig,
+    x: &Tensor,
+    y: &Tensor,
+    steps: usize,
+    device: &Device,
+) -> Result<f64> {
+    let model = crate::automix_run::build_model(cfg, device)?;
+    let mut sgd = crate::automix_run::optimizer(&model, cfg)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut times = Vec::new();
+    for i in 0..=steps {
+        sync(device)?;
+        let t = Instant::now();
+        let out = model.train_step(x, y, &mut rng)?;
+        let grads = out.loss.backward()?;
+        sgd.step(&grads, 0.1)?;
+        model.momentum_update(model.momentum_at(i, 1000))?;
+        let _ = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         sync(device)?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64() * 1000.0);
