@@ -11,18 +11,19 @@ use anyhow::{Context, Result};
 use automix::{AutoMixConfig, AutoMixModel};
 use bench_config::RunConfig;
 use candle_core::{DType, Device, Tensor};
-use cifar_data::{CifarSplit, LoaderConfig, TrainLoader};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use cifar_data::CifarSplit;
 use serde_json::{json, Value};
 use train::checkpoint;
-use train::log::{JsonLogger, TrainLine};
+use train::log::TrainLine;
 use train::metrics;
 use train::schedule::cosine_lr;
 use train::sgd::Sgd;
 
 use crate::setup;
-use crate::trainer::{env_info, peak_memory_mb, progress_bar, resume_point, write_atomic, WorkDir};
+use crate::trainer::{
+    checkpoint_meta, epoch_loader, peak_memory_mb, progress_bar, restore_or_start, resume_point,
+    write_atomic, RunState, WorkDir,
+};
 use crate::TrainArgs;
 
 /// The AutoMix/SAMix settings of a run config: the mode's adapted CIFAR
@@ -96,35 +97,14 @@ pub fn run(args: &TrainArgs, cfg: RunConfig, device: Device) -> Result<()> {
     let (train_data, test_data) = setup::load_data(&cfg)?;
     let model = build_model(&cfg, &device)?;
     let mut sgd = optimizer(&model, &cfg)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d69_7862);
-    let mut history: BTreeMap<String, Vec<(usize, f64)>> = BTreeMap::new();
-    let mut start_epoch = 0;
-    let mut logger;
-    if let Some(ckpt) = resume {
-        let (tensors, meta) = checkpoint::load_checkpoint(&ckpt, &device)?;
-        for (prefix, vm) in model.varmaps() {
-            checkpoint::load_varmap(vm, &tensors, prefix, &ckpt)?;
-        }
-        sgd.load_state(&checkpoint::strip_prefix(&tensors, "optim."), &ckpt)?;
-        start_epoch = meta["epoch"].as_u64().context("checkpoint meta: epoch")? as usize;
-        rng = serde_json::from_value(meta["mix_rng"].clone())
-            .with_context(|| format!("{}: mix_rng state", ckpt.display()))?;
-        history = serde_json::from_value(meta["history"].clone())
-            .with_context(|| format!("{}: history", ckpt.display()))?;
-        let log_file = meta["log_file"]
-            .as_str()
-            .with_context(|| format!("{}: log_file missing from metadata", ckpt.display()))?;
-        logger = JsonLogger::append(&work_dir.0.join(log_file))?;
-        eprintln!("resuming {} from epoch {start_epoch}", ckpt.display());
-    } else {
-        logger = JsonLogger::create(&work_dir.0)?;
-        logger.write_meta(
-            &env_info(&device),
-            &cfg.to_json_pretty(),
-            cfg.seed,
-            &cfg.name,
-        )?;
-    }
+    let state: RunState<BTreeMap<String, Vec<(usize, f64)>>> =
+        restore_or_start(&cfg, &device, &work_dir, resume, &model.varmaps(), &mut sgd)?;
+    let (start_epoch, mut rng, mut history, mut logger) = (
+        state.start_epoch,
+        state.mix_rng,
+        state.history,
+        state.logger,
+    );
 
     let max_epochs = cfg.max_epochs;
     let last_epoch = match args.stop_after {
@@ -135,19 +115,7 @@ pub fn run(args: &TrainArgs, cfg: RunConfig, device: Device) -> Result<()> {
     let total_iters = iters_per_epoch * max_epochs;
     for epoch in start_epoch..last_epoch {
         let lr = cosine_lr(epoch, max_epochs, cfg.optimizer.lr, cfg.lr_config.min_lr);
-        let loader = TrainLoader::new(
-            train_data.clone(),
-            LoaderConfig {
-                batch_size: cfg.data.batch_size,
-                workers: cfg.data.workers,
-                prefetch: cfg.data.prefetch,
-                padding_mode: setup::padding_mode(&cfg),
-                seed: cfg.seed,
-                drop_last: false,
-            },
-            epoch,
-            0,
-        )?;
+        let loader = epoch_loader(&cfg, &train_data, epoch)?;
         let bar = progress_bar(iters_per_epoch, epoch, max_epochs, args.quiet);
         let mut sums: Vec<(&'static str, Tensor)> = Vec::new();
         let (mut images, mut iters, mut data_wait) = (0usize, 0usize, 0.0);
@@ -230,15 +198,7 @@ pub fn run(args: &TrainArgs, cfg: RunConfig, device: Device) -> Result<()> {
                 tensors.extend(checkpoint::varmap_tensors(vm, prefix));
             }
             tensors.extend(checkpoint::with_prefix(&sgd.state_tensors()?, "optim."));
-            let meta = json!({
-                "epoch": done,
-                "iter": done * iters_per_epoch,
-                "mix_rng": serde_json::to_value(&rng)?,
-                "history": history,
-                "log_file": logger.path().file_name().map(|f| f.to_string_lossy().into_owned()),
-                "config": cfg.to_json_pretty(),
-                "version": env!("CARGO_PKG_VERSION"),
-            });
+            let meta = checkpoint_meta(&cfg, done, iters_per_epoch, &rng, &history, &logger)?;
             checkpoint::save_epoch_checkpoint(
                 &work_dir.0,
                 done,

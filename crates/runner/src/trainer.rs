@@ -83,6 +83,110 @@ pub fn resume_point(args: &TrainArgs, work_dir: &WorkDir) -> Result<Option<PathB
     Ok(None)
 }
 
+/// What a run restores from its checkpoint, or starts fresh with.
+pub struct RunState<H> {
+    /// Epochs already trained.
+    pub start_epoch: usize,
+    /// The mixing RNG, at its saved position.
+    pub mix_rng: ChaCha8Rng,
+    /// Evaluation history so far.
+    pub history: H,
+    /// The run's log (appended to when resuming).
+    pub logger: JsonLogger,
+}
+
+/// Restores the variables of `varmaps` (by checkpoint prefix), the optimizer
+/// state and the run state from `resume`; without a checkpoint, starts a new
+/// log with its meta line.
+pub fn restore_or_start<H: Default + serde::de::DeserializeOwned>(
+    cfg: &RunConfig,
+    device: &Device,
+    work_dir: &WorkDir,
+    resume: Option<PathBuf>,
+    varmaps: &[(&str, &VarMap)],
+    sgd: &mut Sgd,
+) -> Result<RunState<H>> {
+    let Some(ckpt) = resume else {
+        let mut logger = JsonLogger::create(&work_dir.0)?;
+        logger.write_meta(
+            &env_info(device),
+            &cfg.to_json_pretty(),
+            cfg.seed,
+            &cfg.name,
+        )?;
+        return Ok(RunState {
+            start_epoch: 0,
+            mix_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d69_7862),
+            history: H::default(),
+            logger,
+        });
+    };
+    let (tensors, meta) = checkpoint::load_checkpoint(&ckpt, device)?;
+    for (prefix, vm) in varmaps {
+        checkpoint::load_varmap(vm, &tensors, prefix, &ckpt)?;
+    }
+    sgd.load_state(&checkpoint::strip_prefix(&tensors, "optim."), &ckpt)?;
+    let field = |key: &str| -> Result<Value> {
+        meta.get(key).cloned().with_context(|| {
+            format!(
+                "{}: `{key}` missing from the checkpoint metadata",
+                ckpt.display()
+            )
+        })
+    };
+    let start_epoch: usize = serde_json::from_value(field("epoch")?)?;
+    let mix_rng = serde_json::from_value(field("mix_rng")?)
+        .with_context(|| format!("{}: mix_rng state", ckpt.display()))?;
+    let history = serde_json::from_value(field("history")?)
+        .with_context(|| format!("{}: history", ckpt.display()))?;
+    let log_file: String = serde_json::from_value(field("log_file")?)?;
+    let logger = JsonLogger::append(&work_dir.0.join(log_file))?;
+    eprintln!("resuming {} from epoch {start_epoch}", ckpt.display());
+    Ok(RunState {
+        start_epoch,
+        mix_rng,
+        history,
+        logger,
+    })
+}
+
+/// The checkpoint metadata shared by every mode.
+pub fn checkpoint_meta<H: serde::Serialize>(
+    cfg: &RunConfig,
+    epoch: usize,
+    iters_per_epoch: usize,
+    mix_rng: &ChaCha8Rng,
+    history: &H,
+    logger: &JsonLogger,
+) -> Result<Value> {
+    Ok(json!({
+        "epoch": epoch,
+        "iter": epoch * iters_per_epoch,
+        "mix_rng": serde_json::to_value(mix_rng)?,
+        "history": serde_json::to_value(history)?,
+        "log_file": logger.path().file_name().map(|f| f.to_string_lossy().into_owned()),
+        "config": cfg.to_json_pretty(),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+/// The training loader of one epoch (order and augmentation fixed by seed and epoch).
+pub fn epoch_loader(cfg: &RunConfig, data: &Arc<CifarSplit>, epoch: usize) -> Result<TrainLoader> {
+    Ok(TrainLoader::new(
+        data.clone(),
+        LoaderConfig {
+            batch_size: cfg.data.batch_size,
+            workers: cfg.data.workers,
+            prefetch: cfg.data.prefetch,
+            padding_mode: setup::padding_mode(cfg),
+            seed: cfg.seed,
+            drop_last: false,
+        },
+        epoch,
+        0,
+    )?)
+}
+
 struct Trainer {
     cfg: RunConfig,
     device: Device,
@@ -122,34 +226,14 @@ impl Trainer {
             train::sgd::trainable_vars(&varmap, backbones::is_buffer),
             sgd_options(&cfg),
         )?;
-        let mut mix_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d69_7862);
-        let mut history = Vec::new();
-        let mut start_epoch = 0;
-        let logger;
-        if let Some(ckpt) = resume {
-            let (tensors, meta) = checkpoint::load_checkpoint(&ckpt, &device)?;
-            checkpoint::load_varmap(&varmap, &tensors, "model.", &ckpt)?;
-            sgd.load_state(&checkpoint::strip_prefix(&tensors, "optim."), &ckpt)?;
-            start_epoch = meta["epoch"].as_u64().context("checkpoint meta: epoch")? as usize;
-            mix_rng = serde_json::from_value(meta["mix_rng"].clone())
-                .with_context(|| format!("{}: mix_rng state", ckpt.display()))?;
-            history = serde_json::from_value(meta["history"].clone())
-                .with_context(|| format!("{}: history", ckpt.display()))?;
-            let log_file = meta["log_file"]
-                .as_str()
-                .with_context(|| format!("{}: log_file missing from metadata", ckpt.display()))?;
-            logger = JsonLogger::append(&work_dir.0.join(log_file))?;
-            eprintln!("resuming {} from epoch {start_epoch}", ckpt.display());
-        } else {
-            let mut l = JsonLogger::create(&work_dir.0)?;
-            l.write_meta(
-                &env_info(&device),
-                &cfg.to_json_pretty(),
-                cfg.seed,
-                &cfg.name,
-            )?;
-            logger = l;
-        }
+        let state: RunState<Vec<(usize, f64)>> = restore_or_start(
+            &cfg,
+            &device,
+            &work_dir,
+            resume,
+            &[("model.", &varmap)],
+            &mut sgd,
+        )?;
         Ok(Self {
             methods: setup::build_methods(&cfg)?,
             picker: setup::mode_picker(&cfg),
@@ -161,13 +245,13 @@ impl Trainer {
             frozen,
             attention,
             sgd,
-            mix_rng,
+            mix_rng: state.mix_rng,
             train_data,
             test_data,
             work_dir,
-            logger,
-            history,
-            start_epoch,
+            logger: state.logger,
+            history: state.history,
+            start_epoch: state.start_epoch,
         })
     }
 
@@ -197,19 +281,7 @@ impl Trainer {
     fn train_epoch(&mut self, epoch: usize, quiet: bool) -> Result<()> {
         let c = &self.cfg;
         let lr = cosine_lr(epoch, c.max_epochs, c.optimizer.lr, c.lr_config.min_lr);
-        let loader = TrainLoader::new(
-            self.train_data.clone(),
-            LoaderConfig {
-                batch_size: c.data.batch_size,
-                workers: c.data.workers,
-                prefetch: c.data.prefetch,
-                padding_mode: setup::padding_mode(c),
-                seed: c.seed,
-                drop_last: false,
-            },
-            epoch,
-            0,
-        )?;
+        let loader = epoch_loader(c, &self.train_data, epoch)?;
         let iters = loader.batches_per_epoch();
         let bar = progress_bar(iters, epoch, c.max_epochs, quiet);
         let mut meter = TrainMeter::new(&self.device)?;
@@ -311,15 +383,15 @@ impl Trainer {
             &self.sgd.state_tensors()?,
             "optim.",
         ));
-        let meta = json!({
-            "epoch": epoch,
-            "iter": epoch * self.train_data.len().div_ceil(self.cfg.data.batch_size),
-            "mix_rng": serde_json::to_value(&self.mix_rng)?,
-            "history": self.history,
-            "log_file": self.logger.path().file_name().map(|f| f.to_string_lossy().into_owned()),
-            "config": self.cfg.to_json_pretty(),
-            "version": env!("CARGO_PKG_VERSION"),
-        });
+        let iters = self.train_data.len().div_ceil(self.cfg.data.batch_size);
+        let meta = checkpoint_meta(
+            &self.cfg,
+            epoch,
+            iters,
+            &self.mix_rng,
+            &self.history,
+            &self.logger,
+        )?;
         checkpoint::save_epoch_checkpoint(
             &self.work_dir.0,
             epoch,
