@@ -337,6 +337,23 @@ fn automix_and_samix_train_and_resume_identically() {
             a.last().unwrap()["median_top1"].is_f64(),
             "{mode}: no summary"
         );
+        // The learned masks of the trained MixBlock, drawn by `runner preview`.
+        let png = whole.path().join("masks.png");
+        let out = runner()
+            .args(["preview", "--samples", "4", "--config"])
+            .arg(&cfg)
+            .arg("--checkpoint")
+            .arg(latest_checkpoint(&whole.path().join("work")))
+            .arg("--out")
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
 
         let split = tempfile::tempdir().unwrap();
         let cfg = tiny_config(split.path(), &data, json!(mode), json!(2.0), extra);

@@ -422,15 +422,16 @@ impl AutoMixModel {
 
     /// A MixBlock mixture for `runner preview`: draws λ ~ Beta(α, α) and π from `rng`, runs
     /// the k encoder and the MixBlock in eval mode (running BN statistics, no state change),
-    /// and returns (weight of `x` per pixel `N×1×H×W`, mixed images, λ). This is the
-    /// MixBlock's own mixture `x_mb` (what the `L_mix_k` loss sees), before `mask_adjust` and
-    /// `lam_margin`, which only concern the backbone mixture. `labels` is checked for shape.
+    /// and returns it as a [`mix_ops::Mixed`]: mixed images, labels `(y, y[π], λ)` and the
+    /// per-pixel weight of `x` (`N×1×H×W`). This is the MixBlock's own mixture `x_mb` (what
+    /// the `L_mix_k` loss sees), before `mask_adjust` and `lam_margin`, which only concern the
+    /// backbone mixture.
     pub fn masks_for_preview(
         &self,
         images: &Tensor,
         labels: &Tensor,
         rng: &mut dyn RngCore,
-    ) -> Result<(Tensor, Tensor, f64)> {
+    ) -> Result<mix_ops::Mixed> {
         let n = images.dim(0)?;
         if labels.dims() != [n] {
             candle_core::bail!(
@@ -445,8 +446,12 @@ impl AutoMixModel {
             .mixblock
             .forward(&feats, lambda, &perm, false)?
             .detach();
-        let mixed = mix_with_mask(images, &perm, &mask)?;
-        Ok((mask.narrow(1, 0, 1)?, mixed, lambda))
+        Ok(mix_ops::Mixed {
+            images: mix_with_mask(images, &perm, &mask)?,
+            labels: mix_ops::MixedLabels::permuted(labels, &perm, lambda)?,
+            feature_mix: None,
+            mask: Some(mask.narrow(1, 0, 1)?),
+        })
     }
 }
 

@@ -232,9 +232,14 @@ fn eval_has_four_heads_and_changes_nothing() {
     for (_, logits) in &heads {
         assert_eq!(logits.dims(), &[4, 10]);
     }
-    let (mask, mixed, lam) = model
+    let preview = model
         .masks_for_preview(&x, &y, &mut ChaCha8Rng::seed_from_u64(0))
         .unwrap();
+    let (mask, mixed) = (preview.mask.unwrap(), preview.images);
+    let lam = match preview.labels.lambda {
+        mix_ops::Lambda::Scalar(l) => l,
+        mix_ops::Lambda::PerSample(_) => panic!("one λ per batch"),
+    };
     assert_eq!(mask.dims(), &[4, 1, 32, 32]);
     assert_eq!(mixed.dims(), x.dims());
     assert!(lam > 0.0 && lam < 1.0);

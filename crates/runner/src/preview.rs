@@ -66,12 +66,24 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
         cfg.data.dir = d.clone();
     }
     let device = crate::device::parse_device(&args.device)?;
+    let config_mode = cfg.model.mix_mode.to_vec()[0].clone();
     let (images, labels) = one_per_class(Path::new(&cfg.data.dir), args.samples, &device)?;
 
     let (varmap, _) = setup::build_backbone(&cfg, &device)?;
+    let learned = match setup::LEARNED_MODES.contains(&config_mode.as_str()) {
+        true => Some(crate::automix_run::build_model(&cfg, &device)?),
+        false => None,
+    };
     if let Some(ckpt) = &args.checkpoint {
         let (tensors, _) = train::checkpoint::load_checkpoint(ckpt, &device)?;
-        train::checkpoint::load_varmap(&varmap, &tensors, "model.", ckpt)?;
+        match &learned {
+            Some(model) => {
+                for (prefix, vm) in model.varmaps() {
+                    train::checkpoint::load_varmap(vm, &tensors, prefix, ckpt)?;
+                }
+            }
+            None => train::checkpoint::load_varmap(&varmap, &tensors, "model.", ckpt)?,
+        }
     }
     let attention = match &args.attention_weights {
         Some(p) => Some(crate::mixmodel::load_attention(p, &device)?),
@@ -79,6 +91,8 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
     };
     let modes: Vec<String> = match &args.modes {
         Some(m) => m.clone(),
+        // An AutoMix/SAMix config previews its learned masks.
+        None if setup::LEARNED_MODES.contains(&config_mode.as_str()) => vec![config_mode.clone()],
         None => mix_ops::registry::MIX_MODES
             .iter()
             .filter(|m| !setup::LEARNED_MODES.contains(m))
@@ -104,16 +118,23 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
     );
     for (row, mode) in modes.iter().enumerate() {
         let alpha = mix_ops::registry::default_alpha(mode, "r18").unwrap_or(1.0);
-        let method = mix_ops::registry::build_method(mode, alpha, cfg.model.mix_args.get(mode))
-            .with_context(|| format!("--modes: {mode}"))?;
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(row as u64));
-        let mixed = method
-            .mix(
-                &images,
-                &labels,
-                &mut MixContext::with_model(&mut rng, &mix_model),
-            )
-            .with_context(|| format!("preview of {mode}"))?;
+        let mixed = if setup::LEARNED_MODES.contains(&mode.as_str()) {
+            let Some(model) = &learned else {
+                bail!("--modes: `{mode}` previews need an {mode} config (and its --checkpoint)");
+            };
+            model.masks_for_preview(&images, &labels, &mut rng)?
+        } else {
+            let method = mix_ops::registry::build_method(mode, alpha, cfg.model.mix_args.get(mode))
+                .with_context(|| format!("--modes: {mode}"))?;
+            method
+                .mix(
+                    &images,
+                    &labels,
+                    &mut MixContext::with_model(&mut rng, &mix_model),
+                )
+                .with_context(|| format!("preview of {mode}"))?
+        };
         draw_row(
             &mut canvas,
             20 + row * row_h,
