@@ -480,7 +480,7 @@ pub struct StepLog {
 struct TrainMeter {
     loss: Tensor,
     acc: Tensor,
-    acc_mix: f64,
+    acc_mix: Tensor,
     mixed: bool,
     images: usize,
     iters: usize,
@@ -491,7 +491,7 @@ impl TrainMeter {
         Ok(Self {
             loss: Tensor::zeros((), DType::F32, device)?,
             acc: Tensor::zeros((), DType::F32, device)?,
-            acc_mix: 0.0,
+            acc_mix: Tensor::zeros((), DType::F32, device)?,
             mixed: false,
             images: 0,
             iters: 0,
@@ -510,7 +510,8 @@ impl TrainMeter {
         self.acc = (&self.acc + correct)?;
         if !step.labels.is_plain() {
             self.mixed = true;
-            self.acc_mix += metrics::acc_mix(&step.logits, &step.labels)? * w;
+            self.acc_mix =
+                (&self.acc_mix + (metrics::acc_mix_tensor(&step.logits, &step.labels)? * w)?)?;
         }
         self.images += n;
         self.iters += 1;
@@ -536,7 +537,10 @@ impl TrainMeter {
             ),
         ];
         if self.mixed {
-            metrics.push(("acc_mix".to_string(), self.acc_mix / n));
+            metrics.push((
+                "acc_mix".to_string(),
+                self.acc_mix.to_scalar::<f32>()? as f64 / n,
+            ));
         }
         let line = train::log::TrainLine {
             epoch,

@@ -69,6 +69,13 @@ pub fn accuracy_pct(correct: usize, total: usize) -> f64 {
 /// `λ̄·%[top-1 = y_a] + (1−λ̄)·%[second-ranked = y_b]`, else
 /// `(1−λ̄)·%[top-1 = y_b] + λ̄·%[second-ranked = y_a]`.
 pub fn acc_mix(logits: &Tensor, labels: &MixedLabels) -> Result<f64> {
+    Ok(acc_mix_tensor(logits, labels)?.to_scalar::<f32>()? as f64)
+}
+
+/// [`acc_mix`] as a 0-dim f32 tensor left on the logits' device, so a training
+/// loop can accumulate it without a host sync per step (a per-sample λ is
+/// averaged on the host; only PuzzleMix has one, and it syncs anyway).
+pub fn acc_mix_tensor(logits: &Tensor, labels: &MixedLabels) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
     let (n, c) = logits.dims2()?;
     if c < 2 {
@@ -86,18 +93,16 @@ pub fn acc_mix(logits: &Tensor, labels: &MixedLabels) -> Result<f64> {
     )?;
     let second = masked.argmax(1)?;
     let first = first.squeeze(1)?;
-    let pct = |pred: &Tensor, y: &Tensor| -> Result<f64> {
-        let hits = pred
-            .eq(&y.to_dtype(DType::U32)?)?
+    let pct = |pred: &Tensor, y: &Tensor| -> Result<Tensor> {
+        pred.eq(&y.to_dtype(DType::U32)?)?
             .to_dtype(DType::F32)?
             .sum_all()?
-            .to_scalar::<f32>()?;
-        Ok(accuracy_pct(hits.round() as usize, n))
+            * (100.0 / n as f64)
     };
     if lam > 0.5 {
-        Ok(lam * pct(&first, &labels.y_a)? + (1.0 - lam) * pct(&second, &labels.y_b)?)
+        (pct(&first, &labels.y_a)? * lam)? + (pct(&second, &labels.y_b)? * (1.0 - lam))?
     } else {
-        Ok((1.0 - lam) * pct(&first, &labels.y_b)? + lam * pct(&second, &labels.y_a)?)
+        (pct(&first, &labels.y_b)? * (1.0 - lam))? + (pct(&second, &labels.y_a)? * lam)?
     }
 }
 
