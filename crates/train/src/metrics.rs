@@ -5,10 +5,20 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Result, Tensor, D};
 use mix_ops::MixedLabels;
 
+/// `N` `f32` flags: 1 where every logit of the row is finite, 0 where the row holds a NaN or an
+/// infinity. Computed on the logits' device (no host sync).
+fn finite_rows(logits: &Tensor) -> Result<Tensor> {
+    // |x| < ∞ is false for ±∞ and for NaN (every comparison with NaN is false).
+    let finite = logits.abs()?.lt(f64::INFINITY)?.to_dtype(DType::F32)?;
+    finite.min(D::Minus1)
+}
+
 /// Rank of each sample's label among its logits (0 = top-1), `N` as `f32`.
 ///
 /// Ties are broken towards the lower class index, like a stable descending sort, so that
-/// constant logits are not counted as correct for every label.
+/// constant logits are not counted as correct for every label. A row holding any non-finite
+/// logit gets rank `≥ C`, so it is wrong for every `k`: with a NaN no logit compares greater
+/// than the label's, which would otherwise make the label rank first.
 fn label_rank(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
     let (n, c) = logits.dims2()?;
@@ -20,11 +30,15 @@ fn label_rank(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         .unsqueeze(0)?
         .broadcast_as((n, c))?;
     let before = classes.broadcast_lt(&labels)?.to_dtype(DType::F32)?;
-    (above + (tied * before)?)?.sum(1)
+    let rank = (above + (tied * before)?)?.sum(1)?;
+    // Non-finite rows: add C (the rank itself stays finite, since comparisons yield 0/1).
+    let penalty = ((1.0 - finite_rows(&logits)?)? * c as f64)?;
+    rank + penalty
 }
 
 /// Number of samples whose label is among the `k` highest logits (`logits`: `N×C`,
-/// `labels`: `N` integer class indices). `k` must be in `1..=C`.
+/// `labels`: `N` integer class indices). `k` must be in `1..=C`. A sample whose logits hold
+/// any NaN or ±∞ counts as wrong.
 pub fn topk_correct(logits: &Tensor, labels: &Tensor, k: usize) -> Result<usize> {
     let c = logits.dim(D::Minus1)?;
     if k == 0 || k > c {
@@ -36,6 +50,7 @@ pub fn topk_correct(logits: &Tensor, labels: &Tensor, k: usize) -> Result<usize>
 }
 
 /// [`topk_correct`] for several `k` at once (one ranking pass), e.g. `&[1, 5]` for evaluation.
+/// A sample whose logits hold any NaN or ±∞ counts as wrong.
 pub fn topk_corrects(logits: &Tensor, labels: &Tensor, ks: &[usize]) -> Result<Vec<usize>> {
     let c = logits.dim(D::Minus1)?;
     if let Some(k) = ks.iter().find(|&&k| k == 0 || k > c) {
@@ -67,12 +82,13 @@ pub fn accuracy_pct(correct: usize, total: usize) -> f64 {
 ///
 /// With `λ̄` = λ (or its batch mean): if `λ̄ > 0.5`,
 /// `λ̄·%[top-1 = y_a] + (1−λ̄)·%[second-ranked = y_b]`, else
-/// `(1−λ̄)·%[top-1 = y_b] + λ̄·%[second-ranked = y_a]`.
+/// `(1−λ̄)·%[top-1 = y_b] + λ̄·%[second-ranked = y_a]`. A sample whose logits hold any NaN
+/// or ±∞ counts as wrong in both terms.
 pub fn acc_mix(logits: &Tensor, labels: &MixedLabels) -> Result<f64> {
     Ok(acc_mix_tensor(logits, labels)?.to_scalar::<f32>()? as f64)
 }
 
-/// [`acc_mix`] as a 0-dim f32 tensor left on the logits' device, so a training
+/// [`acc_mix`] (non-finite rows count as wrong) as a 0-dim f32 tensor left on the logits' device, so a training
 /// loop can accumulate it without a host sync per step (a per-sample λ is
 /// averaged on the host; only PuzzleMix has one, and it syncs anyway).
 pub fn acc_mix_tensor(logits: &Tensor, labels: &MixedLabels) -> Result<Tensor> {
@@ -93,10 +109,9 @@ pub fn acc_mix_tensor(logits: &Tensor, labels: &MixedLabels) -> Result<Tensor> {
     )?;
     let second = masked.argmax(1)?;
     let first = first.squeeze(1)?;
+    let finite = finite_rows(&logits)?;
     let pct = |pred: &Tensor, y: &Tensor| -> Result<Tensor> {
-        pred.eq(&y.to_dtype(DType::U32)?)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
+        (pred.eq(&y.to_dtype(DType::U32)?)?.to_dtype(DType::F32)? * &finite)?.sum_all()?
             * (100.0 / n as f64)
     };
     if lam > 0.5 {
@@ -187,6 +202,39 @@ mod tests {
         assert!(topk_correct(&z, &y, 5).is_err());
         assert!(topk_correct(&z, &y, 0).is_err());
         assert_eq!(accuracy_pct(2, 3), 200.0 / 3.0);
+    }
+
+    #[test]
+    fn non_finite_rows_count_as_wrong_for_every_k() {
+        let nan = f32::NAN;
+        let inf = f32::INFINITY;
+        let z = t2(&[
+            [nan, nan, nan, nan],  // all NaN: no logit beats the label
+            [0.1, 0.9, nan, 0.2],  // one NaN elsewhere in the row
+            [inf, 0.0, 0.0, 0.0],  // +∞ on the label
+            [0.0, -inf, 0.0, 0.0], // −∞ elsewhere
+            [1.0, 2.0, 3.0, 4.0],  // finite, label ranked first
+            [0.0, nan, inf, -inf], // mixed
+            [4.0, 3.0, 2.0, 1.0],  // finite, label ranked second
+        ]);
+        let y = labels(&[0, 1, 0, 0, 3, 0, 1]);
+        assert_eq!(topk_correct(&z, &y, 1).unwrap(), 1);
+        assert_eq!(topk_correct(&z, &y, 2).unwrap(), 2);
+        assert_eq!(topk_correct(&z, &y, 4).unwrap(), 2);
+        assert_eq!(topk_corrects(&z, &y, &[1, 2, 4]).unwrap(), vec![1, 2, 2]);
+        // The same in f64 (converted to f32 on the way).
+        let z64 = z.to_dtype(DType::F64).unwrap();
+        assert_eq!(topk_corrects(&z64, &y, &[1, 4]).unwrap(), vec![1, 2]);
+
+        // acc_mix: a NaN row is wrong in both terms.
+        let z = t2(&[[nan, nan, nan, nan], [3.0, 2.0, 1.0, 0.0]]);
+        let mixed = MixedLabels {
+            y_a: labels(&[0, 0]),
+            y_b: labels(&[1, 1]),
+            lambda: Lambda::Scalar(0.7),
+        };
+        // Only the finite row counts: top-1 = y_a and second = y_b in 1 of 2 samples.
+        assert!((acc_mix(&z, &mixed).unwrap() - 50.0).abs() < 1e-9);
     }
 
     #[test]
