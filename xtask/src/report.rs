@@ -252,49 +252,71 @@ fn run_from_config(cfg: &Value, dir: &Path, origin: &str) -> Result<Run> {
     })
 }
 
-/// Parses one JSONL log into its run. A truncated last line (a run still writing)
-/// is skipped; any other malformed line is an error naming the file and line.
+/// A log line that [`read_log_lenient`] skipped: its 1-based line number and why.
+pub type SkippedLine = (usize, String);
+
+/// Parses one JSONL log into its run, printing a warning (`warning: <file>:<line>: …`) on
+/// stderr for every line it skips (see [`read_log_lenient`]).
 pub fn read_log(path: &Path) -> Result<Run> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let (run, skipped) = read_log_lenient(path)?;
+    for (line, reason) in skipped {
+        eprintln!("warning: {}:{line}: {reason}; line skipped", path.display());
+    }
+    Ok(run)
+}
+
+/// Parses one JSONL log into its run and the lines it skipped. An unreadable line after the
+/// meta line (not JSON: a torn write, a crash, disk corruption; or a `val` line without an
+/// integer `epoch` or a `*_top1` accuracy) is skipped and returned as `(1-based line number,
+/// reason)`, so one bad line never hides a whole run. The meta line itself must be readable:
+/// without it the run cannot be placed in the table, and that is an error naming the file.
+pub fn read_log_lenient(path: &Path) -> Result<(Run, Vec<SkippedLine>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
     let origin = path.display().to_string();
+    let complete_last_line = text.ends_with('\n');
     let lines: Vec<(usize, &str)> = text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .collect();
-    let Some(&(_, first)) = lines.first() else {
+    let Some(&(first_no, first)) = lines.first() else {
         bail!("{origin}: empty log");
     };
+    let first_no = first_no + 1;
     let meta: Value = serde_json::from_str(first)
-        .with_context(|| format!("{origin}:1: the meta line is not JSON"))?;
+        .with_context(|| format!("{origin}:{first_no}: the meta line is not JSON"))?;
     let cfg = match meta.get("config") {
         Some(Value::String(s)) => serde_json::from_str(s)
-            .with_context(|| format!("{origin}:1: meta `config` is not JSON text"))?,
+            .with_context(|| format!("{origin}:{first_no}: meta `config` is not JSON text"))?,
         Some(v @ Value::Object(_)) => v.clone(),
-        _ => bail!("{origin}:1: the first line has no `config` (expected the run's meta line)"),
+        _ => bail!(
+            "{origin}:{first_no}: the first line has no `config` (expected the run's meta line)"
+        ),
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut run = run_from_config(&cfg, dir, &origin)?;
+    let mut skipped = Vec::new();
     for (k, &(i, line)) in lines.iter().enumerate().skip(1) {
+        let line_no = i + 1;
         let rec: Value = match serde_json::from_str(line) {
             Ok(v) => v,
-            Err(_) if k + 1 == lines.len() => {
-                eprintln!(
-                    "warning: {origin}:{}: skipping a truncated last line",
-                    i + 1
-                );
+            Err(_) if k + 1 == lines.len() && !complete_last_line => {
+                skipped.push((line_no, "truncated last line (a run still writing?)".into()));
                 continue;
             }
-            Err(e) => bail!("{origin}:{}: not JSON: {e}", i + 1),
+            Err(e) => {
+                skipped.push((line_no, format!("not JSON ({e})")));
+                continue;
+            }
         };
         if rec.get("mode").and_then(Value::as_str) != Some("val") {
             continue;
         }
-        let epoch =
-            rec.get("epoch").and_then(Value::as_u64).with_context(|| {
-                format!("{origin}:{}: val line without an integer `epoch`", i + 1)
-            })? as usize;
+        let Some(epoch) = rec.get("epoch").and_then(Value::as_u64) else {
+            skipped.push((line_no, "val line without an integer `epoch`".into()));
+            continue;
+        };
         let heads: BTreeMap<String, f64> = rec
             .as_object()
             .into_iter()
@@ -302,11 +324,12 @@ pub fn read_log(path: &Path) -> Result<Run> {
             .filter_map(|(k, v)| Some((k.strip_suffix("_top1")?.to_string(), v.as_f64()?)))
             .collect();
         if heads.is_empty() {
-            bail!("{origin}:{}: val line without a `*_top1` accuracy", i + 1);
+            skipped.push((line_no, "val line without a `*_top1` accuracy".into()));
+            continue;
         }
-        run.val.insert(epoch, heads);
+        run.val.insert(epoch as usize, heads);
     }
-    Ok(run)
+    Ok((run, skipped))
 }
 
 fn is_log(path: &Path) -> bool {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use xtask::methods::Backbone;
-use xtask::report::{load_runs, read_log, tables, Run};
+use xtask::report::{load_runs, read_log, read_log_lenient, tables, Run};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/work_dirs")
@@ -193,4 +193,52 @@ fn the_cli_writes_markdown_csv_and_plots() {
         }
     }
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn unreadable_lines_are_skipped_and_named_not_fatal() {
+    let dir = std::env::temp_dir().join(format!("xtask-report-lenient-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run_dir = dir.join("r18_mixup");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let meta = r#"{"env_info": "t", "config": "{\"name\": \"r18_mixup_CE_none_alpha1_ep3\", \"model\": {\"mix_mode\": \"mixup\", \"alpha\": 1.0, \"backbone\": {\"arch\": \"resnet18\"}}, \"max_epochs\": 3}", "seed": 0, "exp_name": "x"}"#;
+    let log = [
+        meta,
+        r#"{"mode": "val", "epoch": 1, "iter": 10, "head0_top1": 50.0}"#,
+        r#"{"mode": "val", "epoch": 2, "iter": 10, "head0_to"#, // a torn write, then a newline
+        r#"{"mode": "val", "epoch": "three", "head0_top1": 70.0}"#,
+        r#"{"mode": "val", "epoch": 2, "iter": 10, "head0_top5": 99.0}"#,
+        r#"{"mode": "val", "epoch": 3, "iter": 10, "head0_top1": 80.0}"#,
+    ]
+    .join("\n")
+        + "\n";
+    let path = run_dir.join("20240101_000000.log.json");
+    std::fs::write(&path, log).unwrap();
+
+    let (run, skipped) = read_log_lenient(&path).unwrap();
+    assert_eq!(run.val.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+    let lines: Vec<usize> = skipped.iter().map(|(l, _)| *l).collect();
+    assert_eq!(lines, vec![3, 4, 5], "{skipped:?}");
+    assert!(skipped[0].1.contains("not JSON"), "{skipped:?}");
+
+    // The table still comes out; the CLI names each skipped line as file:line on stderr.
+    let runs = load_runs(std::slice::from_ref(&dir)).unwrap();
+    assert_eq!(runs.len(), 1);
+    let out = dir.join("report");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("report")
+        .arg(&dir)
+        .arg("--no-plots")
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    for line in [3, 4, 5] {
+        let at = format!("20240101_000000.log.json:{line}:");
+        assert!(stderr.contains(&at), "no warning for line {line}: {stderr}");
+    }
+    assert!(String::from_utf8_lossy(&o.stdout).contains("MixUp"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -113,6 +113,8 @@ pub struct TrainLine {
 pub struct JsonLogger {
     path: PathBuf,
     file: File,
+    /// The partial last line [`JsonLogger::append`] cut off (lossy UTF-8), and its length.
+    dropped: (u64, String),
 }
 
 impl JsonLogger {
@@ -126,25 +128,49 @@ impl JsonLogger {
             .create_new(true)
             .open(&path)
             .map_err(|e| TrainError::io(&path, e))?;
-        Ok(Self { path, file })
+        Ok(Self {
+            path,
+            file,
+            dropped: (0, String::new()),
+        })
     }
 
     /// Opens an existing log to continue it (resume); creates it if absent.
+    ///
+    /// A crash or a full disk can leave the file ending in part of a line; that partial line
+    /// is cut off first (the file is truncated after its last `\n`), so the next line starts
+    /// on a line of its own. What was cut is reported by [`JsonLogger::dropped_bytes`] and
+    /// [`JsonLogger::dropped_text`], for the caller to mention.
     pub fn append(path: &Path) -> TrainResult<Self> {
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
+            .read(true)
             .append(true)
             .create(true)
             .open(path)
             .map_err(|e| TrainError::io(path, e))?;
+        let dropped = cut_partial_last_line(&mut file).map_err(|e| TrainError::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
+            dropped,
         })
     }
 
     /// The log file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Number of bytes [`JsonLogger::append`] cut from the end of the file (a partial last
+    /// line without its newline); 0 when the file ended with a complete line.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.dropped.0
+    }
+
+    /// The partial last line [`JsonLogger::append`] cut off, as lossy UTF-8 (empty when
+    /// nothing was cut).
+    pub fn dropped_text(&self) -> &str {
+        &self.dropped.1
     }
 
     /// Writes one line with the given fields in order (floats rounded to 5 decimals).
@@ -212,6 +238,37 @@ impl JsonLogger {
         }
         self.write_fields(&fields)
     }
+}
+
+/// Truncates `file` after its last `\n` (to empty if it has none) and returns the number of
+/// bytes removed with their lossy UTF-8 text. Reads backwards from the end in blocks, so a
+/// long log is not read whole.
+fn cut_partial_last_line(file: &mut File) -> std::io::Result<(u64, String)> {
+    const BLOCK: u64 = 4096;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut keep = 0;
+    let mut buf = vec![0u8; BLOCK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            keep = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if keep == len {
+        return Ok((0, String::new()));
+    }
+    let mut tail = vec![0u8; (len - keep) as usize];
+    file.seek(SeekFrom::Start(keep))?;
+    file.read_exact(&mut tail)?;
+    file.set_len(keep)?;
+    file.sync_all()?;
+    Ok((len - keep, String::from_utf8_lossy(&tail).into_owned()))
 }
 
 /// Batch-size-weighted running means of named metrics over a log interval.
@@ -294,6 +351,35 @@ pub fn read_log(path: &Path) -> TrainResult<Vec<Value>> {
         }
     }
     Ok(values)
+}
+
+/// A log line [`read_log_lenient`] skipped: its 1-based line number and why.
+pub type SkippedLine = (usize, String);
+
+/// Reads a JSON-lines log like [`read_log`], but skips every unparsable line instead of
+/// failing, returning the parsed values and the skipped lines as `(1-based line number,
+/// reason)`. A torn final line (no trailing newline) is reported as skipped too. Invalid
+/// UTF-8 is replaced by U+FFFD before parsing; only an I/O error is an error.
+pub fn read_log_lenient(path: &Path) -> TrainResult<(Vec<Value>, Vec<SkippedLine>)> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let complete_last_line = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut values = Vec::with_capacity(lines.len());
+    let mut skipped = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(v) => values.push(v),
+            Err(_) if i + 1 == lines.len() && !complete_last_line => {
+                skipped.push((i + 1, "truncated last line (no newline)".to_string()));
+            }
+            Err(e) => skipped.push((i + 1, format!("not JSON: {e}"))),
+        }
+    }
+    Ok((values, skipped))
 }
 
 /// `(epoch, value)` of metric `key` over the `val` lines, sorted by epoch; when an epoch was
@@ -417,6 +503,71 @@ mod tests {
             err.contains("bad.log.json") && err.contains("line 2"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn append_cuts_a_partial_last_line_first() {
+        let dir = std::env::temp_dir().join(format!("train-log-append-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.log.json");
+        let complete = "{\"a\": 1}\n{\"mode\": \"val\", \"epoch\": 1}\n";
+        std::fs::write(&path, format!("{complete}{{\"mode\": \"tr")).unwrap();
+        let mut log = JsonLogger::append(&path).unwrap();
+        assert_eq!(log.dropped_bytes(), "{\"mode\": \"tr".len() as u64);
+        assert_eq!(log.dropped_text(), "{\"mode\": \"tr");
+        log.write_val(2, 10, 0.1, &[("head0_top1".into(), 50.0)])
+            .unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(complete), "{text}");
+        assert_eq!(read_log(&path).unwrap().len(), 3);
+
+        // A complete file is left alone.
+        let log = JsonLogger::append(&path).unwrap();
+        assert_eq!((log.dropped_bytes(), log.dropped_text()), (0, ""));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+
+        // A partial line longer than the read block, after a newline in an earlier block.
+        let long = format!("{{\"x\": \"{}", "y".repeat(10_000));
+        std::fs::write(&path, format!("{complete}{long}")).unwrap();
+        let log = JsonLogger::append(&path).unwrap();
+        assert_eq!(log.dropped_bytes(), long.len() as u64);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), complete);
+
+        // No newline at all: everything goes; a missing file is created empty.
+        std::fs::write(&path, "{\"env_in").unwrap();
+        let log = JsonLogger::append(&path).unwrap();
+        assert_eq!(log.dropped_bytes(), 8);
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        let fresh = dir.join("new.log.json");
+        let log = JsonLogger::append(&fresh).unwrap();
+        assert_eq!(log.dropped_bytes(), 0);
+        assert!(fresh.is_file());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn lenient_reading_skips_and_names_bad_lines() {
+        let dir = std::env::temp_dir().join(format!("train-log-lenient-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.log.json");
+        std::fs::write(
+            &path,
+            "{\"a\": 1}\nnot json\n\n{\"mode\": \"val\", \"epoch\": 1, \"head0_top1\": 5.0}\n{\"b\": \n{\"c\": 3}\n{\"mode\"",
+        )
+        .unwrap();
+        assert!(read_log(&path).is_err());
+        let (values, skipped) = read_log_lenient(&path).unwrap();
+        assert_eq!(values.len(), 3);
+        assert_eq!(val_top1_history(&values), vec![(1, 5.0)]);
+        let lines: Vec<usize> = skipped.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, vec![2, 5, 7]);
+        assert!(skipped[0].1.contains("not JSON"), "{:?}", skipped);
+        assert!(skipped[2].1.contains("truncated"), "{:?}", skipped);
+        assert!(read_log_lenient(&dir.join("missing")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
