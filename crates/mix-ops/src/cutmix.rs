@@ -13,7 +13,7 @@ use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CutMixArgs {
-    /// Redraw π (up to 10 times) while it has a fixed point, as 2025 upstream
+    /// Redraw π (one draw plus up to 10 redraws) while it has a fixed point, as 2025 upstream
     /// does (§5.0). Default `false`: the benchmark-era plain permutation.
     pub avoid_fixed_points: bool,
 }
