@@ -2,9 +2,9 @@
 //! saliency), the map SaliencyMix uses (spec §5.6), re-derived from the
 //! algorithm's description for 8-bit images.
 //!
-//! Steps: gray conversion with OpenCV's fixed-point BGR weights applied to the
-//! channels as stored (the reference passes RGB, so gray = 0.114·R + 0.587·G +
-//! 0.299·B), two 3×3 Gaussian blurs (`[1,2,1]/4` separable, reflect-101
+//! Steps: gray conversion with OpenCV's 15-bit fixed-point BGR weights (3735,
+//! 19235, 9798) applied to the channels as stored (the reference passes RGB, so
+//! gray = 0.114·R + 0.587·G + 0.299·B), two 3×3 Gaussian blurs (`[1,2,1]/4` separable, reflect-101
 //! border, rounded to 8 bit), an integral image, and for each of six surround
 //! half-sizes `n` the mean of the clamped window `[p−n+1, p+n]` excluding the
 //! centre pixel; on-response `max(centre − mean, 0)` and off-response
@@ -66,7 +66,16 @@ pub fn argmax_first(map: &[u8]) -> usize {
     best
 }
 
-/// OpenCV's 8-bit `BGR2GRAY`: 14-bit fixed-point weights, rounded.
+/// OpenCV's fixed-point gray weights for 8-bit input (`imgproc/src/color.hpp`,
+/// `gray_shift = 15`): B, G, R = round(0.114, 0.587, 0.299 · 2^15); they sum to 2^15.
+const GRAY_SHIFT: u32 = 15;
+const GRAY_B: u32 = 3735;
+const GRAY_G: u32 = 19235;
+const GRAY_R: u32 = 9798;
+
+/// OpenCV's 8-bit `BGR2GRAY`: `(B·3735 + G·19235 + R·9798 + 2^14) >> 15`. The reference
+/// passes RGB data to this BGR conversion, so channel 0 (R as stored) gets the B weight and
+/// channel 2 (B) the R weight.
 fn to_gray(chw: &[u8], plane: usize) -> Vec<u8> {
     (0..plane)
         .map(|i| {
@@ -75,7 +84,8 @@ fn to_gray(chw: &[u8], plane: usize) -> Vec<u8> {
                 chw[plane + i] as u32,
                 chw[2 * plane + i] as u32,
             );
-            ((c0 * 1868 + c1 * 9617 + c2 * 4899 + (1 << 13)) >> 14) as u8
+            ((c0 * GRAY_B + c1 * GRAY_G + c2 * GRAY_R + (1 << (GRAY_SHIFT - 1))) >> GRAY_SHIFT)
+                as u8
         })
         .collect()
 }
@@ -214,6 +224,28 @@ mod tests {
         assert_eq!(gray, vec![29]); // round(255·0.114)
         assert_eq!(to_gray(&[0, 0, 255], 1), vec![76]); // round(255·0.299)
         assert_eq!(to_gray(&[255, 255, 255], 1), vec![255]);
+    }
+
+    /// Hand-computed with OpenCV's 15-bit weights, `(c0·3735 + c1·19235 + c2·9798 + 2^14) >> 15`,
+    /// on pixels where the 14-bit weights `(c0·1868 + c1·9617 + c2·4899 + 2^13) >> 14` differ.
+    #[test]
+    fn gray_uses_opencv_15_bit_weights() {
+        assert_eq!(GRAY_B + GRAY_G + GRAY_R, 1 << 15);
+        let cases: [([u8; 3], u8); 3] = [
+            // 250·3735 + 16384 = 950134 → 28.996 → 28 (14-bit: 475192 / 16384 = 29.003 → 29).
+            // Channel 0 takes the B weight: (0, 0, 250) would give 75.
+            ([250, 0, 0], 28),
+            // 110·19235 + 70·9798 + 16384 = 2818094 → 86.001 → 86 (14-bit: 1408992 → 85.998 → 85).
+            ([0, 110, 70], 86),
+            // 85·19235 + 196·9798 + 16384 = 3571767 → 109.002 → 109 (14-bit: 1785841 → 108).
+            ([0, 85, 196], 109),
+        ];
+        for (px, want) in cases {
+            assert_eq!(to_gray(&px, 1), vec![want], "{px:?}");
+        }
+        assert_eq!(to_gray(&[0, 0, 250], 1), vec![75]);
+        // Planar layout: two pixels, channel-major.
+        assert_eq!(to_gray(&[250, 0, 0, 110, 0, 70], 2), vec![28, 86]);
     }
 
     #[test]
