@@ -337,3 +337,127 @@ fn committed_configs_are_up_to_date() {
         problems.join("\n")
     );
 }
+
+/// Writes an executable shell script.
+#[cfg(unix)]
+fn script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/usr/bin/env bash\n{body}")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Polls `cond` for up to 20 s.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+#[cfg(unix)]
+#[test]
+fn scripts_resume_auto_and_the_slurm_task_forwards_sigterm() {
+    let dir = temp_dir("resume");
+    let opts = GenOptions {
+        modes: vec![vec!["mixup".to_string()], vec!["cutmix".to_string()]],
+        epochs: vec![400],
+        ..GenOptions::default()
+    };
+    write(&dir, &generate(&opts).unwrap()).unwrap();
+    let r18 = dir.join("r18");
+    for name in SCRIPT_NAMES {
+        let text = std::fs::read_to_string(r18.join(name)).unwrap();
+        assert!(text.contains("--resume auto"), "{name}");
+    }
+    let slurm = r18.join("train_slurm.sh");
+    let text = std::fs::read_to_string(&slurm).unwrap();
+    for line in [
+        "#SBATCH --requeue\n",
+        "#SBATCH --signal=B:TERM@120\n",
+        "trap on_term TERM\n",
+    ] {
+        assert!(text.contains(line), "{line}");
+    }
+
+    // The 1-GPU script passes --resume auto (then the caller's arguments) to every run.
+    let calls = dir.join("calls.txt");
+    let fake_runner = dir.join("fake_runner");
+    script(
+        &fake_runner,
+        &format!("echo \"$*\" >> '{}'\n", calls.display()),
+    );
+    let o = Command::new("bash")
+        .arg(r18.join("train_1gpu.sh"))
+        .args(["--data", "/d"])
+        .env("RUNNER", &fake_runner)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(lines.len(), 2, "{calls}");
+    for l in lines {
+        assert!(
+            l.ends_with("--device cuda:0 --resume auto --data /d"),
+            "{l}"
+        );
+    }
+
+    // A Slurm task: SIGTERM to the batch shell reaches the runner, and the shell waits for the
+    // runner to save and exit, then exits with its status.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    script(&bin.join("srun"), "exec \"$@\"\n");
+    let marks = dir.join("marks.txt");
+    let runner = dir.join("slow_runner");
+    script(
+        &runner,
+        &format!(
+            "m='{}'\n\
+             trap 'echo term >> \"$m\"; sleep 0.5; echo saved >> \"$m\"; exit 0' TERM\n\
+             echo started >> \"$m\"\n\
+             for _ in $(seq 200); do sleep 0.1; done\n\
+             echo timeout >> \"$m\"; exit 3\n",
+            marks.display()
+        ),
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = Command::new("bash")
+        .arg(&slurm)
+        .env("RUNNER", &runner)
+        .env("PATH", path)
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("MIXBENCH_CONFIG_DIR", &r18)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read_marks = || std::fs::read_to_string(&marks).unwrap_or_default();
+    assert!(eventually(|| read_marks().contains("started")));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut status = None;
+    assert!(eventually(|| {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }));
+    assert_eq!(read_marks(), "started\nterm\nsaved\n");
+    assert!(status.unwrap().success(), "{status:?}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(
+        out.contains("r18_mixups_CE_none_alpha0_2_ep400.json"),
+        "{out}"
+    );
+    assert!(out.contains("SIGTERM"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -6,7 +6,10 @@
 #
 # Usage, from the repository root (runs write to work_dirs/, data is read from data.dir):
 #   GPUS=0,1,2,3 bash configs/cifar10/r18/train_multi_gpu.sh [runner args...]   (wherever --out put it)
-# Extra arguments go to every run, e.g. --resume or --data /path/to/cifar10.
+# Extra arguments go to every run, e.g. --data /path/to/cifar10.
+# Every run is started with `--resume auto`: a run whose work dir holds a checkpoint
+# continues from it, a finished run (result.json) is skipped, any other starts fresh, so
+# re-running this script after an interruption completes a half-finished sweep.
 # Environment:
 #   RUNNER    runner binary (default: target/release/runner, relative to the working
 #             directory; build it with `cargo build --release -p runner --features cuda`)
@@ -72,7 +75,7 @@ worker() {
   for i in "${!CONFIGS[@]}"; do
     mkdir "$QUEUE/$i" 2>/dev/null || continue
     echo "[$(date '+%F %T')] GPU $gpu: ${CONFIGS[$i]}"
-    if ! CUDA_VISIBLE_DEVICES="$gpu" "$RUNNER" --config "$HERE/${CONFIGS[$i]}" --device cuda:0 "$@"; then
+    if ! CUDA_VISIBLE_DEVICES="$gpu" "$RUNNER" --config "$HERE/${CONFIGS[$i]}" --device cuda:0 --resume auto "$@"; then
       echo "FAILED on GPU $gpu: ${CONFIGS[$i]}" >&2
       failed=1
     fi

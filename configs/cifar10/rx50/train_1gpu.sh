@@ -4,7 +4,10 @@
 #
 # Usage, from the repository root (runs write to work_dirs/, data is read from data.dir):
 #   bash configs/cifar10/rx50/train_1gpu.sh [runner args...]   (wherever --out put it)
-# Extra arguments go to every run, e.g. --resume or --data /path/to/cifar10.
+# Extra arguments go to every run, e.g. --data /path/to/cifar10.
+# Every run is started with `--resume auto`: a run whose work dir holds a checkpoint
+# continues from it, a finished run (result.json) is skipped, any other starts fresh, so
+# re-running this script after an interruption completes a half-finished sweep.
 # Environment:
 #   RUNNER    runner binary (default: target/release/runner, relative to the working
 #             directory; build it with `cargo build --release -p runner --features cuda`)
@@ -59,7 +62,7 @@ CONFIGS=(
 failed=0
 for cfg in "${CONFIGS[@]}"; do
   echo "[$(date '+%F %T')] GPU $CUDA_VISIBLE_DEVICES: $cfg"
-  if ! "$RUNNER" --config "$HERE/$cfg" --device cuda:0 "$@"; then
+  if ! "$RUNNER" --config "$HERE/$cfg" --device cuda:0 --resume auto "$@"; then
     echo "FAILED: $cfg" >&2
     failed=$((failed + 1))
   fi
