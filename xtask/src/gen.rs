@@ -301,11 +301,11 @@ fn entries(opts: &GenOptions, backbone: Backbone) -> Result<Vec<Entry>> {
                 };
                 if multi {
                     cfg.model.mix_mode = OneOrMany::Many(item.clone());
-                    cfg.model.alpha = OneOrMany::Many(alphas.clone());
+                    cfg.model.alpha = Some(OneOrMany::Many(alphas.clone()));
                     cfg.model.mix_prob = opts.mix_prob.clone();
                 } else {
                     cfg.model.mix_mode = OneOrMany::One(item[0].clone());
-                    cfg.model.alpha = OneOrMany::One(alphas[0]);
+                    cfg.model.alpha = Some(OneOrMany::One(alphas[0]));
                 }
                 cfg.model.backbone.arch = backbone.arch();
                 if learned {

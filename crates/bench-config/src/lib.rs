@@ -61,6 +61,9 @@ pub struct RunConfig {
     pub log: LogConfig,
     /// Evaluation settings (spec §3.3).
     pub evaluation: EvalConfig,
+    /// Numerics of the training step on CUDA (precision, determinism). Omitted when default.
+    #[serde(skip_serializing_if = "TrainConfig::is_default")]
+    pub train: TrainConfig,
 }
 
 impl Default for RunConfig {
@@ -77,6 +80,7 @@ impl Default for RunConfig {
             checkpoint: CheckpointConfig::default(),
             log: LogConfig::default(),
             evaluation: EvalConfig::default(),
+            train: TrainConfig::default(),
         }
     }
 }
@@ -165,11 +169,13 @@ impl Default for HeadConfig {
 pub struct ModelConfig {
     /// Mixing mode or list of modes (default `"mixup"`).
     pub mix_mode: OneOrMany<String>,
-    /// α per mode, same length as `mix_mode` (default `1.0`).
-    pub alpha: OneOrMany<f64>,
+    /// α per mode, same length as `mix_mode`; omitted (default) = each mode's benchmark α
+    /// for the configured backbone (the README table: MixUp 1, CutMix 0.2, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<OneOrMany<f64>>,
     /// Probability of each mode; `None` (default) = uniform.
     pub mix_prob: Option<Vec<f64>>,
-    /// Mixing repeats per batch; values ≤ 1 mean 1 (default 1).
+    /// Mixing repeats per batch, at least 1 (default 1).
     pub mix_repeat: usize,
     /// Per-mode overrides of the methods' hyper-parameters, keyed by mode name
     /// (e.g. `{"manifoldmix": {"layer": [0, 3]}}`); omitted fields keep the
@@ -191,7 +197,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             mix_mode: OneOrMany::One("mixup".into()),
-            alpha: OneOrMany::One(1.0),
+            alpha: None,
             mix_prob: None,
             mix_repeat: 1,
             mix_args: BTreeMap::new(),
@@ -346,6 +352,40 @@ impl Default for EvalConfig {
     }
 }
 
+/// Arithmetic of convolutions and matmuls on CUDA (`train.precision`). The CPU always
+/// computes in f32, whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Strict f32 (cuDNN FMA math, no TF32).
+    F32,
+    /// f32 storage, TF32 tensor-core math for convolutions and matmuls (the default, as
+    /// PyTorch's default for cuDNN convolutions).
+    #[default]
+    Tf32,
+    /// bf16 autocast of convolutions (f32 accumulation, f32 master weights, gradients and
+    /// BatchNorm statistics).
+    Bf16,
+}
+
+/// Numerics of the training step (`train` section).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// `"f32"`, `"tf32"` (default) or `"bf16"`; only affects CUDA devices.
+    pub precision: Precision,
+    /// Restrict cuDNN to deterministic algorithms (default false). CPU runs are always
+    /// deterministic.
+    pub deterministic: bool,
+}
+
+impl TrainConfig {
+    /// Whether every field has its default (then the section is not serialized).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// A configuration error, with the offending file or field named.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError(pub String);
@@ -362,14 +402,21 @@ impl RunConfig {
     /// Parses a config from JSON text; `origin` names the source in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let de = &mut serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        let cfg = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
             let path = e.path().to_string();
             if path.is_empty() || path == "." {
                 ConfigError(format!("{origin}: {}", e.inner()))
             } else {
                 ConfigError(format!("{origin}: {path}: {}", e.inner()))
             }
-        })
+        })?;
+        // `{…} xyz` must not pass as `{…}`: only whitespace may follow the object.
+        de.end().map_err(|e| {
+            ConfigError(format!(
+                "{origin}: unexpected content after the config object ({e})"
+            ))
+        })?;
+        Ok(cfg)
     }
 
     /// Reads and parses a config file, filling `name` from the file stem when empty.
@@ -405,7 +452,6 @@ impl RunConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError(m));
         let modes = self.model.mix_mode.to_vec();
-        let alphas = self.model.alpha.to_vec();
         if modes.is_empty() {
             return err("model.mix_mode: at least one mode is required".into());
         }
@@ -415,17 +461,29 @@ impl RunConfig {
                 modes.len()
             ));
         }
-        if alphas.len() != modes.len() {
+        if self.name.contains(['/', '\\']) || self.name == "." || self.name == ".." {
             return err(format!(
-                "model.alpha: {} value(s) given for {} mode(s) in model.mix_mode",
-                alphas.len(),
-                modes.len()
+                "name: `{}` must be a plain name (no path separators or `..`): it names the work dir under work_dirs/",
+                self.name
             ));
         }
-        for (m, a) in modes.iter().zip(&alphas) {
-            if !(a.is_finite() && *a > 0.0) && m != "vanilla" {
-                return err(format!("model.alpha: α for `{m}` must be > 0, got {a}"));
+        if let Some(alpha) = &self.model.alpha {
+            let alphas = alpha.to_vec();
+            if alphas.len() != modes.len() {
+                return err(format!(
+                    "model.alpha: {} value(s) given for {} mode(s) in model.mix_mode (or omit it for each mode's default)",
+                    alphas.len(),
+                    modes.len()
+                ));
             }
+            for (m, a) in modes.iter().zip(&alphas) {
+                if !(a.is_finite() && *a > 0.0) && m != "vanilla" {
+                    return err(format!("model.alpha: α for `{m}` must be > 0, got {a}"));
+                }
+            }
+        }
+        if self.model.mix_repeat == 0 {
+            return err("model.mix_repeat: must be at least 1".into());
         }
         if let Some(p) = &self.model.mix_prob {
             if p.len() != modes.len() {
@@ -459,8 +517,24 @@ impl RunConfig {
         if self.model.backbone.base_width == 0 {
             return err("model.backbone.base_width: must be positive".into());
         }
-        if self.data.batch_size == 0 || self.data.test_batch_size == 0 {
+        if let Some(blocks) = self.model.backbone.stage_blocks {
+            if blocks.contains(&0) {
+                return err(format!(
+                    "model.backbone.stage_blocks: every stage needs at least one block, got {blocks:?}"
+                ));
+            }
+        }
+        if self.data.batch_size == 0 {
             return err("data.batch_size: must be positive".into());
+        }
+        if self.data.test_batch_size == 0 {
+            return err("data.test_batch_size: must be positive".into());
+        }
+        if self.data.limit_train == Some(0) {
+            return err("data.limit_train: must be positive (omit it to use every image)".into());
+        }
+        if self.data.limit_test == Some(0) {
+            return err("data.limit_test: must be positive (omit it to use every image)".into());
         }
         if self.max_epochs == 0 {
             return err("max_epochs: must be positive".into());
@@ -477,11 +551,17 @@ impl RunConfig {
                 self.lr_config.min_lr
             ));
         }
-        if self.checkpoint.interval == 0 || self.checkpoint.max_keep == 0 {
-            return err("checkpoint: interval and max_keep must be positive".into());
+        if self.checkpoint.interval == 0 {
+            return err("checkpoint.interval: must be positive".into());
         }
-        if self.log.interval == 0 || self.evaluation.interval == 0 {
-            return err("log.interval / evaluation.interval: must be positive".into());
+        if self.checkpoint.max_keep == 0 {
+            return err("checkpoint.max_keep: must be positive".into());
+        }
+        if self.log.interval == 0 {
+            return err("log.interval: must be positive".into());
+        }
+        if self.evaluation.interval == 0 {
+            return err("evaluation.interval: must be positive".into());
         }
         Ok(())
     }
@@ -536,6 +616,19 @@ mod tests {
                 "model.mix_args",
             ),
             (r#"{"max_epochs": 0}"#, "max_epochs"),
+            (r#"{"model": {"mix_repeat": 0}}"#, "model.mix_repeat"),
+            (
+                r#"{"data": {"test_batch_size": 0}}"#,
+                "data.test_batch_size",
+            ),
+            (r#"{"data": {"limit_train": 0}}"#, "data.limit_train"),
+            (r#"{"data": {"limit_test": 0}}"#, "data.limit_test"),
+            (
+                r#"{"model": {"backbone": {"stage_blocks": [0, 0, 0, 0]}}}"#,
+                "model.backbone.stage_blocks",
+            ),
+            (r#"{"name": "../escape"}"#, "name"),
+            (r#"{"checkpoint": {"max_keep": 0}}"#, "checkpoint.max_keep"),
         ];
         for (json, field) in cases {
             let e = RunConfig::from_json(json, "t")
@@ -544,6 +637,21 @@ mod tests {
                 .unwrap_err();
             assert!(e.0.starts_with(field), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn trailing_content_after_the_object_is_an_error() {
+        let e = RunConfig::from_json("{} xyz", "cfg.json").unwrap_err();
+        assert!(e.0.starts_with("cfg.json: unexpected content"), "{e}");
+        RunConfig::from_json("{}\n  \n", "cfg.json").unwrap();
+    }
+
+    #[test]
+    fn a_multi_mode_config_may_omit_alpha() {
+        let c =
+            RunConfig::from_json(r#"{"model": {"mix_mode": ["mixup", "cutmix"]}}"#, "t").unwrap();
+        assert_eq!(c.model.alpha, None);
+        c.validate().unwrap();
     }
 
     #[test]

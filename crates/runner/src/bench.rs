@@ -131,7 +131,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 json!(args.batch as f64 / ips * 1000.0 / v);
         }
     }
-    report["peak_rss_mb"] = json!(crate::trainer::peak_memory_mb());
+    report["peak_rss_mb"] = json!(crate::session::peak_memory_mb());
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
@@ -160,8 +160,8 @@ fn time_train_step(
     let mut cfg = cfg.clone();
     let cfg = &mut cfg;
     cfg.model.mix_mode = bench_config::OneOrMany::One(mode.to_string());
-    cfg.model.alpha =
-        bench_config::OneOrMany::One(mix_ops::registry::default_alpha(mode, "r18").unwrap_or(1.0));
+    // Each mode's benchmark α (resolved by `setup::alphas`).
+    cfg.model.alpha = None;
     if setup::LEARNED_MODES.contains(&mode) {
         return time_automix_step(cfg, x, y, steps, device);
     }
@@ -174,7 +174,7 @@ fn time_train_step(
     let frozen = setup::frozen_view(cfg, &varmap, device)?;
     let mut sgd = Sgd::new(
         train::sgd::trainable_vars(&varmap, backbones::is_buffer),
-        crate::trainer::sgd_options(cfg),
+        crate::net_step::sgd_options(cfg),
     )?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut times = Vec::new();
@@ -207,8 +207,8 @@ fn time_automix_step(
     steps: usize,
     device: &Device,
 ) -> Result<f64> {
-    let model = crate::automix_run::build_model(cfg, device)?;
-    let mut sgd = crate::automix_run::optimizer(&model, cfg)?;
+    let model = crate::automix_step::build_model(cfg, device)?;
+    let mut sgd = crate::automix_step::optimizer(&model, cfg)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut times = Vec::new();
     for i in 0..=steps {

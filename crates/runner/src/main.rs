@@ -1,18 +1,22 @@
 //! `runner`: trains, checks, previews and benchmarks mixup methods on CIFAR-10
 //! from a plain JSON config (see `docs/config.md`).
 
-mod automix_run;
+mod automix_step;
 mod bench;
 mod canvas;
 mod device;
 mod mixmodel;
+mod net_step;
 mod preview;
+mod session;
 mod setup;
-mod trainer;
+mod signals;
+mod workdir;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 /// Train and evaluate mixup methods on CIFAR-10 (OpenMixup's benchmark, on candle).
@@ -44,9 +48,15 @@ pub struct TrainArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Continue the run in the work dir from its latest checkpoint.
+    /// Continue the run in the work dir from its latest checkpoint. `--resume auto`
+    /// (for sweeps): resume if there is a checkpoint, start fresh if there is none,
+    /// do nothing if the run has finished.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "latest", value_name = "MODE")]
+    pub resume: Option<workdir::ResumeMode>,
+    /// Resume even though the config differs from the checkpoint's in fields that
+    /// change results (the differences are recorded in the log).
     #[arg(long)]
-    pub resume: bool,
+    pub allow_config_change: bool,
     /// Continue from this checkpoint file.
     #[arg(long, value_name = "CHECKPOINT")]
     pub resume_from: Option<PathBuf>,
@@ -91,16 +101,39 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
+/// `runner [train] --config …`: checks the config, or trains it with the step
+/// model its mode needs.
+fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    let cfg = setup::load_config(args)?;
+    let device = device::parse_device(&args.device)?;
+    if args.check_config {
+        setup::check_config(&cfg)
+            .with_context(|| args.config.as_ref().expect("checked").display().to_string())?;
+        println!("{}: ok", args.config.as_ref().expect("checked").display());
+        return Ok(());
+    }
+    if setup::LEARNED_MODES.contains(&cfg.model.mix_mode.to_vec()[0].as_str()) {
+        session::train(args, cfg, device, automix_step::AutoMixStep::new)
+    } else {
+        session::train(args, cfg, device, net_step::NetStep::new)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => trainer::run(&cli.train),
-        Some(Command::Train(args)) => trainer::run(&args),
+        None => train(&cli.train),
+        Some(Command::Train(args)) => train(&args),
         Some(Command::Preview(args)) => preview::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<session::Interrupted>() => {
+            let i = e.downcast_ref::<session::Interrupted>().expect("checked");
+            eprintln!("{i}");
+            ExitCode::from(i.signal.exit_code())
+        }
         Err(e) => {
             // One line: the chain of causes joined, the outermost naming the file or field.
             // The first line only: candle appends a backtrace after a newline when

@@ -71,7 +71,7 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
 
     let (varmap, _) = setup::build_backbone(&cfg, &device)?;
     let learned = match setup::LEARNED_MODES.contains(&config_mode.as_str()) {
-        true => Some(crate::automix_run::build_model(&cfg, &device)?),
+        true => Some(crate::automix_step::build_model(&cfg, &device)?),
         false => None,
     };
     if let Some(ckpt) = &args.checkpoint {

@@ -24,6 +24,20 @@ pub fn load_config(args: &TrainArgs) -> Result<RunConfig> {
     let Some(path) = &args.config else {
         bail!("--config: a config file is required (see configs/ and docs/config.md)");
     };
+    // Command-line values are checked as such, so an error names the flag, not the file.
+    for (flag, value) in [
+        ("--epochs", args.epochs),
+        ("--limit-train", args.limit_train),
+        ("--limit-test", args.limit_test),
+        ("--batch-size", args.batch_size),
+        ("--log-interval", args.log_interval),
+        ("--checkpoint-interval", args.checkpoint_interval),
+        ("--stop-after", args.stop_after),
+    ] {
+        if value == Some(0) {
+            bail!("{flag}: must be at least 1");
+        }
+    }
     let mut cfg = RunConfig::load(path)?;
     if let Some(e) = args.epochs {
         cfg.max_epochs = e;
@@ -58,6 +72,12 @@ pub fn load_config(args: &TrainArgs) -> Result<RunConfig> {
     let origin = path.display();
     cfg.validate().with_context(|| format!("{origin}"))?;
     check_modes(&cfg).with_context(|| format!("{origin}"))?;
+    // The effective config (logged, checkpointed, compared on resume) names every α.
+    let a = alphas(&cfg);
+    cfg.model.alpha = Some(match a.len() {
+        1 => bench_config::OneOrMany::One(a[0]),
+        _ => bench_config::OneOrMany::Many(a),
+    });
     Ok(cfg)
 }
 
@@ -78,6 +98,11 @@ pub fn check_modes(cfg: &RunConfig) -> Result<()> {
     if learned.is_empty() {
         build_methods(cfg)?;
     }
+    if let Some(size) = cfg.model.mix_args.get("fmix").and_then(|a| a.get("size")) {
+        if size != &serde_json::json!([32, 32]) {
+            bail!("model.mix_args.fmix.size: {size} must equal the CIFAR image size [32, 32]");
+        }
+    }
     if modes.iter().any(|m| m == "puzzlemix") && cfg.model.head.loss == CfgLoss::CeNone {
         bail!("model.head.loss: puzzlemix has a per-sample λ and needs CE_soft or CE_sigm (CE_none would weight every sample by the batch-mean λ)");
     }
@@ -90,10 +115,9 @@ pub fn check_modes(cfg: &RunConfig) -> Result<()> {
 /// Builds the configured mixing methods, in config order.
 pub fn build_methods(cfg: &RunConfig) -> Result<Vec<Box<dyn MixMethod>>> {
     let modes = cfg.model.mix_mode.to_vec();
-    let alphas = cfg.model.alpha.to_vec();
     modes
         .iter()
-        .zip(alphas)
+        .zip(alphas(cfg))
         .map(|(mode, alpha)| {
             let args = cfg.model.mix_args.get(mode);
             mix_ops::registry::build_method(mode, alpha, args).map_err(|e| match args {
@@ -103,6 +127,24 @@ pub fn build_methods(cfg: &RunConfig) -> Result<Vec<Box<dyn MixMethod>>> {
                 _ => anyhow::anyhow!("model.mix_mode: {e}"),
             })
         })
+        .collect()
+}
+
+/// α of each configured mode: `model.alpha`, or when it is omitted each mode's
+/// benchmark value for the configured backbone (1 where a mode has none).
+pub fn alphas(cfg: &RunConfig) -> Vec<f64> {
+    if let Some(a) = &cfg.model.alpha {
+        return a.to_vec();
+    }
+    let backbone = match cfg.model.backbone.arch {
+        Arch::Resnet18 => "r18",
+        Arch::Resnext50 => "rx50",
+    };
+    cfg.model
+        .mix_mode
+        .to_vec()
+        .iter()
+        .map(|m| mix_ops::registry::default_alpha(m, backbone).unwrap_or(1.0))
         .collect()
 }
 
@@ -167,12 +209,10 @@ pub fn padding_mode(cfg: &RunConfig) -> cifar_data::PaddingMode {
     }
 }
 
-/// Train and test splits, downloaded first when asked and missing, truncated to the limits.
+/// Train and test splits, downloaded first when asked and missing, truncated to
+/// the limits; every label must be a class of the head.
 pub fn load_data(cfg: &RunConfig) -> Result<(Arc<CifarSplit>, Arc<CifarSplit>)> {
-    let dir = Path::new(&cfg.data.dir);
-    if cfg.data.download && cifar_data::load_test(dir).is_err() {
-        cifar_data::download(dir)?;
-    }
+    let dir = data_dir(cfg)?;
     let mut train = cifar_data::load_train(dir)?;
     let mut test = cifar_data::load_test(dir)?;
     if let Some(n) = cfg.data.limit_train {
@@ -181,5 +221,69 @@ pub fn load_data(cfg: &RunConfig) -> Result<(Arc<CifarSplit>, Arc<CifarSplit>)> 
     if let Some(n) = cfg.data.limit_test {
         test.truncate(n);
     }
+    check_labels(cfg, &[("training", &train), ("test", &test)])?;
     Ok((Arc::new(train), Arc::new(test)))
+}
+
+/// Every label must be a class of the head.
+fn check_labels(cfg: &RunConfig, splits: &[(&str, &CifarSplit)]) -> Result<()> {
+    let classes = cfg.model.head.num_classes;
+    for (name, split) in splits {
+        if let Some(&max) = split.labels.iter().max() {
+            if max as usize >= classes {
+                bail!(
+                    "model.head.num_classes: {classes} classes, but the {name} data in {} has label {max}",
+                    cfg.data.dir
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The data directory, downloaded into first when asked and missing.
+fn data_dir(cfg: &RunConfig) -> Result<&Path> {
+    let dir = Path::new(&cfg.data.dir);
+    if dir.is_file() {
+        bail!(
+            "data.dir {}: is a file; name the directory holding the CIFAR-10 batches",
+            dir.display()
+        );
+    }
+    if cfg.data.download && cifar_data::load_test(dir).is_err() {
+        cifar_data::download(dir)?;
+    } else if !dir.exists() {
+        bail!(
+            "data.dir {}: does not exist; put the CIFAR-10 batches there or pass --download",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// `--check-config`: everything a run would refuse at its start, without
+/// training: the config, the data, the model (which catches widths the grouped
+/// convolutions cannot split, and AutoMix/SAMix settings), and whether the
+/// configured median window fits the run.
+pub fn check_config(cfg: &RunConfig) -> Result<()> {
+    // The data files are found, and the (smaller) test split's labels fit the head;
+    // reading all 50,000 training images would make checking a sweep's configs slow.
+    let dir = data_dir(cfg)?;
+    cifar_data::detect_layout(dir)?;
+    check_labels(cfg, &[("test", &cifar_data::load_test(dir)?)])?;
+    if LEARNED_MODES.contains(&cfg.model.mix_mode.to_vec()[0].as_str()) {
+        crate::automix_step::build_model(cfg, &Device::Cpu)?;
+    } else {
+        build_backbone(cfg, &Device::Cpu)?;
+    }
+    let evals = cfg.max_epochs / cfg.evaluation.interval;
+    if cfg.evaluation.median_window + 1 > evals {
+        bail!(
+            "evaluation.median_window: the median covers {} evaluations but the run has {evals} ({} epochs, evaluated every {})",
+            cfg.evaluation.median_window + 1,
+            cfg.max_epochs,
+            cfg.evaluation.interval
+        );
+    }
+    Ok(())
 }

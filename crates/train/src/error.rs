@@ -40,7 +40,8 @@ pub enum TrainError {
 pub type TrainResult<T> = std::result::Result<T, TrainError>;
 
 impl TrainError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         TrainError::Io {
             path: path.into(),
             source,

@@ -1,0 +1,750 @@
+//! The one training loop of every mode: epochs, evaluation, checkpoints, logs,
+//! interrupts and divergence checks, around a [`StepModel`] that does the
+//! per-step work (hand-crafted mixing + backbone in `net_step`, AutoMix/SAMix in
+//! `automix_step`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bench_config::RunConfig;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use cifar_data::{CifarSplit, LoaderConfig, TrainLoader};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use train::checkpoint;
+use train::log::{JsonLogger, TrainLine};
+use train::metrics;
+use train::schedule::cosine_lr;
+use train::sgd::Sgd;
+
+use crate::signals::{Interrupt, Signal};
+use crate::workdir::{self, Start, WorkDir};
+use crate::{setup, TrainArgs};
+
+/// Where a step sits in the run (AutoMix's momentum schedule needs it).
+#[derive(Debug, Clone, Copy)]
+pub struct StepAt {
+    /// 0-based iteration over the whole run.
+    pub global: usize,
+    /// Iterations in the whole run.
+    pub total: usize,
+}
+
+/// One step's loss and the per-batch means to log beside it.
+pub struct StepOutput {
+    /// The loss to differentiate.
+    pub loss: Tensor,
+    /// Detached scalar batch means (e.g. `acc`, `acc_mix`, AutoMix's loss terms).
+    pub logs: Vec<(&'static str, Tensor)>,
+}
+
+/// The per-step work of one kind of model; everything around it is [`train`].
+pub trait StepModel {
+    /// The checkpointed variable groups, by tensor-name prefix (`model.`, `mixblock.`, …).
+    fn varmaps(&self) -> Vec<(&'static str, &VarMap)>;
+    /// The optimizer over every trained variable.
+    fn optimizer(&mut self) -> &mut Sgd;
+    /// The loss of one batch and its logged values.
+    fn step(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        rng: &mut ChaCha8Rng,
+        at: StepAt,
+    ) -> Result<StepOutput>;
+    /// Work after the optimizer update (AutoMix's momentum encoder).
+    fn after_update(&mut self, _at: StepAt) -> Result<()> {
+        Ok(())
+    }
+    /// Test `(head, top-1 %, top-5 %)` of every evaluated head.
+    fn evaluate(&self, data: &CifarSplit, batch_size: usize) -> Result<Vec<(String, f64, f64)>>;
+}
+
+/// Evaluation history: per head, `(1-based epoch, top-1 %)`.
+pub type History = BTreeMap<String, Vec<(usize, f64)>>;
+
+/// The error a run stops with when a signal interrupted it (after checkpointing).
+#[derive(Debug)]
+pub struct Interrupted {
+    /// The signal.
+    pub signal: Signal,
+    /// What to tell the user.
+    pub message: String,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Trains `cfg` with the model `build` makes, in the config's work dir.
+pub fn train<M: StepModel>(
+    args: &TrainArgs,
+    cfg: RunConfig,
+    device: Device,
+    build: impl FnOnce(&RunConfig, &Device) -> Result<M>,
+) -> Result<()> {
+    let work_dir = WorkDir::open(Path::new(&cfg.work_dir()))?;
+    let start = workdir::start_point(args.resume, args.resume_from.as_deref(), &work_dir)?;
+    if start == Start::Finished {
+        eprintln!(
+            "{}: the run has finished ({} exists); nothing to do",
+            work_dir.path.display(),
+            work_dir.result_path().display()
+        );
+        return Ok(());
+    }
+    work_dir.clean_leftovers(start == Start::Fresh)?;
+    let (train_data, test_data) = setup::load_data(&cfg)?;
+    let mut model = build(&cfg, &device)?;
+    let mut run = Run::restore_or_start(args, cfg, &device, work_dir, start, &mut model)?;
+    run.interrupt = Interrupt::install()?;
+    run.train(&mut model, &train_data, &test_data, args)
+}
+
+/// State of the run that is not the model's.
+struct Run {
+    cfg: RunConfig,
+    device: Device,
+    work_dir: WorkDir,
+    logger: JsonLogger,
+    mix_rng: ChaCha8Rng,
+    history: History,
+    /// Completed epochs.
+    epoch: usize,
+    /// Steps already done in epoch `epoch` (a checkpoint taken mid-epoch).
+    iter_in_epoch: usize,
+    /// The train meter of the unfinished log interval at a mid-epoch checkpoint.
+    meter: Option<MeterState>,
+    interrupt: Interrupt,
+    /// The newest checkpoint written or resumed from (named in error messages).
+    last_checkpoint: Option<PathBuf>,
+}
+
+/// The checkpoint's metadata, as written and read back.
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    epoch: usize,
+    #[serde(default)]
+    iter_in_epoch: usize,
+    iter: usize,
+    mix_rng: ChaCha8Rng,
+    history: HistoryCompat,
+    log_file: Option<String>,
+    config: String,
+    version: String,
+    #[serde(default)]
+    meter: Option<MeterState>,
+}
+
+/// Checkpoints of earlier versions stored the single head's history as a list.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum HistoryCompat {
+    Heads(History),
+    Single(Vec<(usize, f64)>),
+}
+
+impl Run {
+    fn restore_or_start<M: StepModel>(
+        args: &TrainArgs,
+        cfg: RunConfig,
+        device: &Device,
+        work_dir: WorkDir,
+        start: Start,
+        model: &mut M,
+    ) -> Result<Self> {
+        let Start::Resume(ckpt) = start else {
+            let mut logger = JsonLogger::create(&work_dir.path)?;
+            logger.write_meta(
+                &env_info(device),
+                &cfg.to_json_pretty(),
+                cfg.seed,
+                &cfg.name,
+            )?;
+            return Ok(Self {
+                mix_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d69_7862),
+                cfg,
+                device: device.clone(),
+                work_dir,
+                logger,
+                history: History::new(),
+                epoch: 0,
+                iter_in_epoch: 0,
+                meter: None,
+                interrupt: Interrupt::never(),
+                last_checkpoint: None,
+            });
+        };
+        let from_latest = args.resume_from.is_none();
+        let (tensors, meta) = checkpoint::load_checkpoint(&ckpt, device)
+            .map_err(|e| corrupt_checkpoint_error(&ckpt, &work_dir, from_latest, e.into()))?;
+        let meta: CheckpointMeta = serde_json::from_value(meta)
+            .with_context(|| format!("{}: unreadable checkpoint metadata", ckpt.display()))?;
+        let saved_cfg: Value = serde_json::from_str(&meta.config)
+            .with_context(|| format!("{}: the stored config is not JSON", ckpt.display()))?;
+        let changed =
+            workdir::result_changing_differences(&saved_cfg, &serde_json::to_value(&cfg)?);
+        if !changed.is_empty() && !args.allow_config_change {
+            bail!(
+                "{}: the config differs from the checkpoint's in field(s) that change results: {}; resume with the original config, or pass --allow-config-change to continue anyway (recorded in the log)",
+                ckpt.display(),
+                changed.join("; ")
+            );
+        }
+        for (prefix, vm) in model.varmaps() {
+            checkpoint::load_varmap(vm, &tensors, prefix, &ckpt)?;
+        }
+        model
+            .optimizer()
+            .load_state(&checkpoint::strip_prefix(&tensors, "optim."), &ckpt)?;
+        let logger = match &meta.log_file {
+            Some(name) if work_dir.path.join(name).is_file() => {
+                let logger = JsonLogger::append(&work_dir.path.join(name))?;
+                if logger.dropped_bytes() > 0 {
+                    eprintln!(
+                        "{}: dropped an incomplete last line ({} bytes) before appending",
+                        logger.path().display(),
+                        logger.dropped_bytes()
+                    );
+                }
+                logger
+            }
+            // `--resume-from` into another work dir: a new log, with its meta line.
+            _ => {
+                let mut logger = JsonLogger::create(&work_dir.path)?;
+                logger.write_meta(
+                    &env_info(device),
+                    &cfg.to_json_pretty(),
+                    cfg.seed,
+                    &cfg.name,
+                )?;
+                logger.write_fields(&[
+                    ("mode", json!("resumed")),
+                    ("resumed_from", json!(ckpt.display().to_string())),
+                    ("epoch", json!(meta.epoch)),
+                ])?;
+                logger
+            }
+        };
+        let mut logger = logger;
+        if !changed.is_empty() {
+            eprintln!(
+                "warning: resuming with a changed config: {}",
+                changed.join("; ")
+            );
+            logger.write_fields(&[
+                ("mode", json!("config_change")),
+                ("epoch", json!(meta.epoch)),
+                ("changed", json!(changed)),
+            ])?;
+        }
+        let history = match meta.history {
+            HistoryCompat::Heads(h) => h,
+            HistoryCompat::Single(v) => History::from([("head0".to_string(), v)]),
+        };
+        eprintln!(
+            "resuming {} from epoch {} iteration {}",
+            ckpt.display(),
+            meta.epoch,
+            meta.iter_in_epoch
+        );
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            work_dir,
+            logger,
+            mix_rng: meta.mix_rng,
+            history,
+            epoch: meta.epoch,
+            iter_in_epoch: meta.iter_in_epoch,
+            meter: meta.meter,
+            interrupt: Interrupt::never(),
+            last_checkpoint: Some(ckpt),
+        })
+    }
+
+    fn train<M: StepModel>(
+        &mut self,
+        model: &mut M,
+        train_data: &Arc<CifarSplit>,
+        test_data: &CifarSplit,
+        args: &TrainArgs,
+    ) -> Result<()> {
+        let max_epochs = self.cfg.max_epochs;
+        let last_epoch = match args.stop_after {
+            Some(n) => (self.epoch + n).min(max_epochs),
+            None => max_epochs,
+        };
+        let iters = TrainLoader::count_batches(train_data.len(), self.cfg.data.batch_size, false);
+        while self.epoch < last_epoch {
+            self.train_epoch(model, train_data, iters, args.quiet)?;
+            self.epoch += 1;
+            self.iter_in_epoch = 0;
+            let done = self.epoch;
+            if done % self.cfg.evaluation.interval == 0 || done == max_epochs {
+                self.evaluate(model, test_data)?;
+            }
+            let interrupted = self.interrupt.received();
+            if done % self.cfg.checkpoint.interval == 0
+                || done == max_epochs
+                || done == last_epoch
+                || interrupted.is_some()
+            {
+                self.save_checkpoint(model, iters)?;
+            }
+            if let Some(signal) = interrupted {
+                return Err(self.interrupted(signal, iters).into());
+            }
+        }
+        if last_epoch == max_epochs {
+            self.summarize()?;
+        } else if let Some(ckpt) = &self.last_checkpoint {
+            eprintln!(
+                "stopped after epoch {} of {max_epochs} (--stop-after); continue with --resume (checkpoint {})",
+                self.epoch,
+                ckpt.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn train_epoch<M: StepModel>(
+        &mut self,
+        model: &mut M,
+        train_data: &Arc<CifarSplit>,
+        iters: usize,
+        quiet: bool,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let epoch = self.epoch;
+        let lr = cosine_lr(epoch, c.max_epochs, c.optimizer.lr, c.lr_config.min_lr);
+        let loader = TrainLoader::new(
+            train_data.clone(),
+            LoaderConfig {
+                batch_size: c.data.batch_size,
+                workers: c.data.workers,
+                prefetch: c.data.prefetch,
+                padding_mode: setup::padding_mode(c),
+                seed: c.seed,
+                drop_last: false,
+            },
+            epoch,
+            self.iter_in_epoch,
+        )?;
+        let total = iters * c.max_epochs;
+        let bar = progress_bar(iters, epoch, c.max_epochs, quiet);
+        bar.set_position(self.iter_in_epoch as u64);
+        let mut meter = match self.meter.take() {
+            Some(state) => Meter::restore(state, &self.device)?,
+            None => Meter::default(),
+        };
+        // A host read per step is free on the CPU; on a GPU it would stall the
+        // queue, so there the losses are checked when a log line is written.
+        let check_every_step = self.device.is_cpu();
+        let (mut data_wait, mut t_last, mut t_fetch) = (0.0, Instant::now(), Instant::now());
+        for (i, batch) in loader.enumerate() {
+            let it = self.iter_in_epoch + i;
+            data_wait += t_fetch.elapsed().as_secs_f64();
+            let (x, y) = cifar_data::to_device_batch(&batch, &self.device)?;
+            let at = StepAt {
+                global: epoch * iters + it,
+                total,
+            };
+            let out = model.step(&x, &y, &mut self.mix_rng, at)?;
+            let grads = out.loss.backward()?;
+            model.optimizer().step(&grads, lr)?;
+            model.after_update(at)?;
+            meter.add(it + 1, &out, batch.len)?;
+            bar.inc(1);
+            let done = it + 1;
+            let flush = done % self.cfg.log.interval == 0 || done == iters;
+            if check_every_step || flush {
+                meter.check_finite(epoch + 1, iters, self.last_checkpoint.as_deref())?;
+            }
+            if flush {
+                let elapsed = t_last.elapsed().as_secs_f64();
+                let ips = meter.images as f64 / elapsed.max(1e-9);
+                let line = meter.flush(epoch + 1, done, lr, elapsed, data_wait)?;
+                bar.set_message(format!(
+                    "loss {:.4} lr {lr:.4} {ips:.0} img/s",
+                    line.metrics[0].1
+                ));
+                self.logger.write_train(&line)?;
+                (data_wait, t_last) = (0.0, Instant::now());
+            }
+            if done < iters {
+                if let Some(signal) = self.interrupt.received() {
+                    bar.finish_and_clear();
+                    meter.check_finite(epoch + 1, iters, self.last_checkpoint.as_deref())?;
+                    self.iter_in_epoch = done;
+                    self.meter = Some(meter.state()?);
+                    self.save_checkpoint(model, iters)?;
+                    return Err(self.interrupted(signal, iters).into());
+                }
+            }
+            t_fetch = Instant::now();
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    fn interrupted(&self, signal: Signal, iters: usize) -> Interrupted {
+        let at = if self.iter_in_epoch == 0 {
+            format!("after epoch {}", self.epoch)
+        } else {
+            format!(
+                "at epoch {}, iteration {}/{iters}",
+                self.epoch + 1,
+                self.iter_in_epoch
+            )
+        };
+        Interrupted {
+            signal,
+            message: format!(
+                "interrupted by {} {at}; checkpoint {} written; continue with the same command and --resume",
+                signal.name(),
+                self.last_checkpoint
+                    .as_ref()
+                    .map_or("(none)".into(), |p| p.display().to_string()),
+            ),
+        }
+    }
+
+    fn evaluate<M: StepModel>(&mut self, model: &M, test_data: &CifarSplit) -> Result<()> {
+        let done = self.epoch;
+        let c = &self.cfg;
+        let accs = model.evaluate(test_data, c.data.test_batch_size)?;
+        let lr = cosine_lr(done - 1, c.max_epochs, c.optimizer.lr, c.lr_config.min_lr);
+        let mut fields = Vec::new();
+        for (head, top1, top5) in &accs {
+            self.history
+                .entry(head.clone())
+                .or_default()
+                .push((done, *top1));
+            fields.push((format!("{head}_top1"), *top1));
+            fields.push((format!("{head}_top5"), *top5));
+        }
+        let batches = test_data.len().div_ceil(c.data.test_batch_size);
+        self.logger.write_val(done, batches, lr, &fields)?;
+        let shown: Vec<String> = if accs.len() == 1 {
+            vec![format!("top-1 {:.2}  top-5 {:.2}", accs[0].1, accs[0].2)]
+        } else {
+            accs.iter()
+                .map(|(h, t1, _)| format!("{h} {t1:.2}"))
+                .collect()
+        };
+        eprintln!("epoch {done}/{}: {}", c.max_epochs, shown.join(", "));
+        Ok(())
+    }
+
+    /// Writes the checkpoint of the current position (an epoch boundary, or
+    /// mid-epoch when interrupted), refusing to write non-finite tensors.
+    fn save_checkpoint<M: StepModel>(&mut self, model: &mut M, iters: usize) -> Result<()> {
+        let mut tensors = Vec::new();
+        for (prefix, vm) in model.varmaps() {
+            tensors.extend(checkpoint::varmap_tensors(vm, prefix));
+        }
+        tensors.extend(checkpoint::with_prefix(
+            &model.optimizer().state_tensors()?,
+            "optim.",
+        ));
+        if let Some(name) = checkpoint::first_non_finite(&tensors)? {
+            bail!(
+                "training diverged: `{name}` holds non-finite values after epoch {}; no checkpoint written{}",
+                self.epoch,
+                self.last_good()
+            );
+        }
+        let meta = CheckpointMeta {
+            epoch: self.epoch,
+            iter_in_epoch: self.iter_in_epoch,
+            iter: self.epoch * iters + self.iter_in_epoch,
+            mix_rng: self.mix_rng.clone(),
+            history: HistoryCompat::Heads(self.history.clone()),
+            log_file: self
+                .logger
+                .path()
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned()),
+            config: self.cfg.to_json_pretty(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            meter: self.meter.clone(),
+        };
+        let meta = serde_json::to_value(&meta)?;
+        let dir = &self.work_dir.path;
+        let path = if self.iter_in_epoch == 0 {
+            checkpoint::save_epoch_checkpoint(
+                dir,
+                self.epoch,
+                &tensors,
+                &meta,
+                Some(self.cfg.checkpoint.max_keep),
+            )?
+        } else {
+            let name = format!(
+                "iter_{}.safetensors",
+                self.epoch * iters + self.iter_in_epoch
+            );
+            let path = dir.join(&name);
+            checkpoint::save_checkpoint(&path, &tensors, &meta)?;
+            checkpoint::write_atomically(&dir.join(checkpoint::LATEST_POINTER), |tmp| {
+                std::fs::write(tmp, format!("{name}\n"))
+                    .map_err(|e| train::error::TrainError::io(tmp, e))
+            })?;
+            path
+        };
+        // A mid-epoch checkpoint is superseded by any later one.
+        for entry in std::fs::read_dir(dir)? {
+            let p = entry?.path();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            if p != path
+                && name.is_some_and(|n| n.starts_with("iter_") && n.ends_with(".safetensors"))
+            {
+                std::fs::remove_file(&p)?;
+            }
+        }
+        self.last_checkpoint = Some(path);
+        Ok(())
+    }
+
+    fn last_good(&self) -> String {
+        match &self.last_checkpoint {
+            Some(p) => format!("; the last good checkpoint is {}", p.display()),
+            None => String::new(),
+        }
+    }
+
+    fn summarize(&mut self) -> Result<()> {
+        let summary = summary_json(
+            &self.history,
+            self.cfg.max_epochs,
+            self.cfg.evaluation.median_window,
+        );
+        let fields: Vec<(&str, Value)> = summary
+            .as_object()
+            .expect("an object")
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        self.logger.write_fields(&fields)?;
+        let path = self.work_dir.result_path();
+        checkpoint::write_atomically(&path, |tmp| {
+            std::fs::write(tmp, serde_json::to_string_pretty(&summary).expect("JSON"))
+                .map_err(|e| train::error::TrainError::io(tmp, e))
+        })?;
+        println!("{}", serde_json::to_string(&summary)?);
+        Ok(())
+    }
+}
+
+/// The error for a checkpoint that cannot be loaded; for the work dir's latest,
+/// it names the older kept checkpoints `--resume-from` can use instead.
+fn corrupt_checkpoint_error(
+    ckpt: &Path,
+    work_dir: &WorkDir,
+    from_latest: bool,
+    err: anyhow::Error,
+) -> anyhow::Error {
+    if !from_latest {
+        return err;
+    }
+    let older: Vec<String> = checkpoint::list_epoch_checkpoints(&work_dir.path)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, p)| p != ckpt)
+        .map(|(_, p)| p.display().to_string())
+        .collect();
+    if older.is_empty() {
+        err.context("the latest checkpoint cannot be used and no older one is kept")
+    } else {
+        anyhow::anyhow!(
+            "{err:#}; older kept checkpoint(s): {} (resume with --resume-from FILE)",
+            older.join(", ")
+        )
+    }
+}
+
+/// The final-metric record. Per head: the median top-1 over epochs `E−window..E`
+/// (the upstream summarizer) and over the last `window` epochs (the README's
+/// wording); the reported values are the best head's (the only one, `head0`,
+/// except for AutoMix/SAMix).
+pub fn summary_json(history: &History, max_epochs: usize, window: usize) -> Value {
+    let medians: Vec<(&str, f64)> = history
+        .iter()
+        .filter_map(|(h, v)| metrics::median_last_k(v, max_epochs, window).map(|m| (h.as_str(), m)))
+        .collect();
+    let best = automix::best_head(&medians);
+    let best_history = best.and_then(|(h, _)| history.get(h));
+    json!({
+        "mode": "summary",
+        "max_epochs": max_epochs,
+        "median_top1": best.map(|b| b.1),
+        "median_top1_last_window": best_history.and_then(|v| metrics::median_final_epochs(v, max_epochs, window)),
+        "median_window_epochs": [max_epochs.saturating_sub(window), max_epochs],
+        "final_top1": best_history.and_then(|v| v.last()).map(|h| h.1),
+        "best_head": best.map(|b| b.0),
+        "head_medians": medians.iter().map(|(h, m)| (h.to_string(), json!(m))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+/// Train-line metrics accumulated on the device between log lines, so the loop
+/// never waits on the host except when it writes a line (or checks losses).
+#[derive(Default)]
+struct Meter {
+    /// `(key, Σ value·batch)`, the loss first.
+    sums: Vec<(String, Tensor)>,
+    images: usize,
+    iters: usize,
+    /// `(1-based iteration, loss)` not yet checked for finiteness.
+    unchecked: Vec<(usize, Tensor)>,
+}
+
+/// A [`Meter`]'s sums on the host, kept in mid-epoch checkpoints so that a
+/// resumed run writes the same log lines as an uninterrupted one.
+#[derive(Clone, Serialize, Deserialize)]
+struct MeterState {
+    sums: Vec<(String, f32)>,
+    images: usize,
+    iters: usize,
+}
+
+impl Meter {
+    fn add(&mut self, iter: usize, out: &StepOutput, n: usize) -> Result<()> {
+        let loss = out.loss.detach();
+        self.unchecked.push((iter, loss.clone()));
+        let w = n as f64;
+        for (key, value) in
+            std::iter::once(("loss", &loss)).chain(out.logs.iter().map(|(k, v)| (*k, v)))
+        {
+            let v = (value.to_dtype(DType::F32)? * w)?;
+            match self.sums.iter_mut().find(|(k, _)| k == key) {
+                Some((_, sum)) => *sum = (&*sum + v)?,
+                None => self.sums.push((key.to_string(), v)),
+            }
+        }
+        self.images += n;
+        self.iters += 1;
+        Ok(())
+    }
+
+    /// Stops the run at the first non-finite loss since the last check.
+    fn check_finite(&mut self, epoch: usize, iters: usize, last: Option<&Path>) -> Result<()> {
+        if self.unchecked.is_empty() {
+            return Ok(());
+        }
+        let losses: Vec<Tensor> = self
+            .unchecked
+            .iter()
+            .map(|(_, l)| l.to_dtype(DType::F32))
+            .collect::<candle_core::Result<_>>()?;
+        let values = Tensor::stack(&losses, 0)?.to_vec1::<f32>()?;
+        if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
+            let iter = self.unchecked[pos].0;
+            bail!(
+                "training diverged: the loss is {} at epoch {epoch}, iteration {iter}/{iters}; the run is stopped and no checkpoint of it is written{}",
+                values[pos],
+                last.map_or(String::new(), |p| format!("; the last good checkpoint is {}", p.display()))
+            );
+        }
+        self.unchecked.clear();
+        Ok(())
+    }
+
+    /// The averaged train line; resets the sums.
+    fn flush(
+        &mut self,
+        epoch: usize,
+        iter: usize,
+        lr: f64,
+        elapsed: f64,
+        data_wait: f64,
+    ) -> Result<TrainLine> {
+        let n = self.images.max(1) as f64;
+        let iters = self.iters.max(1) as f64;
+        let mut metrics = Vec::with_capacity(self.sums.len());
+        for (k, v) in self.sums.drain(..) {
+            metrics.push((k, v.to_scalar::<f32>()? as f64 / n));
+        }
+        let line = TrainLine {
+            epoch,
+            iter,
+            lr,
+            memory_mb: peak_memory_mb(),
+            data_time: data_wait / iters,
+            metrics,
+            time: elapsed / iters,
+        };
+        (self.images, self.iters) = (0, 0);
+        Ok(line)
+    }
+
+    fn state(&self) -> Result<MeterState> {
+        let mut sums = Vec::with_capacity(self.sums.len());
+        for (k, v) in &self.sums {
+            sums.push((k.clone(), v.to_scalar::<f32>()?));
+        }
+        Ok(MeterState {
+            sums,
+            images: self.images,
+            iters: self.iters,
+        })
+    }
+
+    fn restore(state: MeterState, device: &Device) -> Result<Self> {
+        let mut sums = Vec::with_capacity(state.sums.len());
+        for (k, v) in state.sums {
+            sums.push((k, Tensor::new(v, device)?));
+        }
+        Ok(Self {
+            sums,
+            images: state.images,
+            iters: state.iters,
+            unchecked: Vec::new(),
+        })
+    }
+}
+
+/// Peak resident memory of the process in MB (Linux), the CPU analogue of
+/// mmcv's `memory` field.
+pub fn peak_memory_mb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
+/// The `env_info` string of the log's meta line.
+pub fn env_info(device: &Device) -> String {
+    format!(
+        "mixbench {} | candle-core 0.11 | device {device:?} | threads {}",
+        env!("CARGO_PKG_VERSION"),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    )
+}
+
+fn progress_bar(len: usize, epoch: usize, max_epochs: usize, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{}/{max_epochs}", epoch + 1));
+    bar
+}
