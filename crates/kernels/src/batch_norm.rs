@@ -1,4 +1,5 @@
-//! Fused BatchNorm: training mode as custom ops, evaluation mode as a broadcast affine.
+//! Fused BatchNorm: training mode as custom ops (CPU kernels in `cpu::batch_norm`, CUDA launches
+//! in `cuda::batch_norm`), evaluation mode as a broadcast affine.
 
 use crate::cpu::{self, batch_norm::BnGeom};
 use candle_core::{
@@ -28,10 +29,18 @@ fn check_params(name: &str, t: &Tensor, channels: usize) -> Result<()> {
     Ok(())
 }
 
-fn is_cpu_f32(tensors: &[&Tensor]) -> bool {
-    tensors
+/// Whether the fused ops cover these tensors: f32 on the CPU, or (feature `cuda`) f32 on one
+/// CUDA device.
+fn fused_covers(tensors: &[&Tensor]) -> bool {
+    let f32_args = tensors.iter().all(|t| t.dtype() == DType::F32);
+    let on_cpu = tensors.iter().all(|t| matches!(t.device(), Device::Cpu));
+    #[cfg(feature = "cuda")]
+    let on_cuda = tensors
         .iter()
-        .all(|t| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32)
+        .all(|t| t.device().is_cuda() && t.device().same_device(tensors[0].device()));
+    #[cfg(not(feature = "cuda"))]
+    let on_cuda = false;
+    f32_args && (on_cpu || on_cuda)
 }
 
 /// Training-mode BatchNorm of `x [N, C, ...]` with per-channel `weight` and `bias` (`[C]`).
@@ -41,8 +50,8 @@ fn is_cpu_f32(tensors: &[&Tensor]) -> bool {
 /// the statistics are returned detached, for the caller's running-statistics update (which
 /// conventionally uses the unbiased variance: multiply by `n / (n - 1)`).
 ///
-/// On CPU f32 the forward and the whole backward are single fused passes; elsewhere the
-/// same function is built from candle's generic ops.
+/// On CPU f32 (and CUDA f32 with feature `cuda`) the forward and the whole backward are single
+/// fused ops; elsewhere the same function is built from candle's generic ops.
 pub fn batch_norm_train(
     x: &Tensor,
     weight: &Tensor,
@@ -53,6 +62,9 @@ pub fn batch_norm_train(
 }
 
 /// [`batch_norm_train`] followed by ReLU, fused: `relu(bn(x))`, with the same statistics.
+///
+/// The gradient is zero where `bn(x) <= 0`, as PyTorch's ReLU backward. (candle's own `relu`
+/// passes the gradient at exactly 0, so the unfused fallback differs there, and only there.)
 pub fn batch_norm_relu_train(
     x: &Tensor,
     weight: &Tensor,
@@ -72,7 +84,7 @@ fn batch_norm_train_impl(
     let geom = geometry(x.shape())?;
     check_params("weight", weight, geom.channels)?;
     check_params("bias", bias, geom.channels)?;
-    if !is_cpu_f32(&[x, weight, bias]) {
+    if !fused_covers(&[x, weight, bias]) {
         let (y, mean, var) = crate::reference::batch_norm_train(x, weight, bias, eps)?;
         let y = if relu { y.relu()? } else { y };
         return Ok((y, mean, var));
@@ -130,6 +142,16 @@ impl CustomOp1 for BnStatsOp {
         let stats = cpu::batch_norm::bn_stats(&self.geom, x);
         Ok((CpuStorage::F32(stats), Shape::from(2 * self.geom.channels)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let stats = crate::cuda::batch_norm::stats(&self.geom, s, l)?;
+        Ok((stats, Shape::from(2 * self.geom.channels)))
+    }
 }
 
 /// `(x, [weight, bias, mean, var]) -> y`; backward in one fused op.
@@ -155,6 +177,19 @@ impl CustomOp2 for BnTrainOp {
         let params = cpu::f32_slice(s2, l2, self.name(), "parameters")?;
         let y = cpu::batch_norm::bn_forward(&self.geom, x, params, self.eps, self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y =
+            crate::cuda::batch_norm::forward(&self.geom, (s1, l1), (s2, l2), self.eps, self.relu)?;
+        Ok((y, l1.shape().clone()))
     }
 
     fn bwd(
@@ -204,5 +239,27 @@ impl CustomOp3 for BnBackwardOp {
         let packed = cpu::batch_norm::bn_backward(&self.geom, x, params, dy, self.eps, self.relu);
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let packed = crate::cuda::batch_norm::backward(
+            &self.geom,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            self.eps,
+            self.relu,
+        )?;
+        let len = l1.shape().elem_count() + 4 * self.geom.channels;
+        Ok((packed, Shape::from(len)))
     }
 }

@@ -1,4 +1,5 @@
-//! `conv2d` as a candle custom op with a fast backward.
+//! `conv2d` as a candle custom op with a fast backward (CPU kernels in `cpu::conv`, cuDNN calls
+//! in `cuda::conv`).
 
 use crate::cpu::{self, conv::ConvGeom};
 use candle_core::{
@@ -74,18 +75,34 @@ fn geometry(x: &Shape, w: &Shape, cfg: ConvParams) -> Result<ConvGeom> {
 ///
 /// On CPU f32 tensors this runs the custom im2col + GEMM op, whose backward computes the input
 /// gradient with GEMM + col2im and the weight gradient with im2col + GEMM, all groups in one
-/// call. Other devices and dtypes use candle's own `conv2d`, so callers can always use it.
+/// call. On CUDA f32 tensors in a build with feature `cudnn` the same op runs cuDNN's forward,
+/// backward-data and backward-filter (all groups in one call), in the arithmetic that
+/// [`crate::precision`] selects: f32, TF32, or bf16 autocast (inputs cast to bf16, result cast
+/// back to f32, so the caller sees f32 either way). Other devices and dtypes use candle's own
+/// `conv2d`, so callers can always use it.
 pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvParams) -> Result<Tensor> {
     let geom = geometry(x.shape(), w.shape(), cfg)?;
-    let custom = matches!(x.device(), Device::Cpu)
-        && matches!(w.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32;
-    if !custom {
-        return x.conv2d(w, cfg.padding, cfg.stride, 1, cfg.groups);
+    let f32_args = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    let on_cpu = matches!(x.device(), Device::Cpu) && matches!(w.device(), Device::Cpu);
+    if on_cpu && f32_args {
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, Conv2dOp { geom });
     }
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, Conv2dOp { geom })
+    #[cfg(feature = "cudnn")]
+    if f32_args && x.device().is_cuda() && x.device().same_device(w.device()) {
+        if crate::precision() == crate::Precision::Bf16 {
+            // Autocast: the casts are ordinary candle ops, so their backward casts the bf16
+            // gradients back to f32 for the f32 master weights.
+            let xb = x.to_dtype(DType::BF16)?.contiguous()?;
+            let wb = w.to_dtype(DType::BF16)?.contiguous()?;
+            return xb.apply_op2(&wb, Conv2dOp { geom })?.to_dtype(DType::F32);
+        }
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, Conv2dOp { geom });
+    }
+    x.conv2d(w, cfg.padding, cfg.stride, 1, cfg.groups)
 }
 
 /// Forward op; its backward runs [`Conv2dBackwardOp`].
@@ -113,6 +130,19 @@ impl CustomOp2 for Conv2dOp {
             CpuStorage::F32(out),
             Shape::from((g.batch, g.c_out, g.h_out, g.w_out)),
         ))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.geom;
+        let out = crate::cuda::conv::forward(g, (s1, l1), (s2, l2))?;
+        Ok((out, Shape::from((g.batch, g.c_out, g.h_out, g.w_out))))
     }
 
     fn bwd(
@@ -182,5 +212,30 @@ impl CustomOp3 for Conv2dBackwardOp {
         let packed = cpu::conv::conv2d_backward(&self.geom, x, w, dy, self.need_x, self.need_w);
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.geom;
+        let out =
+            crate::cuda::conv::backward(g, (s1, l1), (s2, l2), (s3, l3), self.need_x, self.need_w)?;
+        let len = if self.need_x {
+            l1.shape().elem_count()
+        } else {
+            0
+        } + if self.need_w {
+            l2.shape().elem_count()
+        } else {
+            0
+        };
+        Ok((out, Shape::from(len)))
     }
 }

@@ -1,22 +1,34 @@
-//! Fast custom ops for training convolutional networks with candle on CPU.
+//! Fast custom ops for training convolutional networks with candle, on CPU and CUDA.
 //!
-//! * [`conv2d`]: im2col + GEMM convolution whose backward computes the input gradient with
-//!   GEMM + col2im and the weight gradient with im2col + GEMM; grouped convolution runs all
-//!   groups in one op. Stock candle computes the input gradient with a naive
-//!   `conv_transpose2d` and runs one convolution per group.
+//! * [`conv2d`]: convolution whose backward computes the input and weight gradients in one op,
+//!   all groups in one call. On CPU: im2col + GEMM forward, GEMM + col2im (or flipped-kernel
+//!   conv) input gradient, im2col + GEMM weight gradient. On CUDA (feature `cudnn`): cuDNN
+//!   forward, backward-data and backward-filter with cached descriptors and algorithms.
+//!   Stock candle computes the input gradient with a naive `conv_transpose2d`, the weight
+//!   gradient (under `cudnn`) with a naive direct conv, and runs one convolution per group.
 //! * [`batch_norm_train`] / [`batch_norm_relu_train`]: training-mode BatchNorm (optionally
-//!   fused with ReLU) whose forward and whole backward are each one fused op.
+//!   fused with ReLU) whose forward and whole backward are each one fused op (CPU and CUDA).
 //! * [`batch_norm_eval`]: evaluation-mode BatchNorm as a broadcast affine.
+//! * [`sgd_update`]: the SGD-with-momentum update of one parameter in place.
 //!
-//! The custom ops run on CPU f32 tensors; on other devices or dtypes every function falls back
-//! to candle's generic ops ([`reference`]), so callers never need to branch. Each op keeps its
-//! kernels in plain slice functions (module `cpu`) behind the candle op plumbing, so a CUDA kernel can
-//! be added as the op's `cuda_fwd` without changing the public API.
+//! Device code is kept apart: module `cpu` holds the CPU kernels on plain slices, module `cuda`
+//! (feature `cuda`) the CUDA launches; the op plumbing in the top-level modules is shared.
+//! On devices and dtypes that an op does not cover, every function falls back to candle's
+//! generic ops ([`reference`]), so callers never need to branch.
 
 mod batch_norm;
 mod conv;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod reference;
+mod settings;
+mod sgd;
 
 pub use batch_norm::{batch_norm_eval, batch_norm_relu_train, batch_norm_train};
 pub use conv::{conv2d, ConvParams};
+pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};
+pub use sgd::{sgd_update, SgdStep};
+
+/// Whether this build routes CUDA f32 convolutions through cuDNN (feature `cudnn`).
+pub const CUDNN_CONV: bool = cfg!(feature = "cudnn");

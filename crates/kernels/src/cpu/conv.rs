@@ -9,7 +9,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Shape of one convolution (square stride/padding, dilation 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct ConvGeom {
     pub batch: usize,
     pub c_in: usize,

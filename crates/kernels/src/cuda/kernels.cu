@@ -1,0 +1,165 @@
+// Fused BatchNorm(+ReLU) and SGD kernels for mixbench (f32, NCHW viewed as [N, C, P]).
+//
+// The arithmetic mirrors the CPU kernels in src/cpu/batch_norm.rs and src/sgd.rs operation by
+// operation. Element-wise results use explicit round-to-nearest intrinsics (__fmul_rn, ...)
+// because nvcc would otherwise contract a*b+c into one FMA and the CPU code rounds twice; with
+// them the SGD update is bit-identical to the CPU one and the BN forward differs from CPU only
+// through the statistics (whose summation order necessarily differs).
+//
+// Reductions are per-channel, one block per channel, accumulated in f64 with a fixed tree order,
+// so they are deterministic run to run (no atomics).
+
+#include <stdint.h>
+
+#define MAX_THREADS 1024
+
+// Sum of `v` over the block, in a fixed order; every thread gets the result.
+__device__ double block_sum(double v, double *sh) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+  __syncthreads();  // sh may still be read from a previous call
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? sh[lane] : 0.0;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    if (lane == 0) sh[32] = v;
+  }
+  __syncthreads();
+  return sh[32];
+}
+
+__device__ __forceinline__ float inv_std_of(float var, double eps) {
+  // CPU: 1.0 / ((v as f64 + eps).sqrt() as f32)
+  return __fdiv_rn(1.0f, (float)sqrt((double)var + eps));
+}
+
+__device__ __forceinline__ float scale_of(float w, float var, double eps) {
+  // CPU: w / ((v as f64 + eps).sqrt() as f32)
+  return __fdiv_rn(w, (float)sqrt((double)var + eps));
+}
+
+// stats = [mean (C), biased var (C)]; grid = C blocks.
+extern "C" __global__ void mixbench_bn_stats_f32(const float *__restrict__ x, float *__restrict__ stats,
+                                               int n, int c, int p) {
+  __shared__ double sh[33];
+  const int ch = blockIdx.x;
+  const long count = (long)n * p;
+  double s = 0.0;
+  for (long i = threadIdx.x; i < count; i += blockDim.x) {
+    const long img = i / p, q = i - img * p;
+    s += (double)x[(img * c + ch) * p + q];
+  }
+  const double total = block_sum(s, sh);
+  const float mean = (float)(total / (double)count);
+  double sq = 0.0;
+  for (long i = threadIdx.x; i < count; i += blockDim.x) {
+    const long img = i / p, q = i - img * p;
+    const float d = __fsub_rn(x[(img * c + ch) * p + q], mean);
+    sq += (double)__fmul_rn(d, d);
+  }
+  const double sq_total = block_sum(sq, sh);
+  if (threadIdx.x == 0) {
+    stats[ch] = mean;
+    stats[c + ch] = (float)(sq_total / (double)count);
+  }
+}
+
+// y = x * scale + shift (+ReLU); params = [weight, bias, mean, var] (4C); grid = N*C blocks
+// (one per plane), threads stride over the plane.
+extern "C" __global__ void mixbench_bn_fwd_f32(const float *__restrict__ x, const float *__restrict__ params,
+                                             float *__restrict__ y, int c, int p, double eps, int relu) {
+  const long plane = blockIdx.x;
+  const int ch = (int)(plane % c);
+  const float s = scale_of(params[ch], params[3 * c + ch], eps);
+  const float t = __fsub_rn(params[c + ch], __fmul_rn(params[2 * c + ch], s));
+  const float *xp = x + plane * p;
+  float *yp = y + plane * p;
+  for (int q = threadIdx.x; q < p; q += blockDim.x) {
+    float v = __fadd_rn(__fmul_rn(xp[q], s), t);
+    yp[q] = relu ? fmaxf(v, 0.0f) : v;
+  }
+}
+
+__device__ __forceinline__ float masked_grad(float xv, float dy, float s, float t, int relu) {
+  return (relu && __fadd_rn(__fmul_rn(xv, s), t) <= 0.0f) ? 0.0f : dy;
+}
+
+// Backward, pass 1: gp = [d weight = sum(dy*xhat), d bias = sum(dy), 0, 0] (4C); grid = C.
+extern "C" __global__ void mixbench_bn_bwd_reduce_f32(const float *__restrict__ x, const float *__restrict__ params,
+                                                    const float *__restrict__ dy, float *__restrict__ gp,
+                                                    int n, int c, int p, double eps, int relu) {
+  __shared__ double sh[33];
+  const int ch = blockIdx.x;
+  const long count = (long)n * p;
+  const float s = scale_of(params[ch], params[3 * c + ch], eps);
+  const float t = __fsub_rn(params[c + ch], __fmul_rn(params[2 * c + ch], s));
+  const float m = params[2 * c + ch];
+  const float is = inv_std_of(params[3 * c + ch], eps);
+  double a = 0.0, b = 0.0;
+  for (long i = threadIdx.x; i < count; i += blockDim.x) {
+    const long img = i / p, q = i - img * p;
+    const long off = (img * c + ch) * p + q;
+    const float xv = x[off];
+    const float d = masked_grad(xv, dy[off], s, t, relu);
+    a += (double)d;
+    b += (double)__fmul_rn(__fmul_rn(d, __fsub_rn(xv, m)), is);
+  }
+  const double sum_dy = block_sum(a, sh);
+  const double sum_dy_xhat = block_sum(b, sh);
+  if (threadIdx.x == 0) {
+    gp[ch] = (float)sum_dy_xhat;
+    gp[c + ch] = (float)sum_dy;
+    gp[2 * c + ch] = 0.0f;
+    gp[3 * c + ch] = 0.0f;
+  }
+}
+
+// Backward, pass 2: dx = w*inv_std * (d - mean(d) - xhat * mean(d*xhat)); grid = N*C planes.
+extern "C" __global__ void mixbench_bn_bwd_dx_f32(const float *__restrict__ x, const float *__restrict__ params,
+                                                const float *__restrict__ dy, const float *__restrict__ gp,
+                                                float *__restrict__ dx, int n, int c, int p, double eps,
+                                                int relu) {
+  const long plane = blockIdx.x;
+  const int ch = (int)(plane % c);
+  const float cnt = (float)((long)n * p);
+  const float s = scale_of(params[ch], params[3 * c + ch], eps);
+  const float t = __fsub_rn(params[c + ch], __fmul_rn(params[2 * c + ch], s));
+  const float m = params[2 * c + ch];
+  const float is = inv_std_of(params[3 * c + ch], eps);
+  const float k = __fmul_rn(params[ch], is);
+  const float mdy = __fdiv_rn(gp[c + ch], cnt);
+  const float mdyx = __fdiv_rn(gp[ch], cnt);
+  const float *xp = x + plane * p;
+  const float *dp = dy + plane * p;
+  float *op = dx + plane * p;
+  for (int q = threadIdx.x; q < p; q += blockDim.x) {
+    const float xv = xp[q];
+    const float d = masked_grad(xv, dp[q], s, t, relu);
+    const float xhat = __fmul_rn(__fsub_rn(xv, m), is);
+    op[q] = __fmul_rn(k, __fsub_rn(__fsub_rn(d, mdy), __fmul_rn(xhat, mdyx)));
+  }
+}
+
+// SGD with momentum and weight decay, PyTorch order, in place on theta and buf.
+// flags: 1 = weight decay, 2 = momentum, 4 = first step (buf = g), 8 = Nesterov.
+// Each `x.affine(a, 0.0)` of the reference is `x * a + 0.0`; the `+ 0.0` is kept so that even
+// the sign of zero matches.
+extern "C" __global__ void mixbench_sgd_f32(float *__restrict__ theta, const float *__restrict__ grad,
+                                          float *__restrict__ buf, uint64_t n, float wd, float mu, float lr,
+                                          int flags) {
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)gridDim.x * blockDim.x) {
+    const float th = theta[i];
+    float g = grad[i];
+    if (flags & 1) g = __fadd_rn(g, __fadd_rn(__fmul_rn(th, wd), 0.0f));
+    float d = g;
+    if (flags & 2) {
+      const float b = (flags & 4) ? g : __fadd_rn(__fadd_rn(__fmul_rn(buf[i], mu), 0.0f), g);
+      buf[i] = b;
+      d = (flags & 8) ? __fadd_rn(g, __fadd_rn(__fmul_rn(b, mu), 0.0f)) : b;
+    }
+    theta[i] = __fsub_rn(th, __fadd_rn(__fmul_rn(d, lr), 0.0f));
+  }
+}
