@@ -128,7 +128,7 @@ impl ImageNetResNet18 {
     /// The `layer4` map; BN uses batch statistics (and updates its running
     /// statistics) when `train` is true.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let h = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let h = pad_spatial(&h, 1, f64::NEG_INFINITY)?.max_pool2d_with_stride(3, 2)?;
         let mut h = h;
         for stage in &self.layers {

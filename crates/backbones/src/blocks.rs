@@ -95,7 +95,7 @@ impl BasicBlock {
 
     /// `ReLU(BN2(conv2(ReLU(BN1(conv1(x))))) + shortcut(x))`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let h = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
         (h + shortcut(&self.downsample, x, train)?)?.relu()
     }
@@ -146,11 +146,8 @@ impl Bottleneck {
 
     /// `ReLU(BN3(conv3(…)) + shortcut(x))`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let h = self
-            .bn2
-            .forward_t(&self.conv2.forward(&h)?, train)?
-            .relu()?;
+        let h = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        let h = self.bn2.forward_relu_t(&self.conv2.forward(&h)?, train)?;
         let h = self.bn3.forward_t(&self.conv3.forward(&h)?, train)?;
         (h + shortcut(&self.downsample, x, train)?)?.relu()
     }

@@ -233,7 +233,7 @@ impl CifarResNet {
 
     fn stage_forward(&self, x: &Tensor, stage: usize, train: bool) -> Result<Tensor> {
         match stage {
-            0 => self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu(),
+            0 => self.bn1.forward_relu_t(&self.conv1.forward(x)?, train),
             1..=4 => self.layers[stage - 1].forward_t(x, train),
             _ => candle_core::bail!("stage index {stage} out of range 0..=4"),
         }

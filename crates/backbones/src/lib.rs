@@ -46,6 +46,9 @@ pub use attention::{AttentionNet, ImageNetResNet18, CIFAR_ATTENTION_INPUT};
 pub use cifar::{Arch, CifarResNet, CifarResNetConfig, ClsHead};
 pub use frozen::DetachedVarMap;
 pub use init::{InitScheme, ParamKind, ParamRegistry, ParamSpec};
+/// The custom ops the backbones run on (re-exported so the runner can set their precision and
+/// determinism without a direct dependency).
+pub use kernels;
 pub use norm::BatchNorm2d;
 
 use candle_nn::VarMap;

@@ -76,6 +76,17 @@ impl BatchNorm2d {
     /// Normalizes an `N×C×H×W` batch. `train = true` uses batch statistics and
     /// updates the running ones; `train = false` uses the running statistics.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, train, false)
+    }
+
+    /// `ReLU(forward_t(x, train))`, fused into the BatchNorm op in training mode (one kernel
+    /// forward and one backward instead of separate BN and ReLU passes). Its gradient is zero
+    /// where the normalized value is exactly 0, as PyTorch's ReLU (candle's `relu` passes it).
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, train, true)
+    }
+
+    fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if c != self.channels {
             candle_core::bail!("batch norm expects {} channels, got {c}", self.channels);
@@ -96,13 +107,13 @@ impl BatchNorm2d {
                     x.dims()
                 );
             }
-            // One fused pass forward and one backward on CPU (generic ops elsewhere).
-            let (y, mean, var) = kernels::batch_norm_train(
-                &x,
-                &weight.flatten_all()?,
-                &bias.flatten_all()?,
-                self.eps,
-            )?;
+            // One fused op forward and one backward on CPU and CUDA (generic ops elsewhere).
+            let bn = if relu {
+                kernels::batch_norm_relu_train
+            } else {
+                kernels::batch_norm_train
+            };
+            let (y, mean, var) = bn(&x, &weight.flatten_all()?, &bias.flatten_all()?, self.eps)?;
             self.update_running(&mean, &var, count)?;
             y
         } else {
@@ -116,7 +127,12 @@ impl BatchNorm2d {
                 .reshape((1, c, 1, 1))?;
             let scale = (rv + self.eps)?.sqrt()?.recip()?.broadcast_mul(&weight)?;
             let shift = bias.broadcast_sub(&rm.broadcast_mul(&scale)?)?;
-            x.broadcast_mul(&scale)?.broadcast_add(&shift)?
+            let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+            if relu {
+                y.relu()?
+            } else {
+                y
+            }
         };
         y.to_dtype(in_dtype)
     }
