@@ -139,31 +139,25 @@ impl Sgd {
                 let Some(grad) = grads.get(param.var.as_tensor()) else {
                     continue;
                 };
-                // Detached so that no autograd graph links successive steps' buffers.
-                let theta = param.var.as_tensor().detach();
-                let grad = grad.detach();
-                let g = if options.weight_decay != 0.0 {
-                    (grad + theta.affine(options.weight_decay, 0.0)?)?
+                // One fused in-place update per parameter (kernels::sgd_update): the same f32
+                // roundings as the generic-op formula in the module docs, bit for bit.
+                let first = param.momentum_buffer.is_none();
+                let buf = if options.momentum != 0.0 {
+                    if first {
+                        param.momentum_buffer = Some(param.var.as_tensor().zeros_like()?);
+                    }
+                    param.momentum_buffer.as_ref()
                 } else {
-                    grad
+                    None
                 };
-                let direction = if options.momentum != 0.0 {
-                    let buf = match param.momentum_buffer.take() {
-                        None => g.copy()?,
-                        Some(buf) => (buf.affine(options.momentum, 0.0)? + &g)?,
-                    };
-                    let direction = if options.nesterov {
-                        (&g + buf.affine(options.momentum, 0.0)?)?
-                    } else {
-                        buf.clone()
-                    };
-                    param.momentum_buffer = Some(buf);
-                    direction
-                } else {
-                    g
+                let step = kernels::SgdStep {
+                    lr: group_lr,
+                    weight_decay: options.weight_decay,
+                    momentum: options.momentum,
+                    nesterov: options.nesterov,
+                    first,
                 };
-                let updated = (theta - direction.affine(group_lr, 0.0)?)?;
-                param.var.set(&updated)?;
+                kernels::sgd_update(param.var.as_tensor(), grad, buf, &step)?;
             }
         }
         self.step_count += 1;
@@ -172,11 +166,12 @@ impl Sgd {
 
     /// The optimizer state: `buf.<var name>` for every existing momentum buffer and `step`
     /// (a 0-dim `i64` tensor on the CPU). Variables that never had a gradient have no buffer.
+    /// The buffers are copies: the optimizer updates its own in place.
     pub fn state_tensors(&self) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut state = HashMap::new();
         for param in self.groups.iter().flat_map(|g| g.params.iter()) {
             if let Some(buf) = &param.momentum_buffer {
-                state.insert(format!("{BUFFER_PREFIX}{}", param.name), buf.clone());
+                state.insert(format!("{BUFFER_PREFIX}{}", param.name), buf.copy()?);
             }
         }
         let step = Tensor::new(self.step_count as i64, &candle_core::Device::Cpu)?;
@@ -249,7 +244,8 @@ impl Sgd {
                     ),
                 ));
             }
-            restored.push(Some(buf.to_device(var.device())?));
+            // A private copy: buffers are updated in place, and `state` may share storage.
+            restored.push(Some(buf.to_device(var.device())?.copy()?));
         }
         if let Some(name) = buffers.keys().min() {
             return Err(TrainError::key(
