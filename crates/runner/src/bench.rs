@@ -51,11 +51,19 @@ pub struct BenchArgs {
     /// Loader threads for the load+augment measurement.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// CUDA arithmetic of convolutions and matmuls: `f32`, `tf32` or `bf16` (as
+    /// `train.precision`; no effect on CPU).
+    #[arg(long, default_value = "tf32")]
+    pub precision: crate::device::Precision,
+    /// Restrict cuDNN to deterministic algorithms (as `train.deterministic`).
+    #[arg(long)]
+    pub deterministic: bool,
 }
 
 /// Entry point of `runner bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
     let device = crate::device::parse_device(&args.device)?;
+    crate::device::configure(&device, args.precision, args.deterministic)?;
     let mut cfg = RunConfig::default();
     cfg.model.backbone.arch = match args.arch.as_str() {
         "resnet18" | "r18" => Arch::Resnet18,
@@ -71,6 +79,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "arch": args.arch,
         "device": args.device,
         "dtype": "f32",
+        "precision": if device.is_cuda() { args.precision.as_str() } else { "f32" },
+        "deterministic": args.deterministic,
+        "cudnn_conv": backbones::kernels::CUDNN_CONV,
         "batch": args.batch,
         "base_width": args.base_width,
         "threads": rayon_threads(),
