@@ -196,7 +196,20 @@ fn tiny_resnet_learns_real_cifar10() {
         }),
     );
     let out = run_ok(runner().arg("--config").arg(&cfg));
-    let summary: Value = serde_json::from_slice(&out.stdout).expect("summary JSON on stdout");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("finished config: median top-1 over epochs 1-4"),
+        "{stdout}"
+    );
+    let result = std::fs::read(tmp.path().join("work/result.json")).unwrap();
+    let summary: Value = serde_json::from_slice(&result).expect("result.json");
+    // The per-epoch CSV: a header and one row per epoch.
+    let csv = std::fs::read_to_string(tmp.path().join("work/metrics.csv")).unwrap();
+    assert_eq!(
+        csv.lines().next().unwrap(),
+        "epoch,lr,train_loss,train_acc,head0_top1,head0_top5,epoch_seconds,img_per_s"
+    );
+    assert_eq!(csv.lines().count(), 5, "{csv}");
     let top1 = summary["final_top1"].as_f64().unwrap();
     eprintln!("tiny ResNet (width 16), 400 steps on 5,000 images: test top-1 {top1:.1}%");
     assert!(top1 > 30.0, "top-1 {top1}% is not clearly above chance");

@@ -403,11 +403,17 @@ impl RunConfig {
     pub fn from_json(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let de = &mut serde_json::Deserializer::from_str(text);
         let cfg = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+            let inner = e.inner();
+            if inner.is_syntax() || inner.is_eof() {
+                // The path of a syntax error is meaningless (`model.?`): say where instead.
+                return ConfigError(format!("{origin}: invalid JSON: {inner}"));
+            }
             let path = e.path().to_string();
+            let what = explain(&path, &inner.to_string());
             if path.is_empty() || path == "." {
-                ConfigError(format!("{origin}: {}", e.inner()))
+                ConfigError(format!("{origin}: {what}"))
             } else {
-                ConfigError(format!("{origin}: {path}: {}", e.inner()))
+                ConfigError(format!("{origin}: {path}: {what}"))
             }
         })?;
         // `{…} xyz` must not pass as `{…}`: only whitespace may follow the object.
@@ -419,11 +425,44 @@ impl RunConfig {
         Ok(cfg)
     }
 
+    /// Parses a config from JSON text after applying `--set path=value`
+    /// overrides (`value` is JSON, or a plain string when it does not parse as
+    /// JSON), so an override is checked exactly like the file's own fields.
+    pub fn from_json_with_overrides(
+        text: &str,
+        origin: &str,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        if overrides.is_empty() {
+            return Self::from_json(text, origin);
+        }
+        // Syntax and trailing-content errors are reported against the file as is.
+        Self::from_json(text, origin)?;
+        let mut doc: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| ConfigError(format!("{origin}: invalid JSON: {e}")))?;
+        for o in overrides {
+            let (path, raw) = o.split_once('=').ok_or_else(|| {
+                ConfigError(format!(
+                    "--set {o}: expected FIELD=VALUE, e.g. model.backbone.base_width=16"
+                ))
+            })?;
+            let value = serde_json::from_str(raw)
+                .unwrap_or_else(|_| serde_json::Value::String(raw.to_string()));
+            set_path(&mut doc, path, value).map_err(|e| ConfigError(format!("--set {o}: {e}")))?;
+        }
+        Self::from_json(&doc.to_string(), &format!("{origin} (with --set)"))
+    }
     /// Reads and parses a config file, filling `name` from the file stem when empty.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_overrides(path, &[])
+    }
+
+    /// [`RunConfig::load`] with `--set FIELD=VALUE` overrides applied before parsing.
+    pub fn load_with_overrides(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("{}: cannot read config: {e}", path.display())))?;
-        let mut cfg = Self::from_json(&text, &path.display().to_string())?;
+        let mut cfg =
+            Self::from_json_with_overrides(&text, &path.display().to_string(), overrides)?;
         if cfg.name.is_empty() {
             cfg.name = path
                 .file_stem()
@@ -567,6 +606,65 @@ impl RunConfig {
     }
 }
 
+/// Sets the dotted `path` of a JSON object, creating intermediate objects.
+fn set_path(
+    doc: &mut serde_json::Value,
+    path: &str,
+    value: serde_json::Value,
+) -> Result<(), String> {
+    let mut node = doc;
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(format!("`{path}` is not a dotted field path"));
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let obj = match node {
+            serde_json::Value::Object(m) => m,
+            serde_json::Value::Null => {
+                *node = serde_json::Value::Object(Default::default());
+                node.as_object_mut().expect("just made")
+            }
+            _ => return Err(format!("`{}` is not an object", keys[..i].join("."))),
+        };
+        if i + 1 == keys.len() {
+            obj.insert(key.to_string(), value);
+            return Ok(());
+        }
+        node = obj
+            .entry(key.to_string())
+            .or_insert(serde_json::Value::Null);
+    }
+    unreachable!("the loop returns at the last key")
+}
+
+/// A friendlier serde message: what a one-or-many field expects, and the
+/// nearest known name for an unknown field.
+fn explain(path: &str, msg: &str) -> String {
+    if msg.contains("untagged enum OneOrMany") {
+        let what = if path.ends_with("alpha") {
+            "a number or a list of numbers (e.g. 1.0 or [1.0, 0.2])"
+        } else {
+            "a string or a list of strings (e.g. \"mixup\" or [\"mixup\", \"cutmix\"])"
+        };
+        let at = msg.find(" at line").map_or("", |i| &msg[i..]);
+        return format!("expected {what}{at}");
+    }
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some((name, tail)) = rest.split_once('`') {
+            let known: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+            let best = known
+                .iter()
+                .map(|k| (strsim::jaro_winkler(name, k), *k))
+                .filter(|(score, _)| *score > 0.8)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            if let Some((_, k)) = best {
+                return format!("{msg} (did you mean `{k}`?)");
+            }
+        }
+    }
+    msg.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,6 +742,44 @@ mod tests {
         let e = RunConfig::from_json("{} xyz", "cfg.json").unwrap_err();
         assert!(e.0.starts_with("cfg.json: unexpected content"), "{e}");
         RunConfig::from_json("{}\n  \n", "cfg.json").unwrap();
+    }
+
+    #[test]
+    fn errors_say_what_was_expected_and_suggest_names() {
+        let e = RunConfig::from_json(r#"{"model": {"alpha": "1.0"}}"#, "c.json").unwrap_err();
+        assert!(
+            e.0.starts_with("c.json: model.alpha: expected a number or a list"),
+            "{e}"
+        );
+        let e = RunConfig::from_json(r#"{"model": {"alpha": 1.0,}}"#, "c.json").unwrap_err();
+        assert!(
+            e.0.starts_with("c.json: invalid JSON: trailing comma at line 1"),
+            "{e}"
+        );
+        let e = RunConfig::from_json(r#"{"model": {"mix_mod": "x"}}"#, "c.json").unwrap_err();
+        assert!(e.0.ends_with("(did you mean `mix_mode`?)"), "{e}");
+    }
+
+    #[test]
+    fn set_overrides_any_field_before_validation() {
+        let sets = [
+            "model.backbone.base_width=16".to_string(),
+            "model.mix_mode=cutmix".to_string(),
+            "optimizer.lr=0.05".to_string(),
+        ];
+        let c = RunConfig::from_json_with_overrides("{}", "c.json", &sets).unwrap();
+        assert_eq!(c.model.backbone.base_width, 16);
+        assert_eq!(c.model.mix_mode.to_vec(), vec!["cutmix"]);
+        assert_eq!(c.optimizer.lr, 0.05);
+        let e =
+            RunConfig::from_json_with_overrides("{}", "c.json", &["model.backbone.widht=3".into()])
+                .unwrap_err();
+        assert!(
+            e.0.contains("c.json (with --set): model.backbone.widht"),
+            "{e}"
+        );
+        let e = RunConfig::from_json_with_overrides("{}", "c.json", &["seed".into()]).unwrap_err();
+        assert!(e.0.starts_with("--set seed: expected FIELD=VALUE"), "{e}");
     }
 
     #[test]

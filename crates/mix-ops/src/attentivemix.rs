@@ -16,12 +16,11 @@
 //! * ties among attention values go to the lower row-major cell index.
 
 use candle_core::{DType, Result, Tensor};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::labels::MixedLabels;
 use crate::registry::MixArgs;
-use crate::sample::{beta_lambda, perm_tensor, permutation};
+use crate::sample::{perm_tensor, permutation};
 use crate::transport::host_f32;
 use crate::{MixContext, MixMethod, MixModel, Mixed};
 
@@ -173,9 +172,8 @@ impl MixMethod for AttentiveMix {
             }
         };
         let features = model.attention_features(images)?;
-        let rng: &mut dyn RngCore = ctx.rng;
-        let lambda = beta_lambda(rng, self.alpha);
-        let perm = permutation(rng, images.dim(0)?);
+        let lambda = ctx.draw_lambda(self.alpha);
+        let perm = permutation(ctx.rng, images.dim(0)?);
         Ok(self.mix_with(images, labels, &features, lambda, &perm)?.0)
     }
 }

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::boxes::{cut_side, keep_weight, paste_where, random_coord, CutBox};
 use crate::registry::MixArgs;
-use crate::sample::{beta_lambda, perm_tensor, permutation, permutation_avoiding_fixed_points};
+use crate::sample::{perm_tensor, permutation, permutation_avoiding_fixed_points};
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 
 /// `mix_args` of CutMix (none in the CIFAR-10 config).
@@ -67,7 +67,7 @@ impl MixMethod for CutMix {
 
     fn mix(&self, images: &Tensor, labels: &Tensor, ctx: &mut MixContext<'_>) -> Result<Mixed> {
         let (n, _, h, w) = images.dims4()?;
-        let lambda = beta_lambda(ctx.rng, self.alpha);
+        let lambda = ctx.draw_lambda(self.alpha);
         let perm = partner_permutation(ctx.rng, n, self.args.avoid_fixed_points);
         let perm = perm_tensor(&perm, images.device())?;
         let cut = sample_cut_box(ctx.rng, lambda, h, w);

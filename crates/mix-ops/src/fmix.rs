@@ -204,9 +204,10 @@ impl MixMethod for FMix {
         } else {
             (self.alpha, self.alpha)
         };
-        let lambda = Beta::new(a, b)
+        let drawn = Beta::new(a, b)
             .map_err(|e| candle_core::Error::Msg(format!("fmix: bad alpha {}: {e}", self.alpha)))?
             .sample(&mut *ctx.rng);
+        let lambda = ctx.fixed_lambda.unwrap_or(drawn);
         let image = low_freq_image(ctx.rng, h, w, self.args.decay_power);
         let keep = binarize(ctx.rng, &image, lambda, self.args.max_soft);
         let perm = partner_permutation(ctx.rng, n, self.args.avoid_fixed_points);

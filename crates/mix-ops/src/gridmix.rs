@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::boxes::{keep_weight, paste_where};
 use crate::registry::MixArgs;
-use crate::sample::{beta_lambda, perm_tensor, permutation};
+use crate::sample::{perm_tensor, permutation};
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 
 /// `mix_args` of GridMix (CIFAR-10 config values by default).
@@ -164,7 +164,7 @@ impl MixMethod for GridMix {
 
     fn mix(&self, images: &Tensor, labels: &Tensor, ctx: &mut MixContext<'_>) -> Result<Mixed> {
         let (batch, _, h, w) = images.dims4()?;
-        let lambda = beta_lambda(ctx.rng, self.alpha);
+        let lambda = ctx.draw_lambda(self.alpha);
         let (lo, hi) = self.args.n_holes;
         let n = ctx.rng.random_range(lo..=hi);
         let area_ratio = uniform(ctx.rng, self.args.cut_area_ratio);

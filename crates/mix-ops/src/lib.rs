@@ -91,12 +91,19 @@ pub struct MixContext<'a> {
     pub rng: &'a mut dyn RngCore,
     /// The network, for methods that need one (`None` for the rest).
     pub model: Option<&'a dyn MixModel>,
+    /// A λ to use instead of the Beta draw (figures: `runner preview --lam`);
+    /// `None` in training.
+    pub fixed_lambda: Option<f64>,
 }
 
 impl<'a> MixContext<'a> {
     /// A context with an RNG and no model.
     pub fn new(rng: &'a mut dyn RngCore) -> Self {
-        Self { rng, model: None }
+        Self {
+            rng,
+            model: None,
+            fixed_lambda: None,
+        }
     }
 
     /// A context with an RNG and a model.
@@ -104,7 +111,16 @@ impl<'a> MixContext<'a> {
         Self {
             rng,
             model: Some(model),
+            fixed_lambda: None,
         }
+    }
+
+    /// The method's λ ~ Beta(α, α), or [`MixContext::fixed_lambda`] when set. The
+    /// Beta draw is made either way, so every later draw is the same as without
+    /// a fixed λ.
+    pub fn draw_lambda(&mut self, alpha: f64) -> f64 {
+        let drawn = sample::beta_lambda(self.rng, alpha);
+        self.fixed_lambda.unwrap_or(drawn)
     }
 }
 

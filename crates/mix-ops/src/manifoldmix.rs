@@ -6,7 +6,7 @@ use rand::Rng;
 use serde::Deserialize;
 
 use crate::registry::MixArgs;
-use crate::sample::{beta_lambda, perm_tensor, permutation};
+use crate::sample::{perm_tensor, permutation};
 use crate::{FeatureMix, MixContext, MixMethod, Mixed, MixedLabels};
 
 /// `mix_args` of ManifoldMix.
@@ -64,7 +64,7 @@ impl MixMethod for ManifoldMix {
     }
 
     fn mix(&self, images: &Tensor, labels: &Tensor, ctx: &mut MixContext<'_>) -> Result<Mixed> {
-        let lambda = beta_lambda(ctx.rng, self.alpha);
+        let lambda = ctx.draw_lambda(self.alpha);
         let perm = perm_tensor(&permutation(ctx.rng, images.dim(0)?), images.device())?;
         let (low, high) = self.args.layer;
         let layer = ctx.rng.random_range(low..high);

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::sample::{beta_lambda, perm_tensor, permutation};
+use crate::sample::{perm_tensor, permutation};
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 
 /// MixUp with its α (CIFAR-10 benchmark value: 1.0).
@@ -31,7 +31,7 @@ impl MixMethod for MixUp {
     }
 
     fn mix(&self, images: &Tensor, labels: &Tensor, ctx: &mut MixContext<'_>) -> Result<Mixed> {
-        let lambda = beta_lambda(ctx.rng, self.alpha);
+        let lambda = ctx.draw_lambda(self.alpha);
         let perm = perm_tensor(&permutation(ctx.rng, images.dim(0)?), images.device())?;
         Ok(Mixed {
             images: mixup_blend(images, &perm, lambda)?,

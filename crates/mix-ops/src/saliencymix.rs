@@ -17,7 +17,7 @@ use crate::boxes::{cut_side, keep_weight, paste_where, CutBox};
 use crate::norm::{denormalize_to_u8, CIFAR10_MEAN, CIFAR10_STD};
 use crate::registry::MixArgs;
 use crate::saliency::{argmax_first, fine_grained_saliency};
-use crate::sample::{beta_lambda, perm_tensor, permutation};
+use crate::sample::{perm_tensor, permutation};
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 
 /// `mix_args` of SaliencyMix: how to undo the input normalization.
@@ -96,7 +96,7 @@ impl MixMethod for SaliencyMix {
 
     fn mix(&self, images: &Tensor, labels: &Tensor, ctx: &mut MixContext<'_>) -> Result<Mixed> {
         let (n, _, h, w) = images.dims4()?;
-        let lambda = beta_lambda(ctx.rng, self.alpha);
+        let lambda = ctx.draw_lambda(self.alpha);
         let perm_host = permutation(ctx.rng, n);
         let perm = perm_tensor(&perm_host, images.device())?;
         let (rc, cc) = self.saliency_peak(&images.get(perm_host[0] as usize)?)?;

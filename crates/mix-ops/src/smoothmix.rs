@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::boxes::{blend_with_weight, random_coord};
 use crate::registry::MixArgs;
-use crate::sample::{beta_lambda, perm_tensor, permutation};
+use crate::sample::{perm_tensor, permutation};
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 
 /// `mix_args` of SmoothMix (none in the CIFAR-10 config).
@@ -96,7 +96,7 @@ impl MixMethod for SmoothMix {
 
     fn mix(&self, images: &Tensor, labels: &Tensor, ctx: &mut MixContext<'_>) -> Result<Mixed> {
         let (n, _, h, w) = images.dims4()?;
-        let _unused_lambda = beta_lambda(ctx.rng, self.alpha);
+        let _unused_lambda = ctx.draw_lambda(self.alpha);
         let perm = perm_tensor(&permutation(ctx.rng, n), images.device())?;
         let kernel = SmoothKernel::sample(ctx.rng, h, w).values(h, w);
         let mean_k = kernel.iter().sum::<f64>() / (h * w) as f64;

@@ -460,3 +460,30 @@ fn methods_keep_dtype_and_work_in_bf16() {
         );
     }
 }
+
+/// `MixContext::fixed_lambda` pins λ (figures) without changing any later draw.
+#[test]
+fn a_fixed_lambda_is_used_and_leaves_the_rest_of_the_stream_alone() {
+    use mix_ops::MixContext;
+    use rand::{RngCore, SeedableRng};
+    let device = candle_core::Device::Cpu;
+    let images = candle_core::Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &device).unwrap();
+    let labels = candle_core::Tensor::new(&[0u32, 1, 2, 3], &device).unwrap();
+    // Methods whose label λ is the drawn λ itself (box methods re-derive it from the box).
+    for mode in ["mixup", "fmix", "manifoldmix"] {
+        let method = mix_ops::registry::build_method(mode, 1.0, None).unwrap();
+        let mut free = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut pinned = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        method
+            .mix(&images, &labels, &mut MixContext::new(&mut free))
+            .unwrap();
+        let mut ctx = MixContext::new(&mut pinned);
+        ctx.fixed_lambda = Some(0.3);
+        let mixed = method.mix(&images, &labels, &mut ctx).unwrap();
+        let lam = mixed.labels.lambda.mean().unwrap();
+        assert!((lam - 0.3).abs() < 0.01, "{mode}: λ {lam}");
+        if mode == "mixup" || mode == "manifoldmix" {
+            assert_eq!(free.next_u64(), pinned.next_u64(), "{mode}: stream shifted");
+        }
+    }
+}

@@ -19,9 +19,20 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+/// The version line: says whether this binary can use a GPU.
+#[cfg(feature = "cudnn")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (CUDA + cuDNN)");
+#[cfg(all(feature = "cuda", not(feature = "cudnn")))]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (CUDA, without cuDNN)");
+#[cfg(not(feature = "cuda"))]
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (CPU only; build with --features cuda,cudnn for NVIDIA GPUs)"
+);
+
 /// Train and evaluate mixup methods on CIFAR-10 (OpenMixup's benchmark, on candle).
 #[derive(Debug, Parser)]
-#[command(name = "runner", version, args_conflicts_with_subcommands = true)]
+#[command(name = "runner", version = VERSION, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -96,6 +107,10 @@ pub struct TrainArgs {
     /// Stop after this many epochs of this invocation (the run stays resumable).
     #[arg(long, value_name = "N")]
     pub stop_after: Option<usize>,
+    /// Override any config field before validation, e.g. `--set model.backbone.base_width=16`
+    /// (VALUE is JSON, or a string); repeatable; recorded in the log's config.
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub set: Vec<String>,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,

@@ -46,6 +46,9 @@ pub struct PreviewArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Use this λ instead of drawing it (for figures; box methods still round it to pixels).
+    #[arg(long, value_name = "LAMBDA")]
+    pub lam: Option<f64>,
 }
 
 const SCALE: usize = 2;
@@ -57,6 +60,11 @@ const LABEL_W: usize = 112;
 pub fn run(args: &PreviewArgs) -> Result<()> {
     if !(2..=10).contains(&args.samples) {
         bail!("--samples: must be between 2 and 10, got {}", args.samples);
+    }
+    if let Some(l) = args.lam {
+        if !(0.0..=1.0).contains(&l) {
+            bail!("--lam: must lie in [0, 1], got {l}");
+        }
     }
     let mut cfg = match &args.config {
         Some(p) => RunConfig::load(p)?,
@@ -100,7 +108,26 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
             .map(|m| m.to_string())
             .collect(),
     };
+    if args.checkpoint.is_none() && modes.iter().any(|m| m == "puzzlemix") {
+        // A freshly initialised network (zero-init residual BN) gives near-zero, tied
+        // saliency, so the transport leaves many cells empty: not what training sees.
+        eprintln!(
+            "warning: PuzzleMix's saliency comes from an untrained network here, so its row shows large flat areas; pass --checkpoint of a trained run for a representative picture"
+        );
+    }
     let frozen = setup::frozen_view(&cfg, &varmap, &device)?;
+    // α per mode: the config's for its own modes, the benchmark value for the rest.
+    let config_alphas: Vec<(String, f64)> = cfg
+        .model
+        .mix_mode
+        .to_vec()
+        .into_iter()
+        .zip(setup::alphas(&cfg))
+        .collect();
+    let backbone = match cfg.model.backbone.arch {
+        bench_config::Arch::Resnet18 => "r18",
+        bench_config::Arch::Resnext50 => "rx50",
+    };
     let mix_model = NetMixModel {
         net: &frozen,
         attention: attention.as_ref(),
@@ -117,7 +144,11 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
         [0, 0, 0],
     );
     for (row, mode) in modes.iter().enumerate() {
-        let alpha = mix_ops::registry::default_alpha(mode, "r18").unwrap_or(1.0);
+        let alpha = config_alphas
+            .iter()
+            .find(|(m, _)| m == mode)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| mix_ops::registry::default_alpha(mode, backbone).unwrap_or(1.0));
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(row as u64));
         let mixed = if setup::LEARNED_MODES.contains(&mode.as_str()) {
             let Some(model) = &learned else {
@@ -127,12 +158,10 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
         } else {
             let method = mix_ops::registry::build_method(mode, alpha, cfg.model.mix_args.get(mode))
                 .with_context(|| format!("--modes: {mode}"))?;
+            let mut ctx = MixContext::with_model(&mut rng, &mix_model);
+            ctx.fixed_lambda = args.lam;
             method
-                .mix(
-                    &images,
-                    &labels,
-                    &mut MixContext::with_model(&mut rng, &mix_model),
-                )
+                .mix(&images, &labels, &mut ctx)
                 .with_context(|| format!("preview of {mode}"))?
         };
         draw_row(

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use train::checkpoint;
-use train::log::{JsonLogger, TrainLine};
+use train::log::{EpochCsv, EpochRow, JsonLogger, TrainLine};
 use train::metrics;
 use train::schedule::cosine_lr;
 use train::sgd::Sgd;
@@ -129,6 +129,41 @@ struct Run {
     interrupt: Interrupt,
     /// The newest checkpoint written or resumed from (named in error messages).
     last_checkpoint: Option<PathBuf>,
+    /// The per-epoch `metrics.csv`.
+    csv: EpochCsv,
+    /// The current epoch's train sums so far, for its `metrics.csv` row.
+    epoch_stats: EpochStats,
+    /// Steps trained by this invocation and when it started (the run's ETA).
+    steps_done: usize,
+    started: Instant,
+}
+
+/// An epoch's train totals: `(key, Σ value·images)`, images, training seconds.
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct EpochStats {
+    sums: Vec<(String, f64)>,
+    images: usize,
+    seconds: f64,
+}
+
+impl EpochStats {
+    fn add(&mut self, line: &TrainLine, images: usize) {
+        for (k, v) in &line.metrics {
+            match self.sums.iter_mut().find(|(key, _)| key == k) {
+                Some((_, sum)) => *sum += v * images as f64,
+                None => self.sums.push((k.clone(), v * images as f64)),
+            }
+        }
+        self.images += images;
+    }
+
+    fn mean(&self, key: &str) -> f64 {
+        let n = self.images.max(1) as f64;
+        self.sums
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(f64::NAN, |(_, s)| s / n)
+    }
 }
 
 /// The checkpoint's metadata, as written and read back.
@@ -145,6 +180,8 @@ struct CheckpointMeta {
     version: String,
     #[serde(default)]
     meter: Option<MeterState>,
+    #[serde(default)]
+    epoch_stats: Option<EpochStats>,
 }
 
 /// Checkpoints of earlier versions stored the single head's history as a list.
@@ -172,6 +209,7 @@ impl Run {
                 cfg.seed,
                 &cfg.name,
             )?;
+            let csv = EpochCsv::open(&work_dir.path, 0)?;
             return Ok(Self {
                 mix_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d69_7862),
                 cfg,
@@ -184,6 +222,10 @@ impl Run {
                 meter: None,
                 interrupt: Interrupt::never(),
                 last_checkpoint: None,
+                csv,
+                epoch_stats: EpochStats::default(),
+                steps_done: 0,
+                started: Instant::now(),
             });
         };
         let from_latest = args.resume_from.is_none();
@@ -260,6 +302,7 @@ impl Run {
             meta.iter_in_epoch
         );
         Ok(Self {
+            csv: EpochCsv::open(&work_dir.path, meta.epoch)?,
             cfg,
             device: device.clone(),
             work_dir,
@@ -271,6 +314,9 @@ impl Run {
             meter: meta.meter,
             interrupt: Interrupt::never(),
             last_checkpoint: Some(ckpt),
+            epoch_stats: meta.epoch_stats.unwrap_or_default(),
+            steps_done: 0,
+            started: Instant::now(),
         })
     }
 
@@ -288,15 +334,18 @@ impl Run {
         };
         let iters = TrainLoader::count_batches(train_data.len(), self.cfg.data.batch_size, false);
         while self.epoch < last_epoch {
-            self.train_epoch(model, train_data, iters, args.quiet)?;
+            self.train_epoch(model, train_data, iters, last_epoch, args.quiet)?;
             self.epoch += 1;
             self.iter_in_epoch = 0;
             let done = self.epoch;
-            if done % self.cfg.evaluation.interval == 0 || done == max_epochs {
-                self.evaluate(model, test_data)?;
-            }
+            let heads = if done.is_multiple_of(self.cfg.evaluation.interval) || done == max_epochs {
+                self.evaluate(model, test_data, args.quiet)?
+            } else {
+                Vec::new()
+            };
+            self.end_epoch(heads)?;
             let interrupted = self.interrupt.received();
-            if done % self.cfg.checkpoint.interval == 0
+            if done.is_multiple_of(self.cfg.checkpoint.interval)
                 || done == max_epochs
                 || done == last_epoch
                 || interrupted.is_some()
@@ -324,8 +373,10 @@ impl Run {
         model: &mut M,
         train_data: &Arc<CifarSplit>,
         iters: usize,
+        last_epoch: usize,
         quiet: bool,
     ) -> Result<()> {
+        let t_epoch = Instant::now();
         let c = &self.cfg;
         let epoch = self.epoch;
         let lr = cosine_lr(epoch, c.max_epochs, c.optimizer.lr, c.lr_config.min_lr);
@@ -353,6 +404,8 @@ impl Run {
         // queue, so there the losses are checked when a log line is written.
         let check_every_step = self.device.is_cpu();
         let (mut data_wait, mut t_last, mut t_fetch) = (0.0, Instant::now(), Instant::now());
+        let mut last_loss: Option<f32> = None;
+        let steps_left_after_epoch = (last_epoch - epoch - 1) * iters;
         for (i, batch) in loader.enumerate() {
             let it = self.iter_in_epoch + i;
             data_wait += t_fetch.elapsed().as_secs_f64();
@@ -366,29 +419,44 @@ impl Run {
             model.optimizer().step(&grads, lr)?;
             model.after_update(at)?;
             meter.add(it + 1, &out, batch.len)?;
-            bar.inc(1);
+            self.steps_done += 1;
             let done = it + 1;
-            let flush = done % self.cfg.log.interval == 0 || done == iters;
+            let flush = done.is_multiple_of(self.cfg.log.interval) || done == iters;
             if check_every_step || flush {
-                meter.check_finite(epoch + 1, iters, self.last_checkpoint.as_deref())?;
+                if let Some(l) =
+                    meter.check_finite(epoch + 1, iters, self.last_checkpoint.as_deref())?
+                {
+                    last_loss = Some(l);
+                }
             }
             if flush {
                 let elapsed = t_last.elapsed().as_secs_f64();
-                let ips = meter.images as f64 / elapsed.max(1e-9);
+                let images = meter.images;
                 let line = meter.flush(epoch + 1, done, lr, elapsed, data_wait)?;
-                bar.set_message(format!(
-                    "loss {:.4} lr {lr:.4} {ips:.0} img/s",
-                    line.metrics[0].1
-                ));
+                self.epoch_stats.add(&line, images);
                 self.logger.write_train(&line)?;
                 (data_wait, t_last) = (0.0, Instant::now());
             }
+            if !quiet {
+                let per_step = self.started.elapsed().as_secs_f64() / self.steps_done as f64;
+                let epoch_left = (iters - done) as f64 * per_step;
+                let run_left = epoch_left + steps_left_after_epoch as f64 * per_step;
+                bar.set_message(progress_message(
+                    last_loss,
+                    lr,
+                    batch.len as f64 / per_step,
+                    epoch_left,
+                    run_left,
+                ));
+            }
+            bar.inc(1);
             if done < iters {
                 if let Some(signal) = self.interrupt.received() {
                     bar.finish_and_clear();
                     meter.check_finite(epoch + 1, iters, self.last_checkpoint.as_deref())?;
                     self.iter_in_epoch = done;
                     self.meter = Some(meter.state()?);
+                    self.epoch_stats.seconds += t_epoch.elapsed().as_secs_f64();
                     self.save_checkpoint(model, iters)?;
                     return Err(self.interrupted(signal, iters).into());
                 }
@@ -396,6 +464,44 @@ impl Run {
             t_fetch = Instant::now();
         }
         bar.finish_and_clear();
+        self.epoch_stats.seconds += t_epoch.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The epoch's `metrics.csv` row and its line on the terminal.
+    fn end_epoch(&mut self, heads: Vec<(String, f64, f64)>) -> Result<()> {
+        let c = &self.cfg;
+        let stats = std::mem::take(&mut self.epoch_stats);
+        let row = EpochRow {
+            epoch: self.epoch,
+            lr: cosine_lr(
+                self.epoch - 1,
+                c.max_epochs,
+                c.optimizer.lr,
+                c.lr_config.min_lr,
+            ),
+            train_loss: stats.mean("loss"),
+            train_acc: stats.mean("acc"),
+            heads,
+            epoch_seconds: stats.seconds,
+            img_per_s: stats.images as f64 / stats.seconds.max(1e-9),
+        };
+        self.csv.write(&row)?;
+        let accs = match row.heads.as_slice() {
+            [] => String::new(),
+            [(_, t1, t5)] => format!("top-1 {t1:.2}  top-5 {t5:.2}  "),
+            heads => {
+                let shown: Vec<String> = heads
+                    .iter()
+                    .map(|(h, t1, _)| format!("{h} {t1:.2}"))
+                    .collect();
+                format!("top-1 {}  ", shown.join(", "))
+            }
+        };
+        eprintln!(
+            "epoch {}/{}: {accs}train loss {:.4}  {:.1} s ({:.0} img/s)",
+            self.epoch, c.max_epochs, row.train_loss, row.epoch_seconds, row.img_per_s
+        );
         Ok(())
     }
 
@@ -421,10 +527,26 @@ impl Run {
         }
     }
 
-    fn evaluate<M: StepModel>(&mut self, model: &M, test_data: &CifarSplit) -> Result<()> {
+    fn evaluate<M: StepModel>(
+        &mut self,
+        model: &M,
+        test_data: &CifarSplit,
+        quiet: bool,
+    ) -> Result<Vec<(String, f64, f64)>> {
         let done = self.epoch;
         let c = &self.cfg;
+        let spinner = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new_spinner().with_message(format!(
+                "epoch {done}/{}: evaluating on {} test images",
+                c.max_epochs,
+                test_data.len()
+            ))
+        };
+        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
         let accs = model.evaluate(test_data, c.data.test_batch_size)?;
+        spinner.finish_and_clear();
         let lr = cosine_lr(done - 1, c.max_epochs, c.optimizer.lr, c.lr_config.min_lr);
         let mut fields = Vec::new();
         for (head, top1, top5) in &accs {
@@ -437,15 +559,7 @@ impl Run {
         }
         let batches = test_data.len().div_ceil(c.data.test_batch_size);
         self.logger.write_val(done, batches, lr, &fields)?;
-        let shown: Vec<String> = if accs.len() == 1 {
-            vec![format!("top-1 {:.2}  top-5 {:.2}", accs[0].1, accs[0].2)]
-        } else {
-            accs.iter()
-                .map(|(h, t1, _)| format!("{h} {t1:.2}"))
-                .collect()
-        };
-        eprintln!("epoch {done}/{}: {}", c.max_epochs, shown.join(", "));
-        Ok(())
+        Ok(accs)
     }
 
     /// Writes the checkpoint of the current position (an epoch boundary, or
@@ -480,6 +594,7 @@ impl Run {
             config: self.cfg.to_json_pretty(),
             version: env!("CARGO_PKG_VERSION").into(),
             meter: self.meter.clone(),
+            epoch_stats: (self.iter_in_epoch > 0).then(|| self.epoch_stats.clone()),
         };
         let meta = serde_json::to_value(&meta)?;
         let dir = &self.work_dir.path;
@@ -526,11 +641,8 @@ impl Run {
     }
 
     fn summarize(&mut self) -> Result<()> {
-        let summary = summary_json(
-            &self.history,
-            self.cfg.max_epochs,
-            self.cfg.evaluation.median_window,
-        );
+        let window = self.cfg.evaluation.median_window;
+        let summary = summary_json(&self.history, self.cfg.max_epochs, window);
         let fields: Vec<(&str, Value)> = summary
             .as_object()
             .expect("an object")
@@ -543,8 +655,56 @@ impl Run {
             std::fs::write(tmp, serde_json::to_string_pretty(&summary).expect("JSON"))
                 .map_err(|e| train::error::TrainError::io(tmp, e))
         })?;
-        println!("{}", serde_json::to_string(&summary)?);
+        let pct = |v: &Value| v.as_f64().map_or("n/a".into(), |x| format!("{x:.2}%"));
+        let head = match summary["best_head"].as_str() {
+            Some(h) if self.history.len() > 1 => format!(" ({h})"),
+            _ => String::new(),
+        };
+        let from = self.cfg.max_epochs.saturating_sub(window).max(1);
+        println!(
+            "finished {}: median top-1{head} over epochs {from}-{} {}, final {}",
+            self.cfg.name,
+            self.cfg.max_epochs,
+            pct(&summary["median_top1"]),
+            pct(&summary["final_top1"]),
+        );
+        for (what, p) in [
+            ("result", Some(path.as_path())),
+            ("log", Some(self.logger.path())),
+            ("metrics", Some(self.csv.path())),
+            ("checkpoint", self.last_checkpoint.as_deref()),
+        ] {
+            if let Some(p) = p {
+                println!("  {what:<10} {}", p.display());
+            }
+        }
         Ok(())
+    }
+}
+
+/// The progress bar's message: short enough for an 80-column terminal.
+fn progress_message(
+    loss: Option<f32>,
+    lr: f64,
+    img_per_s: f64,
+    epoch_left: f64,
+    run_left: f64,
+) -> String {
+    let loss = loss.map_or(String::new(), |l| format!("loss {l:.4} "));
+    format!(
+        "{loss}lr {lr:.4} {img_per_s:.0} img/s eta {} run {}",
+        clock(epoch_left),
+        clock(run_left)
+    )
+}
+
+/// `m:ss` or `h:mm:ss`.
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
     }
 }
 
@@ -638,10 +798,16 @@ impl Meter {
         Ok(())
     }
 
-    /// Stops the run at the first non-finite loss since the last check.
-    fn check_finite(&mut self, epoch: usize, iters: usize, last: Option<&Path>) -> Result<()> {
+    /// Stops the run at the first non-finite loss since the last check;
+    /// returns the newest loss checked.
+    fn check_finite(
+        &mut self,
+        epoch: usize,
+        iters: usize,
+        last: Option<&Path>,
+    ) -> Result<Option<f32>> {
         if self.unchecked.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let losses: Vec<Tensor> = self
             .unchecked
@@ -658,7 +824,7 @@ impl Meter {
             );
         }
         self.unchecked.clear();
-        Ok(())
+        Ok(values.last().copied())
     }
 
     /// The averaged train line; resets the sums.
@@ -740,8 +906,9 @@ fn progress_bar(len: usize, epoch: usize, max_epochs: usize, quiet: bool) -> Pro
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len as u64);
+    // `wide_bar` takes what the rest of the line leaves, so the line fits the terminal.
     bar.set_style(
-        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+        ProgressStyle::with_template("{prefix} [{wide_bar}] {pos}/{len} {msg}")
             .expect("valid template")
             .progress_chars("=> "),
     );

@@ -38,7 +38,7 @@ pub fn load_config(args: &TrainArgs) -> Result<RunConfig> {
             bail!("{flag}: must be at least 1");
         }
     }
-    let mut cfg = RunConfig::load(path)?;
+    let mut cfg = RunConfig::load_with_overrides(path, &args.set)?;
     if let Some(e) = args.epochs {
         cfg.max_epochs = e;
     }

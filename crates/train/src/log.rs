@@ -109,6 +109,96 @@ pub struct TrainLine {
     pub time: f64,
 }
 
+/// One row of a run's per-epoch `metrics.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochRow {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Learning rate of the epoch.
+    pub lr: f64,
+    /// Mean train loss over the epoch's images.
+    pub train_loss: f64,
+    /// Mean train top-1 (%) against the first label.
+    pub train_acc: f64,
+    /// `(head, top-1 %, top-5 %)` per evaluated head; empty when the epoch was not evaluated.
+    pub heads: Vec<(String, f64, f64)>,
+    /// Wall-clock seconds of the epoch's training (evaluation excluded).
+    pub epoch_seconds: f64,
+    /// Training images per second over the epoch.
+    pub img_per_s: f64,
+}
+
+/// The per-epoch `metrics.csv` beside the JSON-lines log: one row per epoch,
+/// columns fixed by the first row (the heads a run evaluates never change).
+pub struct EpochCsv {
+    path: PathBuf,
+}
+
+impl EpochCsv {
+    /// File name inside the work dir.
+    pub const FILE: &'static str = "metrics.csv";
+
+    /// Opens `work_dir/metrics.csv`, keeping only rows of epochs `<= keep_through`
+    /// (a resumed run repeats the epochs after its checkpoint).
+    pub fn open(work_dir: &Path, keep_through: usize) -> TrainResult<Self> {
+        let path = work_dir.join(Self::FILE);
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+            let mut kept = String::new();
+            for (i, line) in text.lines().enumerate() {
+                let epoch = line.split(',').next().and_then(|e| e.parse::<usize>().ok());
+                if i == 0 || epoch.is_some_and(|e| e <= keep_through) {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+            if kept.lines().count() <= 1 {
+                kept.clear();
+            }
+            crate::checkpoint::write_atomically(&path, |tmp| {
+                std::fs::write(tmp, &kept).map_err(|e| TrainError::io(tmp, e))
+            })?;
+        }
+        Ok(Self { path })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a row (and the header first, for a new file).
+    pub fn write(&mut self, row: &EpochRow) -> TrainResult<()> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| TrainError::io(&self.path, e))?;
+        let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(true);
+        let mut text = String::new();
+        if empty {
+            text.push_str("epoch,lr,train_loss,train_acc");
+            for (h, _, _) in &row.heads {
+                text.push_str(&format!(",{h}_top1,{h}_top5"));
+            }
+            text.push_str(",epoch_seconds,img_per_s\n");
+        }
+        text.push_str(&format!(
+            "{},{},{},{}",
+            row.epoch,
+            round5(row.lr),
+            round5(row.train_loss),
+            round5(row.train_acc)
+        ));
+        for (_, t1, t5) in &row.heads {
+            text.push_str(&format!(",{},{}", round5(*t1), round5(*t5)));
+        }
+        text.push_str(&format!(",{:.3},{:.1}\n", row.epoch_seconds, row.img_per_s));
+        file.write_all(text.as_bytes())
+            .map_err(|e| TrainError::io(&self.path, e))
+    }
+}
+
 /// Appends JSON lines to a run's log file.
 pub struct JsonLogger {
     path: PathBuf,
@@ -584,5 +674,36 @@ mod tests {
         );
         m.clear();
         assert!(m.is_empty() && m.mean("loss").is_none());
+    }
+
+    #[test]
+    fn epoch_csv_writes_a_header_and_drops_epochs_a_resume_repeats() {
+        let dir = std::env::temp_dir().join(format!("train-csv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let row = |epoch| EpochRow {
+            epoch,
+            lr: 0.1,
+            train_loss: 2.0,
+            train_acc: 30.0,
+            heads: vec![("head0".into(), 40.0, 90.0)],
+            epoch_seconds: 1.5,
+            img_per_s: 100.0,
+        };
+        let mut csv = EpochCsv::open(&dir, 0).unwrap();
+        for e in 1..=3 {
+            csv.write(&row(e)).unwrap();
+        }
+        let text = std::fs::read_to_string(csv.path()).unwrap();
+        assert_eq!(
+            text.lines().next().unwrap(),
+            "epoch,lr,train_loss,train_acc,head0_top1,head0_top5,epoch_seconds,img_per_s"
+        );
+        assert_eq!(text.lines().nth(1).unwrap(), "1,0.1,2,30,40,90,1.500,100.0");
+        let mut csv = EpochCsv::open(&dir, 2).unwrap();
+        csv.write(&row(3)).unwrap();
+        let text = std::fs::read_to_string(csv.path()).unwrap();
+        let epochs: Vec<&str> = text.lines().skip(1).map(|l| &l[..1]).collect();
+        assert_eq!(epochs, ["1", "2", "3"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
