@@ -69,10 +69,15 @@ struct ReportArgs {
     /// Output directory for benchmark.md, benchmark.csv and plots/.
     #[arg(long, default_value = "work_dirs/report")]
     out: PathBuf,
-    /// Put the published numbers (spec §7) and our difference beside ours.
+    /// Put the published numbers (xtask/src/published.csv) and our difference beside ours.
     #[arg(long)]
     compare_published: bool,
-    /// Skip the PNG plots.
+    /// Show runs that are not the benchmark recipe (smaller backbone, data subset, other
+    /// batch size or optimizer, epochs unlike their name, unfinished) in rows marked †k,
+    /// instead of leaving them out.
+    #[arg(long)]
+    include_nonrecipe: bool,
+    /// Skip the plots.
     #[arg(long)]
     no_plots: bool,
 }
@@ -143,7 +148,14 @@ fn report_cmd(a: &ReportArgs) -> Result<()> {
     if runs.is_empty() {
         bail!("no run logs (*.log.json, *.jsonl) found under the given paths");
     }
-    let t = report::tables(&runs, a.compare_published)?;
+    let opts = report::TableOptions {
+        compare_published: a.compare_published,
+        include_nonrecipe: a.include_nonrecipe,
+    };
+    let t = report::tables(&runs, &opts)?;
+    for w in &t.warnings {
+        eprintln!("note: {w}");
+    }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("{}: cannot create", a.out.display()))?;
     let md = a.out.join("benchmark.md");
@@ -153,7 +165,7 @@ fn report_cmd(a: &ReportArgs) -> Result<()> {
     print!("{}", t.markdown);
     eprintln!("wrote {} and {}", md.display(), csv.display());
     if !a.no_plots {
-        let plots = report::write_plots(&runs, &a.out.join("plots"))?;
+        let plots = report::write_plots(&runs, a.include_nonrecipe, &a.out.join("plots"))?;
         eprintln!(
             "wrote {} plots under {}",
             plots.len(),

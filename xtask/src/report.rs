@@ -1,11 +1,19 @@
 //! `report`: reads the JSONL logs of finished or running runs and writes the
-//! benchmark table (methods × epochs, spec §3.3 metric) as Markdown and CSV, plus
-//! accuracy-curve plots.
+//! benchmark table (methods × epochs, the median of the last epochs' test top-1) as
+//! Markdown and CSV, plus plots.
 //!
-//! Log format (spec §8.3): the first line is a meta object whose `config` holds the
-//! run's config (JSON text or object); every `{"mode": "val", "epoch": e, …}` line
-//! holds the test accuracies of 1-based epoch `e`, one `<head>_top1` key per
-//! evaluated head (`head0_top1`, or AutoMix's `acc_{mix,one}_{k,q}_top1`).
+//! Log format (`crates/train/src/log.rs`): the first line is a meta object whose
+//! `config` holds the run's effective config (JSON text or object); every
+//! `{"mode": "val", "epoch": e, …}` line holds the test accuracies of 1-based epoch
+//! `e`, one `<head>_top1` key per evaluated head (`head0_top1`, or AutoMix's
+//! `acc_{mix,one}_{k,q}_top1`); `{"mode": "train", …}` lines hold the training loss
+//! and learning rate; `config_change` lines list the result-changing fields a resume
+//! changed; other lines (`resumed`, `summary`) are not needed.
+//!
+//! Only runs on the benchmark recipe fill the table's cells (see [`Run::nonrecipe_reasons`]);
+//! the others are left out, or shown in rows of their own marked `†k` when asked for.
+//! Several runs of one cell (seeds) are aggregated: the cell shows the median of their
+//! metrics.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,27 +25,95 @@ use serde_json::Value;
 use crate::methods::{method, published, published_value, table_index, Backbone, Published};
 use crate::plot::{line_plot, Series};
 
-/// One run: its config fields that place it in the table, and its evaluations.
+/// Images in the CIFAR-10 training set (the recipe trains on all of them).
+pub const TRAIN_IMAGES: usize = 50_000;
+/// Images in the CIFAR-10 test set (the recipe evaluates on all of them).
+pub const TEST_IMAGES: usize = 10_000;
+/// The recipe's `model.backbone.base_width`.
+pub const RECIPE_BASE_WIDTH: usize = 64;
+/// The recipe's `data.batch_size`.
+pub const RECIPE_BATCH_SIZE: usize = 100;
+
+/// One `train` log line's numbers (either may be missing, e.g. `null` for a non-finite loss).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TrainPoint {
+    /// Training loss averaged over the log interval.
+    pub loss: Option<f64>,
+    /// Learning rate.
+    pub lr: Option<f64>,
+}
+
+/// One run: its config fields that place it in the table (or keep it out), and its
+/// evaluations and training curve.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
     /// The work directory (the log files' folder).
     pub dir: PathBuf,
-    /// Config `name`.
+    /// Config `name` (the work directory's name when absent).
     pub name: String,
     /// Config `model.backbone.arch`.
     pub backbone: Backbone,
     /// Config `model.mix_mode` as a list.
     pub modes: Vec<String>,
-    /// Config `model.alpha` as a list.
+    /// Config `model.alpha` as a list; each mode's table α when absent.
     pub alphas: Vec<f64>,
     /// Config `model.head.loss` (`CE_none` when absent).
     pub loss: String,
-    /// Config `max_epochs`.
+    /// Config `max_epochs` (400 when absent).
     pub max_epochs: usize,
     /// Config `evaluation.median_window` (10 when absent).
     pub median_window: usize,
+    /// Config `seed` (the meta line's `seed`, or 0, when absent).
+    pub seed: u64,
+    /// Config `model.backbone.base_width` (64 when absent).
+    pub base_width: usize,
+    /// Config `model.backbone.stage_blocks` (`None`: the architecture's).
+    pub stage_blocks: Option<Vec<usize>>,
+    /// Config `data.batch_size` (100 when absent).
+    pub batch_size: usize,
+    /// Config `data.limit_train` (`None`: every training image).
+    pub limit_train: Option<usize>,
+    /// Config `data.limit_test` (`None`: every test image).
+    pub limit_test: Option<usize>,
+    /// Other settings that differ from the recipe (optimizer, init, padding, …), as
+    /// `field value (recipe value)`.
+    pub other_deviations: Vec<String>,
+    /// Result-changing fields a resume changed (`config_change` log lines).
+    pub config_changes: Vec<String>,
+    /// Settings on which the run's logs (merged after a resume) disagree.
+    pub log_disagreements: Vec<String>,
     /// 1-based epoch → head name (key without `_top1`) → top-1 %.
     pub val: BTreeMap<usize, BTreeMap<String, f64>>,
+    /// `(1-based epoch, iteration)` → train line; a line logged again after a resume
+    /// replaces the earlier one.
+    pub train: BTreeMap<(usize, usize), TrainPoint>,
+}
+
+impl Default for Run {
+    /// The recipe's ResNet-18 MixUp run (the config `{}`), with no evaluations.
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::new(),
+            name: String::new(),
+            backbone: Backbone::R18,
+            modes: vec!["mixup".into()],
+            alphas: vec![1.0],
+            loss: "CE_none".into(),
+            max_epochs: 400,
+            median_window: 10,
+            seed: 0,
+            base_width: RECIPE_BASE_WIDTH,
+            stage_blocks: None,
+            batch_size: RECIPE_BATCH_SIZE,
+            limit_train: None,
+            limit_test: None,
+            other_deviations: Vec::new(),
+            config_changes: Vec::new(),
+            log_disagreements: Vec::new(),
+            val: BTreeMap::new(),
+            train: BTreeMap::new(),
+        }
+    }
 }
 
 /// The reported numbers of one run.
@@ -47,7 +123,7 @@ pub struct Summary {
     pub last_epoch: usize,
     /// `last_epoch ≥ max_epochs`.
     pub finished: bool,
-    /// Head whose median is reported (the best one, spec §5.12.7).
+    /// Head whose median is reported (the best one, as upstream's summarizer).
     pub head: String,
     /// Median over epochs `end−w..end` (`end` = `max_epochs`, or the last epoch if unfinished).
     pub median: f64,
@@ -70,6 +146,30 @@ pub fn median(values: &[f64]) -> Option<f64> {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     })
+}
+
+/// Arithmetic mean; `None` for no values.
+pub fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// Sample standard deviation (`numpy.std(ddof=1)`); `None` for fewer than two values.
+pub fn sample_std(values: &[f64]) -> Option<f64> {
+    if values.len() < 2 {
+        return None;
+    }
+    let m = mean(values)?;
+    let ss: f64 = values.iter().map(|v| (v - m) * (v - m)).sum();
+    Some((ss / (values.len() - 1) as f64).sqrt())
+}
+
+/// The epoch count a name claims with a trailing `_ep<E>` (as generated config names do).
+fn claimed_epochs(name: &str) -> Option<usize> {
+    let (_, tail) = name.rsplit_once("_ep")?;
+    if tail.is_empty() || !tail.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    tail.parse().ok()
 }
 
 impl Run {
@@ -116,6 +216,72 @@ impl Run {
         })
     }
 
+    /// Why the run is not the benchmark recipe (empty when it is): a smaller or
+    /// reshaped backbone, a subset of the data, another batch size, a `max_epochs`
+    /// that differs from the `_ep<E>` its name or work directory claims, other
+    /// optimizer/initialisation/augmentation settings, a config changed on resume,
+    /// logs that disagree, or an unfinished run (`"unfinished"`).
+    pub fn nonrecipe_reasons(&self) -> Vec<String> {
+        let mut r = Vec::new();
+        if self.base_width != RECIPE_BASE_WIDTH {
+            r.push(format!(
+                "model.backbone.base_width {} (recipe {RECIPE_BASE_WIDTH})",
+                self.base_width
+            ));
+        }
+        if let Some(b) = &self.stage_blocks {
+            r.push(format!(
+                "model.backbone.stage_blocks {b:?} (recipe: the architecture's)"
+            ));
+        }
+        if self.batch_size != RECIPE_BATCH_SIZE {
+            r.push(format!(
+                "data.batch_size {} (recipe {RECIPE_BATCH_SIZE})",
+                self.batch_size
+            ));
+        }
+        if let Some(n) = self.limit_train {
+            r.push(format!(
+                "data.limit_train {n} (recipe: all {TRAIN_IMAGES} images)"
+            ));
+        }
+        if let Some(n) = self.limit_test {
+            r.push(format!(
+                "data.limit_test {n} (recipe: all {TEST_IMAGES} images)"
+            ));
+        }
+        let dir_name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for (what, text) in [("name", self.name.as_str()), ("work dir", &dir_name)] {
+            if let Some(e) = claimed_epochs(text).filter(|&e| e != self.max_epochs) {
+                r.push(format!(
+                    "max_epochs {}, but its {what} says _ep{e}",
+                    self.max_epochs
+                ));
+            }
+        }
+        r.extend(self.other_deviations.iter().cloned());
+        if !self.config_changes.is_empty() {
+            r.push(format!(
+                "config changed on resume: {}",
+                self.config_changes.join("; ")
+            ));
+        }
+        if !self.log_disagreements.is_empty() {
+            r.push(format!(
+                "its logs disagree on {}",
+                self.log_disagreements.join(", ")
+            ));
+        }
+        if self.summary().is_some_and(|s| !s.finished) {
+            r.push("unfinished".into());
+        }
+        r
+    }
+
     /// Single table mode, if the run uses exactly one.
     fn single_mode(&self) -> Option<&str> {
         (self.modes.len() == 1).then(|| self.modes[0].as_str())
@@ -136,11 +302,7 @@ impl Run {
             Some(m) => m.display.to_string(),
             None => self.modes.join("+"),
         };
-        let learned = self
-            .single_mode()
-            .and_then(method)
-            .is_some_and(|m| m.learned);
-        if !learned && self.loss != self.default_loss() {
+        if !self.is_learned() && self.loss != self.default_loss() {
             let _ = write!(s, " [{}]", self.loss);
         }
         s
@@ -197,10 +359,27 @@ impl Run {
             self.loss.clone(),
         )
     }
+
+    /// The recipe-relevant settings, compared when logs of one run are merged.
+    fn settings(&self) -> [(&'static str, String); 6] {
+        [
+            ("seed", self.seed.to_string()),
+            ("model.backbone.base_width", self.base_width.to_string()),
+            (
+                "model.backbone.stage_blocks",
+                format!("{:?}", self.stage_blocks),
+            ),
+            ("data.batch_size", self.batch_size.to_string()),
+            ("data.limit_train", format!("{:?}", self.limit_train)),
+            ("data.limit_test", format!("{:?}", self.limit_test)),
+        ]
+    }
 }
 
 fn field<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(v, |v, k| v.get(k))
+    path.split('.')
+        .try_fold(v, |v, k| v.get(k))
+        .filter(|v| !v.is_null())
 }
 
 fn list_of<T>(v: Option<&Value>, one: impl Fn(&Value) -> Option<T>) -> Option<Vec<T>> {
@@ -210,45 +389,138 @@ fn list_of<T>(v: Option<&Value>, one: impl Fn(&Value) -> Option<T>) -> Option<Ve
     }
 }
 
-/// Reads the table-relevant fields of a config (JSON object).
-fn run_from_config(cfg: &Value, dir: &Path, origin: &str) -> Result<Run> {
-    let need = |p: &str| field(cfg, p).with_context(|| format!("{origin}: config has no `{p}`"));
-    let name = need("name")?
-        .as_str()
-        .with_context(|| format!("{origin}: config `name` is not a string"))?
-        .to_string();
-    let max_epochs = need("max_epochs")?
-        .as_u64()
-        .with_context(|| format!("{origin}: config `max_epochs` is not a positive integer"))?
-        as usize;
-    let modes = list_of(Some(need("model.mix_mode")?), |v| {
-        v.as_str().map(String::from)
-    })
-    .with_context(|| format!("{origin}: config `model.mix_mode` is not a string or list"))?;
-    let alphas = list_of(Some(need("model.alpha")?), Value::as_f64)
-        .with_context(|| format!("{origin}: config `model.alpha` is not a number or list"))?;
-    let arch = need("model.backbone.arch")?
-        .as_str()
-        .with_context(|| format!("{origin}: config `model.backbone.arch` is not a string"))?;
-    let backbone =
-        Backbone::parse(arch).with_context(|| format!("{origin}: config `model.backbone.arch`"))?;
+/// A non-negative integer field: `None` when absent or `null`, an error when of another type.
+fn opt_usize(cfg: &Value, path: &str, origin: &str) -> Result<Option<usize>> {
+    field(cfg, path)
+        .map(|v| {
+            v.as_u64()
+                .map(|n| n as usize)
+                .with_context(|| format!("{origin}: config `{path}` is not a non-negative integer"))
+        })
+        .transpose()
+}
+
+/// Settings outside the table's row/column keys that the recipe fixes, with their
+/// recipe values; a run whose logged config has another value is not the recipe.
+fn other_deviations(cfg: &Value, learned: bool) -> Vec<String> {
+    let min_lr = if learned {
+        crate::gen::AUTOMIX_MIN_LR
+    } else {
+        0.0
+    };
+    let numbers = [
+        ("optimizer.lr", 0.1),
+        ("optimizer.momentum", 0.9),
+        ("optimizer.weight_decay", 1e-4),
+        ("lr_config.min_lr", min_lr),
+        ("model.mix_repeat", 1.0),
+        ("model.head.num_classes", 10.0),
+    ];
+    let mut out = Vec::new();
+    for (path, want) in numbers {
+        if let Some(v) = field(cfg, path) {
+            if v.as_f64()
+                .is_none_or(|x| (x - want).abs() > 1e-12 * want.abs().max(1.0))
+            {
+                out.push(format!("{path} {v} (recipe {want})"));
+            }
+        }
+    }
+    let others = [
+        ("optimizer.nesterov", Value::Bool(false)),
+        ("model.backbone.init", Value::from("benchmark")),
+        ("data.padding_mode", Value::from("constant")),
+    ];
+    for (path, want) in others {
+        if let Some(v) = field(cfg, path).filter(|v| **v != want) {
+            out.push(format!("{path} {v} (recipe {want})"));
+        }
+    }
+    out
+}
+
+/// Reads the fields of a config (JSON object) that place a run in the table. Absent
+/// fields take the schema's defaults (`model.alpha`: each mode's table α).
+fn run_from_config(cfg: &Value, meta: &Value, dir: &Path, origin: &str) -> Result<Run> {
+    let defaults = Run::default();
+    let name = match field(cfg, "name") {
+        Some(v) => v
+            .as_str()
+            .with_context(|| format!("{origin}: config `name` is not a string"))?
+            .to_string(),
+        None => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "run".into()),
+    };
+    let max_epochs = opt_usize(cfg, "max_epochs", origin)?.unwrap_or(defaults.max_epochs);
+    let modes = match field(cfg, "model.mix_mode") {
+        Some(v) => list_of(Some(v), |v| v.as_str().map(String::from)).with_context(|| {
+            format!("{origin}: config `model.mix_mode` is not a string or list")
+        })?,
+        None => defaults.modes.clone(),
+    };
+    let backbone = match field(cfg, "model.backbone.arch") {
+        Some(v) => {
+            let arch = v.as_str().with_context(|| {
+                format!("{origin}: config `model.backbone.arch` is not a string")
+            })?;
+            Backbone::parse(arch)
+                .with_context(|| format!("{origin}: config `model.backbone.arch`"))?
+        }
+        None => defaults.backbone,
+    };
+    let alphas = match field(cfg, "model.alpha") {
+        Some(v) => list_of(Some(v), Value::as_f64)
+            .with_context(|| format!("{origin}: config `model.alpha` is not a number or list"))?,
+        None => modes
+            .iter()
+            .map(|m| {
+                method(m).map(|m| m.alpha(backbone)).with_context(|| {
+                    format!("{origin}: config has no `model.alpha` and `{m}` is not a table mode")
+                })
+            })
+            .collect::<Result<_>>()?,
+    };
     let loss = field(cfg, "model.head.loss")
         .and_then(Value::as_str)
         .unwrap_or("CE_none")
         .to_string();
-    let median_window = field(cfg, "evaluation.median_window")
-        .and_then(Value::as_u64)
-        .unwrap_or(10) as usize;
+    let median_window =
+        opt_usize(cfg, "evaluation.median_window", origin)?.unwrap_or(defaults.median_window);
+    let seed = match field(cfg, "seed").or_else(|| field(meta, "seed")) {
+        Some(v) => v
+            .as_u64()
+            .with_context(|| format!("{origin}: config `seed` is not a non-negative integer"))?,
+        None => 0,
+    };
+    let stage_blocks = match field(cfg, "model.backbone.stage_blocks") {
+        Some(v) => Some(
+            list_of(Some(v), |x| x.as_u64().map(|n| n as usize)).with_context(|| {
+                format!("{origin}: config `model.backbone.stage_blocks` is not a list of integers")
+            })?,
+        ),
+        None => None,
+    };
+    let learned = modes.len() == 1 && method(&modes[0]).is_some_and(|m| m.learned);
     Ok(Run {
         dir: dir.to_path_buf(),
         name,
         backbone,
-        modes,
         alphas,
         loss,
         max_epochs,
         median_window,
-        val: BTreeMap::new(),
+        seed,
+        base_width: opt_usize(cfg, "model.backbone.base_width", origin)?
+            .unwrap_or(RECIPE_BASE_WIDTH),
+        stage_blocks,
+        batch_size: opt_usize(cfg, "data.batch_size", origin)?.unwrap_or(RECIPE_BATCH_SIZE),
+        limit_train: opt_usize(cfg, "data.limit_train", origin)?,
+        limit_test: opt_usize(cfg, "data.limit_test", origin)?,
+        other_deviations: other_deviations(cfg, learned),
+        modes,
+        ..defaults
     })
 }
 
@@ -295,7 +567,7 @@ pub fn read_log_lenient(path: &Path) -> Result<(Run, Vec<SkippedLine>)> {
         ),
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut run = run_from_config(&cfg, dir, &origin)?;
+    let mut run = run_from_config(&cfg, &meta, dir, &origin)?;
     let mut skipped = Vec::new();
     for (k, &(i, line)) in lines.iter().enumerate().skip(1) {
         let line_no = i + 1;
@@ -310,8 +582,26 @@ pub fn read_log_lenient(path: &Path) -> Result<(Run, Vec<SkippedLine>)> {
                 continue;
             }
         };
-        if rec.get("mode").and_then(Value::as_str) != Some("val") {
-            continue;
+        match rec.get("mode").and_then(Value::as_str) {
+            Some("val") => {}
+            Some("train") => {
+                if let Some(epoch) = rec.get("epoch").and_then(Value::as_u64) {
+                    let iter = rec.get("iter").and_then(Value::as_u64).unwrap_or(k as u64);
+                    let point = TrainPoint {
+                        loss: rec.get("loss").and_then(Value::as_f64),
+                        lr: rec.get("lr").and_then(Value::as_f64),
+                    };
+                    run.train.insert((epoch as usize, iter as usize), point);
+                }
+                continue;
+            }
+            Some("config_change") => {
+                let changed = list_of(rec.get("changed"), |v| v.as_str().map(String::from))
+                    .unwrap_or_else(|| vec!["(fields not named)".into()]);
+                run.config_changes.extend(changed);
+                continue;
+            }
+            _ => continue,
         }
         let Some(epoch) = rec.get("epoch").and_then(Value::as_u64) else {
             skipped.push((line_no, "val line without an integer `epoch`".into()));
@@ -364,7 +654,9 @@ fn collect_logs(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 
 /// Finds every log below the given files/directories and returns one run per
 /// (directory, name); logs of a resumed run are merged in file-name order, later
-/// evaluations of an epoch replacing earlier ones.
+/// evaluations of an epoch replacing earlier ones. Logs that disagree on
+/// max_epochs/mix_mode/alpha are an error; logs that disagree on another recipe
+/// setting (seed, base width, data limits, …) make the run non-recipe.
 pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
     let mut logs = Vec::new();
     for p in paths {
@@ -393,7 +685,20 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
                         new.name
                     );
                 }
+                for ((what, a), (_, b)) in prev.settings().into_iter().zip(new.settings()) {
+                    let what = what.to_string();
+                    if a != b && !prev.log_disagreements.contains(&what) {
+                        prev.log_disagreements.push(what);
+                    }
+                }
+                for d in new.other_deviations {
+                    if !prev.other_deviations.contains(&d) {
+                        prev.other_deviations.push(d);
+                    }
+                }
+                prev.config_changes.extend(new.config_changes);
                 prev.val.extend(new.val);
+                prev.train.extend(new.train);
             }
         }
     }
@@ -403,59 +708,167 @@ pub fn load_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
 /// Sort key of a table row: table position, modes, α label, loss.
 type RowKey = (usize, String, String, String);
 
-/// One row of the table: a (backbone, method, α, loss) with its runs by epochs.
-struct Row<'a> {
-    label: String,
-    alpha: String,
-    cells: BTreeMap<usize, (&'a Run, Summary)>,
+/// The runs of one table cell, one per seed.
+#[derive(Debug, Clone)]
+pub struct Cell<'a> {
+    /// The cell's runs with their summaries, by seed.
+    pub runs: BTreeMap<u64, (&'a Run, Summary)>,
 }
 
-/// Groups runs into table rows per backbone. When two runs fill the same cell the
-/// one with more evaluated epochs wins (a warning names both).
-fn rows(runs: &[Run]) -> BTreeMap<Backbone, Vec<Row<'_>>> {
-    let mut grouped: BTreeMap<Backbone, BTreeMap<RowKey, Row>> = BTreeMap::new();
+impl Cell<'_> {
+    /// Each run's metric (median over its last epochs), in seed order.
+    pub fn metrics(&self) -> Vec<f64> {
+        self.runs.values().map(|(_, s)| s.median).collect()
+    }
+
+    /// The reported value: the median over seeds of each run's metric.
+    pub fn median(&self) -> f64 {
+        median(&self.metrics()).expect("a cell holds at least one run")
+    }
+
+    /// The lowest last evaluated epoch of an unfinished run of the cell.
+    fn unfinished_progress(&self) -> Option<usize> {
+        self.runs
+            .values()
+            .filter(|(_, s)| !s.finished)
+            .map(|(_, s)| s.last_epoch)
+            .min()
+    }
+}
+
+/// One row of the table: a (backbone, method, α, loss), on the recipe or, marked,
+/// with one set of non-recipe reasons.
+#[derive(Debug, Clone)]
+pub struct Row<'a> {
+    /// Method label.
+    pub label: String,
+    /// α label.
+    pub alpha: String,
+    /// Why the row's runs are not the recipe (empty for a recipe row).
+    pub reasons: Vec<String>,
+    /// Footnote number of `reasons` (`†k`); `None` for a recipe row.
+    pub mark: Option<usize>,
+    /// Cells by epochs (`max_epochs`).
+    pub cells: BTreeMap<usize, Cell<'a>>,
+}
+
+impl Row<'_> {
+    /// Label with its `†k` mark.
+    pub fn marked_label(&self) -> String {
+        match self.mark {
+            Some(k) => format!("{} †{k}", self.label),
+            None => self.label.clone(),
+        }
+    }
+}
+
+/// How runs were placed: the rows per backbone, the footnotes of the marked rows, and
+/// what was left out and why.
+#[derive(Debug, Clone)]
+pub struct Layout<'a> {
+    /// Rows per backbone, recipe rows before their marked variants.
+    pub rows: BTreeMap<Backbone, Vec<Row<'a>>>,
+    /// Footnote `k` (1-based) is `footnotes[k - 1]`: the reasons of rows marked `†k`.
+    pub footnotes: Vec<Vec<String>>,
+    /// Runs left out of the table, with why.
+    pub left_out: Vec<(&'a Run, String)>,
+    /// Warnings (duplicate seeds in a cell).
+    pub warnings: Vec<String>,
+}
+
+/// Groups runs into table rows per backbone. Non-recipe runs are left out unless
+/// `include_nonrecipe`, and then go to rows of their own, one per set of reasons.
+/// Runs of a cell are aggregated per seed; when two runs of a cell share a seed, the
+/// one with more evaluated epochs is kept (the first on a tie) and a warning names both.
+pub fn layout(runs: &[Run], include_nonrecipe: bool) -> Layout<'_> {
+    type Key = (RowKey, Vec<String>);
+    let mut grouped: BTreeMap<Backbone, BTreeMap<Key, Row>> = BTreeMap::new();
+    let mut left_out = Vec::new();
+    let mut warnings = Vec::new();
     for run in runs {
         let Some(summary) = run.summary() else {
-            eprintln!(
-                "warning: {}: no evaluation yet, not in the table",
-                run.dir.display()
-            );
+            left_out.push((run, "no evaluation yet".to_string()));
             continue;
         };
+        let reasons = run.nonrecipe_reasons();
+        if !reasons.is_empty() && !include_nonrecipe {
+            let why = reasons
+                .iter()
+                .map(|r| {
+                    if r == "unfinished" {
+                        format!(
+                            "unfinished (epoch {}/{})",
+                            summary.last_epoch, run.max_epochs
+                        )
+                    } else {
+                        r.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            left_out.push((run, format!("not the benchmark recipe: {why}")));
+            continue;
+        }
         let row = grouped
             .entry(run.backbone)
             .or_default()
-            .entry(run.row_key())
+            .entry((run.row_key(), reasons.clone()))
             .or_insert_with(|| Row {
                 label: run.label(),
                 alpha: run.alpha_label(),
+                reasons,
+                mark: None,
                 cells: BTreeMap::new(),
             });
-        match row.cells.get(&run.max_epochs) {
-            Some((other, s)) if s.last_epoch >= summary.last_epoch => {
-                eprintln!(
-                    "warning: {} and {} fill the same cell; keeping the first",
+        let cell = row.cells.entry(run.max_epochs).or_insert_with(|| Cell {
+            runs: BTreeMap::new(),
+        });
+        match cell.runs.get(&run.seed) {
+            Some((other, s)) => {
+                let keep_new = summary.last_epoch > s.last_epoch;
+                warnings.push(format!(
+                    "{} and {} are the same cell and seed {}; keeping the {}",
                     other.dir.display(),
-                    run.dir.display()
-                );
-            }
-            Some((other, _)) => {
-                eprintln!(
-                    "warning: {} and {} fill the same cell; keeping the second",
-                    other.dir.display(),
-                    run.dir.display()
-                );
-                row.cells.insert(run.max_epochs, (run, summary));
+                    run.dir.display(),
+                    run.seed,
+                    if keep_new { "second" } else { "first" }
+                ));
+                if keep_new {
+                    cell.runs.insert(run.seed, (run, summary));
+                }
             }
             None => {
-                row.cells.insert(run.max_epochs, (run, summary));
+                cell.runs.insert(run.seed, (run, summary));
             }
         }
     }
-    grouped
+    let mut footnotes: Vec<Vec<String>> = Vec::new();
+    let rows = grouped
         .into_iter()
-        .map(|(b, r)| (b, r.into_values().collect()))
-        .collect()
+        .map(|(b, rows)| {
+            let mut rows: Vec<Row> = rows.into_values().collect();
+            for row in &mut rows {
+                if row.reasons.is_empty() {
+                    continue;
+                }
+                let k = match footnotes.iter().position(|f| *f == row.reasons) {
+                    Some(i) => i + 1,
+                    None => {
+                        footnotes.push(row.reasons.clone());
+                        footnotes.len()
+                    }
+                };
+                row.mark = Some(k);
+            }
+            (b, rows)
+        })
+        .collect();
+    Layout {
+        rows,
+        footnotes,
+        left_out,
+        warnings,
+    }
 }
 
 fn backbone_title(b: Backbone) -> &'static str {
@@ -465,13 +878,24 @@ fn backbone_title(b: Backbone) -> &'static str {
     }
 }
 
-/// The Markdown and CSV texts of the table.
+/// What [`tables`] shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableOptions {
+    /// Put the published number and our difference in every cell that has one.
+    pub compare_published: bool,
+    /// Show non-recipe runs in rows of their own, marked `†k`, instead of leaving them out.
+    pub include_nonrecipe: bool,
+}
+
+/// The Markdown and CSV texts of the table, and what to tell the user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tables {
     /// Markdown, one table per backbone.
     pub markdown: String,
-    /// Long-format CSV, one line per run.
+    /// Long-format CSV, one line per run in the table.
     pub csv: String,
+    /// Notes for stderr: runs left out and why, duplicate seeds.
+    pub warnings: Vec<String>,
 }
 
 fn csv_field(s: &str) -> String {
@@ -482,101 +906,196 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// Builds the tables; with `compare`, every cell that has a published number
-/// shows it and our difference.
-pub fn tables(runs: &[Run], compare: bool) -> Result<Tables> {
+/// The CSV header of [`tables`].
+pub const CSV_HEADER: &str = "backbone,method,mix_mode,alpha,loss,epochs,seed,last_epoch,finished,\
+head,top1_median,top1_median_last10,n_values,cell_n,cell_median,cell_mean,cell_std,published,\
+diff,recipe,nonrecipe,base_width,stage_blocks,batch_size,limit_train,limit_test,name,work_dir";
+
+fn opt_str<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(T::to_string).unwrap_or_default()
+}
+
+/// Builds the tables (see [`TableOptions`]).
+pub fn tables(runs: &[Run], opts: &TableOptions) -> Result<Tables> {
     let table = published()?;
+    let lay = layout(runs, opts.include_nonrecipe);
     let mut md = String::from("# CIFAR-10 mixup benchmark: our results\n\n");
     md.push_str(
         "Median top-1 test accuracy (%) over the evaluations of epochs E−10..E (11 values, as \
-         upstream's summarizer does; spec §3.3). AutoMix/SAMix: the best head's median \
-         (spec §5.12.7). \"(ep e/E)\" marks an unfinished run: the median of epochs e−10..e.\n",
+         upstream's summarizer does); AutoMix/SAMix: the best head's median. A cell with \
+         several runs (seeds) shows the median over them of each run's metric and their \
+         number, `(n=k)`; benchmark.csv has every run and the cell's mean and standard \
+         deviation. Method, metric and differences from upstream: docs/benchmark.md.\n",
     );
-    if compare {
-        md.push_str(
-            "Cells with a published number read `ours (pub published, ours − published)`.\n",
+    md.push_str(
+        "Only runs on the benchmark recipe (full data, base width 64, standard stage blocks, \
+         batch 100, the recipe's optimizer, `max_epochs` as the run's name says, finished) \
+         fill the cells",
+    );
+    if opts.include_nonrecipe {
+        md.push_str("; other runs are in rows marked †k, explained under each table.\n");
+    } else {
+        let n = lay
+            .left_out
+            .iter()
+            .filter(|(_, why)| why.starts_with("not the benchmark recipe"))
+            .count();
+        let _ = writeln!(
+            md,
+            "; {n} other run(s) are left out (`cargo xtask report --include-nonrecipe` \
+             shows them, marked †)."
         );
     }
-    let mut csv = String::from(
-        "backbone,method,mix_mode,alpha,loss,epochs,last_epoch,finished,head,top1_median,\
-         top1_median_last10,n_values,published,diff,name,work_dir\n",
-    );
-    for (backbone, rows) in rows(runs) {
+    if opts.compare_published {
+        md.push_str(
+            "Cells with a published number (xtask/src/published.csv) read \
+             `ours (pub published, ours − published)`.\n",
+        );
+    }
+    let mut csv = format!("{CSV_HEADER}\n");
+    for (backbone, rows) in &lay.rows {
         let mut epochs: Vec<usize> = rows.iter().flat_map(|r| r.cells.keys().copied()).collect();
         epochs.sort_unstable();
         epochs.dedup();
-        let _ = write!(md, "\n## {}\n\n| Method | α |", backbone_title(backbone));
+        let _ = write!(md, "\n## {}\n\n| Method | α |", backbone_title(*backbone));
         for e in &epochs {
             let _ = write!(md, " {e} ep |");
         }
         md.push_str("\n|---|:---:|");
         md.push_str(&":---:|".repeat(epochs.len()));
         md.push('\n');
-        for row in &rows {
-            let _ = write!(md, "| {} | {} |", row.label, row.alpha);
+        let mut marks: Vec<usize> = Vec::new();
+        for row in rows {
+            if let Some(k) = row.mark {
+                if !marks.contains(&k) {
+                    marks.push(k);
+                }
+            }
+            let _ = write!(md, "| {} | {} |", row.marked_label(), row.alpha);
             for e in &epochs {
-                let Some((run, s)) = row.cells.get(e) else {
+                let Some(cell) = row.cells.get(e) else {
                     md.push_str(" – |");
                     continue;
                 };
-                let mut cell = format!("{:.2}", s.median);
-                if !s.finished {
-                    let _ = write!(cell, " (ep {}/{})", s.last_epoch, run.max_epochs);
+                let metrics = cell.metrics();
+                let cell_median = cell.median();
+                let mut text = format!("{cell_median:.2}");
+                if metrics.len() > 1 {
+                    let _ = write!(text, " (n={})", metrics.len());
                 }
-                let publ = run.published(&table);
-                if let (true, Some(p)) = (compare, publ) {
+                if let Some(last) = cell.unfinished_progress() {
+                    let _ = write!(text, " (ep {last}/{e})");
+                }
+                let (first_run, _) = cell.runs.values().next().expect("non-empty cell");
+                let publ = first_run.published(&table);
+                if let (true, Some(p)) = (opts.compare_published, publ) {
                     let _ = write!(
-                        cell,
+                        text,
                         " (pub {:.2}, {:+.2})",
                         p.top1_median,
-                        s.median - p.top1_median
+                        cell_median - p.top1_median
                     );
                 }
-                let _ = write!(md, " {cell} |");
-                let alpha_csv = if row.alpha == "–" {
-                    "-".to_string()
-                } else {
-                    run.alphas
-                        .iter()
-                        .map(|a| format!("{a}"))
-                        .collect::<Vec<_>>()
-                        .join("+")
-                };
-                let fields = [
-                    backbone.published_name().to_string(),
-                    row.label.clone(),
-                    run.modes.join("+"),
-                    alpha_csv,
-                    if run.is_learned() {
+                let _ = write!(md, " {text} |");
+                let cell_mean = mean(&metrics).expect("non-empty");
+                let cell_std = sample_std(&metrics);
+                for (run, s) in cell.runs.values() {
+                    let alpha_csv = if row.alpha == "–" {
                         "-".to_string()
                     } else {
-                        run.loss.clone()
-                    },
-                    e.to_string(),
-                    s.last_epoch.to_string(),
-                    s.finished.to_string(),
-                    s.head.clone(),
-                    format!("{:.2}", s.median),
-                    format!("{:.2}", s.median_last_w),
-                    s.n_values.to_string(),
-                    publ.map(|p| format!("{:.2}", p.top1_median))
-                        .unwrap_or_default(),
-                    publ.map(|p| format!("{:+.2}", s.median - p.top1_median))
-                        .unwrap_or_default(),
-                    run.name.clone(),
-                    run.dir.display().to_string(),
-                ];
-                let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-                csv.push_str(&line.join(","));
-                csv.push('\n');
+                        run.alphas
+                            .iter()
+                            .map(|a| format!("{a}"))
+                            .collect::<Vec<_>>()
+                            .join("+")
+                    };
+                    let fields = [
+                        backbone.published_name().to_string(),
+                        row.label.clone(),
+                        run.modes.join("+"),
+                        alpha_csv,
+                        if run.is_learned() {
+                            "-".to_string()
+                        } else {
+                            run.loss.clone()
+                        },
+                        e.to_string(),
+                        run.seed.to_string(),
+                        s.last_epoch.to_string(),
+                        s.finished.to_string(),
+                        s.head.clone(),
+                        format!("{:.2}", s.median),
+                        format!("{:.2}", s.median_last_w),
+                        s.n_values.to_string(),
+                        metrics.len().to_string(),
+                        format!("{cell_median:.2}"),
+                        format!("{cell_mean:.2}"),
+                        cell_std.map(|v| format!("{v:.2}")).unwrap_or_default(),
+                        publ.map(|p| format!("{:.2}", p.top1_median))
+                            .unwrap_or_default(),
+                        publ.map(|p| format!("{:+.2}", cell_median - p.top1_median))
+                            .unwrap_or_default(),
+                        row.reasons.is_empty().to_string(),
+                        row.reasons.join("; "),
+                        run.base_width.to_string(),
+                        run.stage_blocks
+                            .as_ref()
+                            .map(|b| {
+                                b.iter()
+                                    .map(|x| x.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(" ")
+                            })
+                            .unwrap_or_default(),
+                        run.batch_size.to_string(),
+                        opt_str(&run.limit_train),
+                        opt_str(&run.limit_test),
+                        run.name.clone(),
+                        run.dir.display().to_string(),
+                    ];
+                    let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+                    csv.push_str(&line.join(","));
+                    csv.push('\n');
+                }
             }
             md.push('\n');
         }
+        if !marks.is_empty() {
+            md.push('\n');
+            for k in marks {
+                let _ = writeln!(
+                    md,
+                    "†{k} Not the benchmark recipe: {}.  ",
+                    lay.footnotes[k - 1].join("; ")
+                );
+            }
+        }
     }
-    Ok(Tables { markdown: md, csv })
+    let mut warnings: Vec<String> = lay
+        .left_out
+        .iter()
+        .map(|(run, why)| {
+            format!(
+                "{} (`{}`, seed {}): left out of the table, {why}",
+                run.dir.display(),
+                run.name,
+                run.seed
+            )
+        })
+        .collect();
+    if !opts.include_nonrecipe && lay.left_out.iter().any(|(_, w)| w.starts_with("not the")) {
+        warnings.push("--include-nonrecipe shows the non-recipe runs in rows marked †".into());
+    }
+    warnings.extend(lay.warnings);
+    Ok(Tables {
+        markdown: md,
+        csv,
+        warnings,
+    })
 }
 
-fn file_safe(s: &str) -> String {
+/// `s` with every character other than ASCII letters, digits, `-`, `_` and `.` replaced by `_`.
+pub fn file_safe(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "-_.".contains(c) {
@@ -588,9 +1107,28 @@ fn file_safe(s: &str) -> String {
         .collect()
 }
 
+/// File stems of the per-run plots, in `runs` order: `run_<name>_seed<seed>`, and
+/// `_2`, `_3`, … appended to later runs that would share a stem (same name and seed
+/// in different work directories).
+pub fn run_plot_stems(runs: &[Run]) -> Vec<String> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    runs.iter()
+        .map(|run| {
+            let stem = format!("run_{}_seed{}", file_safe(&run.name), run.seed);
+            let n = seen.entry(stem.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                stem
+            } else {
+                format!("{stem}_{n}")
+            }
+        })
+        .collect()
+}
+
 /// Writes one accuracy-curve PNG per run (every head) and one per (backbone, epochs)
-/// comparing the table rows (their reported head) into `dir`; returns the files.
-pub fn write_plots(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
+/// comparing the table rows (each run's reported head) into `dir`; returns the files.
+pub fn write_plots(runs: &[Run], include_nonrecipe: bool, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let mut written = Vec::new();
     let mut save = |name: String, bytes: Vec<u8>| -> Result<()> {
@@ -606,7 +1144,7 @@ pub fn write_plots(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
             .filter_map(|(e, h)| h.get(head).map(|v| (*e as f64, *v)))
             .collect()
     };
-    for run in runs {
+    for (run, stem) in runs.iter().zip(run_plot_stems(runs)) {
         let mut heads: Vec<&String> = run.val.values().flat_map(|h| h.keys()).collect();
         heads.sort();
         heads.dedup();
@@ -617,24 +1155,27 @@ pub fn write_plots(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
                 points: curve(run, h),
             })
             .collect();
-        let title = format!("{} ({} ep)", run.name, run.max_epochs);
+        let title = format!("{} seed {} ({} ep)", run.name, run.seed, run.max_epochs);
         save(
-            format!("run_{}.png", file_safe(&run.name)),
+            format!("{stem}.png"),
             line_plot(&title, "epoch", "top-1 %", &series)?,
         )?;
     }
-    for (backbone, rows) in rows(runs) {
+    for (backbone, rows) in layout(runs, include_nonrecipe).rows {
         let mut by_epochs: BTreeMap<usize, Vec<Series>> = BTreeMap::new();
         for row in &rows {
-            for (e, (run, s)) in &row.cells {
-                let label = match row.alpha.as_str() {
-                    "–" => row.label.clone(),
-                    a => format!("{} a={a}", row.label),
-                };
-                by_epochs.entry(*e).or_default().push(Series {
-                    label,
-                    points: curve(run, &s.head),
-                });
+            for (e, cell) in &row.cells {
+                for (run, s) in cell.runs.values() {
+                    let mut label = row.marked_label();
+                    if row.alpha != "–" {
+                        let _ = write!(label, " a={}", row.alpha);
+                    }
+                    let _ = write!(label, " s{}", run.seed);
+                    by_epochs.entry(*e).or_default().push(Series {
+                        label,
+                        points: curve(run, &s.head),
+                    });
+                }
             }
         }
         for (e, series) in by_epochs {
@@ -657,5 +1198,19 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn mean_and_sample_std() {
+        assert_eq!(mean(&[1.0, 2.0, 6.0]), Some(3.0));
+        assert_eq!(sample_std(&[1.0]), None);
+        assert!((sample_std(&[1.0, 2.0, 6.0]).unwrap() - 7f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn epochs_claimed_by_names() {
+        assert_eq!(claimed_epochs("r18_mixups_CE_none_alpha1_ep800"), Some(800));
+        assert_eq!(claimed_epochs("r18_mixup"), None);
+        assert_eq!(claimed_epochs("x_epoch"), None);
     }
 }
