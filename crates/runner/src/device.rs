@@ -54,8 +54,6 @@ pub fn configure(device: &Device, precision: Precision, deterministic: bool) -> 
 
 /// [`configure`] with the config file's spelling of the fields. The training entry calls it
 /// with the run's `cfg.train` right after opening the device.
-// Not yet called from the training entry (owned elsewhere); `runner bench` uses `configure`.
-#[allow(dead_code)]
 pub fn configure_from(device: &Device, cfg: &bench_config::TrainConfig) -> Result<()> {
     let precision = match cfg.precision {
         bench_config::Precision::F32 => Precision::F32,

@@ -121,6 +121,7 @@ pub struct TrainArgs {
 fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let cfg = setup::load_config(args)?;
     let device = device::parse_device(&args.device)?;
+    device::configure_from(&device, &cfg.train)?;
     if args.check_config {
         setup::check_config(&cfg)
             .with_context(|| args.config.as_ref().expect("checked").display().to_string())?;
