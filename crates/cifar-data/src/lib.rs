@@ -27,6 +27,7 @@
 //! ```
 
 pub mod augment;
+pub mod corrupt;
 mod device;
 #[cfg(feature = "download")]
 mod download;
@@ -40,6 +41,7 @@ use std::path::PathBuf;
 pub use augment::{
     augment_image, batch_augment_params, epoch_permutation, AugmentParams, PaddingMode,
 };
+pub use corrupt::{image_rng, Corruption, SEVERITIES};
 pub use device::{denormalize_to_u8, to_device_batch, MEAN, STD};
 #[cfg(feature = "download")]
 pub use download::{download, download_from_url, install_archive, md5_hex, OFFICIAL_BINARY_MD5};
