@@ -18,8 +18,8 @@
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::args::MixArgs;
 use crate::labels::MixedLabels;
-use crate::registry::MixArgs;
 use crate::sample::{perm_tensor, permutation};
 use crate::transport::host_f32;
 use crate::{MixContext, MixMethod, MixModel, Mixed};

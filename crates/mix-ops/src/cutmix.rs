@@ -4,8 +4,8 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
+use crate::args::MixArgs;
 use crate::boxes::{cut_side, keep_weight, paste_where, random_coord, CutBox};
-use crate::registry::MixArgs;
 use crate::sample::{perm_tensor, permutation, permutation_avoiding_fixed_points};
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 

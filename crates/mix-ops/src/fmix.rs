@@ -14,9 +14,9 @@ use rand::{Rng, RngCore};
 use rand_distr::{Beta, Distribution, StandardNormal};
 use serde::Deserialize;
 
+use crate::args::MixArgs;
 use crate::boxes::blend_with_weight;
 use crate::cutmix::partner_permutation;
-use crate::registry::MixArgs;
 use crate::sample::perm_tensor;
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 

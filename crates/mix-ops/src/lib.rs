@@ -22,6 +22,7 @@
 use candle_core::{Result, Tensor};
 use rand::RngCore;
 
+pub mod args;
 pub mod labels;
 pub mod policy;
 pub mod sample;

@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use rand::Rng;
 use serde::Deserialize;
 
-use crate::registry::MixArgs;
+use crate::args::MixArgs;
 use crate::sample::{perm_tensor, permutation};
 use crate::{FeatureMix, MixContext, MixMethod, Mixed, MixedLabels};
 

@@ -33,10 +33,10 @@ use candle_core::{DType, Result, Tensor};
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
+use crate::args::MixArgs;
 use crate::graphcut::GridEnergy;
 use crate::labels::{Lambda, MixedLabels};
 use crate::norm::{CIFAR10_MEAN, CIFAR10_STD};
-use crate::registry::MixArgs;
 use crate::sample::{beta_lambda, perm_tensor, permutation};
 use crate::transport::{avg_pool_maps, host_f32, move_patches, GreedyTransport};
 use crate::{MixContext, MixMethod, MixModel, Mixed};

@@ -7,9 +7,6 @@
 
 use std::fmt;
 
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
-
 use crate::attentivemix::AttentiveMix;
 use crate::cutmix::CutMix;
 use crate::fmix::FMix;
@@ -91,37 +88,17 @@ impl fmt::Display for MixConfigError {
 
 impl std::error::Error for MixConfigError {}
 
-/// A method's `mix_args` struct: parsed with serde (`default`,
-/// `deny_unknown_fields`), then checked by [`MixArgs::validate`].
-pub trait MixArgs: DeserializeOwned + Default {
-    /// Checks value ranges; the message names the offending field.
-    fn validate(&self) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-/// `mix_args` of methods that take none: only `{}` (or nothing) is accepted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NoArgs {}
-
-impl MixArgs for NoArgs {}
+pub use crate::args::{MixArgs, NoArgs};
 
 /// Parses and validates `mix_args` for `mode`; `None` or JSON `null` gives the defaults.
 pub fn parse_args<A: MixArgs>(
     mode: &str,
     mix_args: Option<&serde_json::Value>,
 ) -> Result<A, MixConfigError> {
-    let bad = |message: String| MixConfigError::BadArgs {
+    crate::args::parse_mix_args(mix_args).map_err(|message| MixConfigError::BadArgs {
         mode: mode.to_string(),
         message,
-    };
-    let args = match mix_args {
-        None | Some(serde_json::Value::Null) => A::default(),
-        Some(value) => A::deserialize(value).map_err(|e| bad(e.to_string()))?,
-    };
-    args.validate().map_err(bad)?;
-    Ok(args)
+    })
 }
 
 fn check_alpha(mode: &str, alpha: f64) -> Result<f64, MixConfigError> {

@@ -5,8 +5,8 @@ use candle_core::{Result, Tensor};
 use rand::{Rng, RngCore};
 use serde::Deserialize;
 
+use crate::args::MixArgs;
 use crate::boxes::{keep_weight, paste_where, random_coord, CutBox};
-use crate::registry::MixArgs;
 use crate::sample::{beta_lambda, perm_tensor, permutation};
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 

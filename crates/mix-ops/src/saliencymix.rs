@@ -13,9 +13,9 @@
 use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
+use crate::args::MixArgs;
 use crate::boxes::{cut_side, keep_weight, paste_where, CutBox};
 use crate::norm::{denormalize_to_u8, CIFAR10_MEAN, CIFAR10_STD};
-use crate::registry::MixArgs;
 use crate::saliency::{argmax_first, fine_grained_saliency};
 use crate::sample::{perm_tensor, permutation};
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};

@@ -9,8 +9,8 @@ use candle_core::{Result, Tensor};
 use rand::{Rng, RngCore};
 use serde::Deserialize;
 
+use crate::args::MixArgs;
 use crate::boxes::{blend_with_weight, random_coord};
-use crate::registry::MixArgs;
 use crate::sample::{perm_tensor, permutation};
 use crate::{MixContext, MixMethod, Mixed, MixedLabels};
 
