@@ -105,3 +105,27 @@ fn bad_configs_fail_with_one_line_naming_file_and_field() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.json"));
 }
+
+#[test]
+fn schema_describes_every_section_with_its_documentation() {
+    let out = runner().arg("schema").output().unwrap();
+    assert!(out.status.success());
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let props = &schema["properties"];
+    for section in [
+        "model",
+        "data",
+        "optimizer",
+        "lr_config",
+        "max_epochs",
+        "seed",
+        "train",
+    ] {
+        assert!(props.get(section).is_some(), "no `{section}` in the schema");
+    }
+    let text = schema.to_string();
+    assert!(
+        text.contains("Images per training batch"),
+        "field docs missing"
+    );
+}

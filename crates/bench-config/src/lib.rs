@@ -16,7 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 /// A value that may be given as one item or as a list (`"mixup"` or `["mixup", "cutmix"]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     /// A single value.
@@ -36,7 +36,7 @@ impl<T: Clone> OneOrMany<T> {
 }
 
 /// The whole run configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     /// Experiment name; default: the config file's stem (set by the loader).
@@ -86,7 +86,7 @@ impl Default for RunConfig {
 }
 
 /// Backbone architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     /// CIFAR ResNet-18 (11,173,962 parameters with the 10-way head).
@@ -96,7 +96,7 @@ pub enum Arch {
 }
 
 /// Weight initialisation scheme (spec §2.6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InitScheme {
     /// Benchmark-era: Kaiming-normal fan-out convs, zero-init residual BN, N(0, 0.01²) FC.
@@ -106,7 +106,7 @@ pub enum InitScheme {
 }
 
 /// Backbone settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackboneConfig {
     /// `resnet18` (default) or `resnext50`.
@@ -131,7 +131,7 @@ impl Default for BackboneConfig {
 }
 
 /// Classification loss of the head (spec §3.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum HeadLoss {
     /// `λ·CE(z, y_a) + (1−λ)·CE(z, y_b)` (every table row but PuzzleMix).
     #[serde(rename = "CE_none")]
@@ -145,7 +145,7 @@ pub enum HeadLoss {
 }
 
 /// Head settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadConfig {
     /// Loss (default `CE_none`).
@@ -164,7 +164,7 @@ impl Default for HeadConfig {
 }
 
 /// Network and mixing settings (OpenMixup's `model` dict).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Mixing mode or list of modes (default `"mixup"`).
@@ -210,7 +210,7 @@ impl Default for ModelConfig {
 }
 
 /// Zero-padding (benchmark) or reflection padding for the random crop (spec §1.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PaddingMode {
     /// Pad with zeros (the CIFAR-10 config).
@@ -220,7 +220,7 @@ pub enum PaddingMode {
 }
 
 /// Data settings (spec §1).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Directory with `data_batch_{1..5}.bin` + `test_batch.bin`, or a
@@ -261,7 +261,7 @@ impl Default for DataConfig {
 }
 
 /// SGD settings (spec §3.1).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerConfig {
     /// Base learning rate (default 0.1).
@@ -286,7 +286,7 @@ impl Default for OptimizerConfig {
 }
 
 /// Per-epoch cosine annealing (spec §3.2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LrConfig {
     /// Final learning rate (default 0; AutoMix/SAMix use 0.05).
@@ -300,7 +300,7 @@ impl Default for LrConfig {
 }
 
 /// Checkpoint cadence (spec §8.2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Save every N epochs, and always after the last one (default 10).
@@ -319,7 +319,7 @@ impl Default for CheckpointConfig {
 }
 
 /// Logging cadence (spec §8.3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// Write a train line every N iterations (default 50).
@@ -333,7 +333,7 @@ impl Default for LogConfig {
 }
 
 /// Evaluation settings (spec §3.3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     /// Evaluate every N epochs (default 1).
@@ -354,7 +354,9 @@ impl Default for EvalConfig {
 
 /// Arithmetic of convolutions and matmuls on CUDA (`train.precision`). The CPU always
 /// computes in f32, whatever this says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Strict f32 (cuDNN FMA math, no TF32).
@@ -369,7 +371,7 @@ pub enum Precision {
 }
 
 /// Numerics of the training step (`train` section).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// `"f32"`, `"tf32"` (default) or `"bf16"`; only affects CUDA devices.
@@ -399,6 +401,12 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl RunConfig {
+    /// The JSON Schema of the config (for editors' completion and checking),
+    /// with each field's documentation as its description.
+    pub fn json_schema() -> serde_json::Value {
+        serde_json::to_value(schemars::schema_for!(RunConfig)).expect("a schema serializes")
+    }
+
     /// Parses a config from JSON text; `origin` names the source in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let de = &mut serde_json::Deserializer::from_str(text);

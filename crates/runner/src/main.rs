@@ -48,6 +48,8 @@ enum Command {
     Preview(preview::PreviewArgs),
     /// Measure train-step, mixing and data-loading throughput; prints JSON.
     Bench(bench::BenchArgs),
+    /// Print the JSON Schema of the config (for editor completion and checking).
+    Schema,
 }
 
 /// Options shared by training and config checking.
@@ -142,6 +144,11 @@ fn main() -> ExitCode {
         Some(Command::Train(args)) => train(&args),
         Some(Command::Preview(args)) => preview::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
+        Some(Command::Schema) => {
+            serde_json::to_string_pretty(&bench_config::RunConfig::json_schema())
+                .map(|s| println!("{s}"))
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
