@@ -170,6 +170,84 @@ pub fn median_final_epochs(
     median_over_epochs(history, (max_epochs + 1).saturating_sub(window), max_epochs)
 }
 
+/// Number of equal-width confidence bins of the reported expected calibration error (Guo et al.,
+/// "On Calibration of Modern Neural Networks", ICML 2017).
+pub const ECE_BINS: usize = 15;
+
+/// What calibration metrics need of one classified sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CalibrationSample {
+    /// The highest softmax probability (the confidence of the top-1 prediction).
+    pub confidence: f64,
+    /// Whether the top-1 prediction is the label (ties to the lower class index, as
+    /// [`topk_correct`]; a row with a NaN or ±∞ logit is wrong).
+    pub correct: bool,
+    /// `−log softmax(logits)[label]`: the sample's negative log-likelihood.
+    pub nll: f64,
+}
+
+/// Per-sample confidence, correctness and negative log-likelihood of a batch (`logits`: `N×C`,
+/// `labels`: `N` class indices), computed on the logits' device with one host transfer.
+/// Non-finite logits give a non-finite confidence and NLL and count as wrong.
+pub fn calibration_samples(logits: &Tensor, labels: &Tensor) -> Result<Vec<CalibrationSample>> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let idx = labels.to_dtype(DType::U32)?.unsqueeze(1)?.contiguous()?;
+    let nll = log_p.gather(&idx, 1)?.squeeze(1)?.neg()?;
+    let confidence = log_p.max(D::Minus1)?.exp()?;
+    let correct = label_rank(&logits, labels)?.lt(1.0)?.to_dtype(DType::F32)?;
+    let host = Tensor::stack(&[confidence, correct, nll], 0)?.to_vec2::<f32>()?;
+    Ok((0..host[0].len())
+        .map(|i| CalibrationSample {
+            confidence: host[0][i] as f64,
+            correct: host[1][i] > 0.5,
+            nll: host[2][i] as f64,
+        })
+        .collect())
+}
+
+/// Mean negative log-likelihood of `samples` (NaN for none; not finite when a sample's is not).
+pub fn mean_nll(samples: &[CalibrationSample]) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.iter().map(|s| s.nll).sum::<f64>() / samples.len() as f64
+}
+
+/// Expected calibration error (Guo et al. 2017) over `bins` equal-width confidence bins
+/// `((m−1)/M, m/M]`: `Σ_m |B_m|/n · |accuracy(B_m) − mean confidence(B_m)|`, a fraction in
+/// `[0, 1]` (0 for no samples). A confidence of exactly 0 falls in the first bin; a non-finite
+/// one (from non-finite logits) counts as confidence 0, so such a wrong sample adds nothing
+/// to the gap of its bin.
+pub fn expected_calibration_error(samples: &[CalibrationSample], bins: usize) -> f64 {
+    assert!(
+        bins > 0,
+        "expected_calibration_error needs at least one bin"
+    );
+    if samples.is_empty() {
+        return 0.0;
+    }
+    // Per bin: count, Σ confidence, Σ correct.
+    let mut acc = vec![(0usize, 0.0f64, 0.0f64); bins];
+    for s in samples {
+        let conf = if s.confidence.is_finite() {
+            s.confidence.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        // Bin m (0-based) holds (m/M, (m+1)/M]: ceil(conf·M) − 1.
+        let m = ((conf * bins as f64).ceil() as usize).clamp(1, bins) - 1;
+        acc[m].0 += 1;
+        acc[m].1 += conf;
+        acc[m].2 += if s.correct { 1.0 } else { 0.0 };
+    }
+    let n = samples.len() as f64;
+    acc.iter()
+        .filter(|(count, _, _)| *count > 0)
+        .map(|&(_, conf, correct)| (correct - conf).abs() / n)
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +377,75 @@ mod tests {
         resumed.push((12, 10.0));
         // Epochs 2..=12 sorted: 10 89 90 91 92 93 94 95 96 97 98 → 93.
         assert_eq!(median_last_k(&resumed, 12, 10), Some(93.0));
+    }
+
+    fn sample(confidence: f64, correct: bool) -> CalibrationSample {
+        CalibrationSample {
+            confidence,
+            correct,
+            nll: 0.0,
+        }
+    }
+
+    #[test]
+    fn ece_matches_hand_computed_bins() {
+        // Perfectly calibrated: 4 samples at 0.75 confidence, 3 right.
+        let calibrated: Vec<_> = [true, true, true, false]
+            .iter()
+            .map(|&c| sample(0.75, c))
+            .collect();
+        assert!(expected_calibration_error(&calibrated, 15).abs() < 1e-12);
+        // Two bins of 15: 0.95 (bin 15) right and wrong → |0.5 − 0.95|·2/4; 0.3 (bin 5) right
+        // twice → |1 − 0.3|·2/4. ECE = 0.225 + 0.35.
+        let s = [
+            sample(0.95, true),
+            sample(0.95, false),
+            sample(0.3, true),
+            sample(0.3, true),
+        ];
+        assert!((expected_calibration_error(&s, 15) - 0.575).abs() < 1e-12);
+        // One bin: |accuracy − mean confidence| over everything = |0.75 − 0.625|.
+        assert!((expected_calibration_error(&s, 1) - 0.125).abs() < 1e-12);
+        // Bin edges are right-closed: 1/3 lies in bin 1 of 3, just above it in bin 2.
+        let edge = [sample(1.0 / 3.0, true), sample(1.0 / 3.0 + 1e-9, false)];
+        // Bin 1: |1 − 1/3|/2; bin 2: |0 − (1/3 + 1e-9)|/2.
+        let want = (2.0 / 3.0) / 2.0 + (1.0 / 3.0 + 1e-9) / 2.0;
+        assert!((expected_calibration_error(&edge, 3) - want).abs() < 1e-12);
+        // Always right at confidence 1, always wrong at confidence 1: 0 and 1.
+        assert_eq!(expected_calibration_error(&[sample(1.0, true)], 15), 0.0);
+        assert_eq!(expected_calibration_error(&[sample(1.0, false)], 15), 1.0);
+        assert_eq!(expected_calibration_error(&[], 15), 0.0);
+        // A non-finite confidence counts as 0 (and the sample is wrong).
+        assert_eq!(
+            expected_calibration_error(&[sample(f64::NAN, false)], 15),
+            0.0
+        );
+    }
+
+    #[test]
+    fn calibration_samples_give_softmax_confidence_and_nll() {
+        let ln2 = 2f32.ln();
+        // Row 0: logits (ln 2, 0, 0, 0) → p = (2/5, 1/5, 1/5, 1/5); label 0 (top-1).
+        // Row 1: uniform → p = 1/4 each, top-1 is class 0 by the tie rule; label 2 (wrong).
+        // Row 2: a NaN.
+        let z = t2(&[
+            [ln2, 0.0, 0.0, 0.0],
+            [1.0, 1.0, 1.0, 1.0],
+            [0.0, f32::NAN, 0.0, 0.0],
+        ]);
+        let s = calibration_samples(&z, &labels(&[0, 2, 0])).unwrap();
+        assert!((s[0].confidence - 0.4).abs() < 1e-6);
+        assert!(s[0].correct);
+        assert!((s[0].nll - (2.5f64).ln()).abs() < 1e-6);
+        assert!((s[1].confidence - 0.25).abs() < 1e-6);
+        assert!(!s[1].correct);
+        assert!((s[1].nll - 4f64.ln()).abs() < 1e-6);
+        assert!(!s[2].correct && !s[2].nll.is_finite());
+        let mean = mean_nll(&s[..2]);
+        assert!((mean - (2.5f64.ln() + 4f64.ln()) / 2.0).abs() < 1e-6);
+        assert!(mean_nll(&[]).is_nan());
+        // ECE of the two finite rows, 15 bins: 0.4 in bin 6 (right), 0.25 in bin 4 (wrong):
+        // (|1 − 0.4| + |0 − 0.25|)/2.
+        assert!((expected_calibration_error(&s[..2], ECE_BINS) - 0.425).abs() < 1e-6);
     }
 }
