@@ -22,7 +22,7 @@ enum Command {
     /// Write one JSON config per (backbone, mode, α, epochs) plus launch scripts
     /// (1 GPU, N GPUs, Slurm), laid out like upstream's auto_train_mixups.py.
     GenConfigs(GenArgs),
-    /// Read run logs and write the benchmark table (Markdown + CSV) and accuracy plots.
+    /// Read run logs and write the benchmark table (Markdown + CSV) and SVG plots.
     Report(ReportArgs),
 }
 

@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::methods::{method, published, published_value, table_index, Backbone, Published};
-use crate::plot::{line_plot, Series};
+use crate::plot::{comparison, epoch_panels, CompareRow, Panel, Series};
 
 /// Images in the CIFAR-10 training set (the recipe trains on all of them).
 pub const TRAIN_IMAGES: usize = 50_000;
@@ -280,6 +280,32 @@ impl Run {
             r.push("unfinished".into());
         }
         r
+    }
+
+    /// Mean training loss of each epoch's train lines (lines without a finite loss skipped).
+    pub fn train_loss_per_epoch(&self) -> BTreeMap<usize, f64> {
+        let mut sums: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
+        for ((e, _), p) in &self.train {
+            if let Some(l) = p.loss.filter(|l| l.is_finite()) {
+                let s = sums.entry(*e).or_default();
+                s.0 += l;
+                s.1 += 1;
+            }
+        }
+        sums.into_iter()
+            .map(|(e, (sum, n))| (e, sum / n as f64))
+            .collect()
+    }
+
+    /// Learning rate of each epoch: that of its first train line (the schedule is per epoch).
+    pub fn lr_per_epoch(&self) -> BTreeMap<usize, f64> {
+        let mut out = BTreeMap::new();
+        for ((e, _), p) in &self.train {
+            if let Some(lr) = p.lr {
+                out.entry(*e).or_insert(lr);
+            }
+        }
+        out
     }
 
     /// Single table mode, if the run uses exactly one.
@@ -1126,63 +1152,105 @@ pub fn run_plot_stems(runs: &[Run]) -> Vec<String> {
         .collect()
 }
 
-/// Writes one accuracy-curve PNG per run (every head) and one per (backbone, epochs)
-/// comparing the table rows (each run's reported head) into `dir`; returns the files.
+/// Writes the plots into `dir` and returns the files: per run `<stem>.svg` (see
+/// [`run_plot_stems`]) with its test top-1 (every head), mean train loss and learning
+/// rate per epoch; per table column `compare_<bb>_ep<E>.svg` with each row's value
+/// (median over seeds, each seed) beside the published number. Rows are those of the
+/// table ([`layout`] with `include_nonrecipe`).
 pub fn write_plots(runs: &[Run], include_nonrecipe: bool, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let mut written = Vec::new();
-    let mut save = |name: String, bytes: Vec<u8>| -> Result<()> {
+    let mut save = |name: String, text: String| -> Result<()> {
         let path = dir.join(name);
-        std::fs::write(&path, bytes)
-            .with_context(|| format!("{}: cannot write", path.display()))?;
+        std::fs::write(&path, text).with_context(|| format!("{}: cannot write", path.display()))?;
         written.push(path);
         Ok(())
     };
-    let curve = |run: &Run, head: &str| -> Vec<(f64, f64)> {
-        run.val
-            .iter()
-            .filter_map(|(e, h)| h.get(head).map(|v| (*e as f64, *v)))
-            .collect()
+    let to_points = |m: BTreeMap<usize, f64>| -> Vec<(u32, f64)> {
+        m.into_iter().map(|(e, v)| (e as u32, v)).collect()
     };
     for (run, stem) in runs.iter().zip(run_plot_stems(runs)) {
         let mut heads: Vec<&String> = run.val.values().flat_map(|h| h.keys()).collect();
         heads.sort();
         heads.dedup();
-        let series: Vec<Series> = heads
+        let top1: Vec<Series> = heads
             .iter()
             .map(|h| Series {
-                label: format!("{h} top-1"),
-                points: curve(run, h),
+                label: h.to_string(),
+                points: run
+                    .val
+                    .iter()
+                    .filter_map(|(e, hs)| hs.get(*h).map(|v| (*e as u32, *v)))
+                    .collect(),
             })
             .collect();
-        let title = format!("{} seed {} ({} ep)", run.name, run.seed, run.max_epochs);
-        save(
-            format!("{stem}.png"),
-            line_plot(&title, "epoch", "top-1 %", &series)?,
-        )?;
+        let one = |label: &str, m| {
+            let points = to_points(m);
+            if points.is_empty() {
+                Vec::new()
+            } else {
+                vec![Series {
+                    label: label.into(),
+                    points,
+                }]
+            }
+        };
+        let panels = [
+            Panel {
+                y_label: "test top-1 (%)".into(),
+                series: top1,
+            },
+            Panel {
+                y_label: "train loss".into(),
+                series: one(
+                    "mean of the epoch's train lines",
+                    run.train_loss_per_epoch(),
+                ),
+            },
+            Panel {
+                y_label: "learning rate".into(),
+                series: one("lr", run.lr_per_epoch()),
+            },
+        ];
+        let mut title = format!(
+            "{}: {} α={}, seed {}, {} epochs",
+            run.name,
+            run.modes.join("+"),
+            run.alpha_label(),
+            run.seed,
+            run.max_epochs
+        );
+        if !run.nonrecipe_reasons().is_empty() {
+            title.push_str(" (not the recipe)");
+        }
+        save(format!("{stem}.svg"), epoch_panels(&title, &panels)?)?;
     }
+    let table = published()?;
     for (backbone, rows) in layout(runs, include_nonrecipe).rows {
-        let mut by_epochs: BTreeMap<usize, Vec<Series>> = BTreeMap::new();
+        let mut by_epochs: BTreeMap<usize, Vec<CompareRow>> = BTreeMap::new();
         for row in &rows {
             for (e, cell) in &row.cells {
-                for (run, s) in cell.runs.values() {
-                    let mut label = row.marked_label();
-                    if row.alpha != "–" {
-                        let _ = write!(label, " a={}", row.alpha);
-                    }
-                    let _ = write!(label, " s{}", run.seed);
-                    by_epochs.entry(*e).or_default().push(Series {
-                        label,
-                        points: curve(run, &s.head),
-                    });
+                let mut label = row.marked_label();
+                if row.alpha != "–" {
+                    let _ = write!(label, " (α={})", row.alpha);
                 }
+                let (first, _) = cell.runs.values().next().expect("non-empty cell");
+                by_epochs.entry(*e).or_default().push(CompareRow {
+                    label,
+                    ours: cell.median(),
+                    seeds: cell.metrics(),
+                    published: first.published(&table).map(|p| p.top1_median),
+                });
             }
         }
-        for (e, series) in by_epochs {
-            let title = format!("{}, {e} epochs: test top-1", backbone_title(backbone));
+        for (e, rows) in by_epochs {
+            let title = format!(
+                "{}, {e} epochs: median test top-1 of the last epochs",
+                backbone_title(backbone)
+            );
             save(
-                format!("compare_{}_ep{e}.png", backbone.tag()),
-                line_plot(&title, "epoch", "top-1 %", &series)?,
+                format!("compare_{}_ep{e}.svg", backbone.tag()),
+                comparison(&title, "test top-1 (%)", &rows)?,
             )?;
         }
     }

@@ -240,33 +240,115 @@ fn a_log_without_meta_line_is_an_error_naming_the_file() {
 }
 
 #[test]
-fn the_cli_writes_markdown_csv_and_plots() {
+fn the_cli_writes_markdown_csv_and_svg_plots() {
     let out = std::env::temp_dir().join(format!("xtask-report-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .arg("report")
         .arg(fixtures())
         .arg("--compare-published")
+        .arg("--include-nonrecipe")
         .arg("--out")
         .arg(&out)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("| MixUp | 1 | – | 90.90 |\n"));
-    for f in [
-        "benchmark.md",
-        "benchmark.csv",
-        "plots/run_r18_mixup_CE_none_alpha1_ep20_seed0.png",
-        "plots/run_r18_automix_alpha2_ep12_seed0.png",
-        "plots/compare_r18_ep20.png",
-        "plots/compare_rx50_ep3.png",
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| MixUp | 1 | – | 90.90 | – |"));
+    let read =
+        |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_else(|_| panic!("{f} missing"));
+    read("benchmark.md");
+    read("benchmark.csv");
+    // Per run: test top-1 of every head, train loss and lr, against integer epochs.
+    for (f, heads) in [
+        ("plots/run_r18_mixup_CE_none_alpha1_ep20_seed0.svg", &[][..]),
+        (
+            "plots/run_r18_automix_alpha2_ep12_seed0.svg",
+            &["acc_one_k", "acc_mix_k", "acc_one_q", "acc_mix_q"][..],
+        ),
+        (
+            "plots/run_r18_cutmix_CE_none_alpha0_2_ep30_seed0.svg",
+            &[][..],
+        ),
     ] {
-        let bytes = std::fs::read(out.join(f)).unwrap_or_else(|_| panic!("{f} missing"));
-        if f.ends_with(".png") {
-            assert_eq!(&bytes[1..4], b"PNG", "{f}");
+        let svg = read(f);
+        assert!(svg.contains("<svg") && svg.contains("</svg>"), "{f}");
+        for text in [
+            "epoch",
+            "test top-1 (%)",
+            "train loss",
+            "learning rate",
+            "seed 0",
+            "α=",
+        ] {
+            assert!(svg.contains(text), "{f}: no {text}");
+        }
+        for h in heads {
+            assert!(svg.contains(h), "{f}: no {h}");
+        }
+        assert!(svg.contains("<circle"), "{f}: no markers");
+    }
+    // Per column: the methods, ours beside the published number.
+    for (f, methods) in [
+        ("plots/compare_r18_ep20.svg", &["MixUp (α=1)"][..]),
+        ("plots/compare_r18_ep12.svg", &["AutoMix (α=2)"][..]),
+        ("plots/compare_r18_ep30.svg", &["CutMix †1 (α=0.2)"][..]),
+        ("plots/compare_rx50_ep3.svg", &["PuzzleMix (α=1)"][..]),
+    ] {
+        let svg = read(f);
+        assert!(svg.contains("<svg"), "{f}");
+        for text in methods
+            .iter()
+            .chain(&["test top-1 (%)", "ours", "published"])
+        {
+            assert!(svg.contains(text), "{f}: no {text}");
         }
     }
+    let pngs = std::fs::read_dir(out.join("plots"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().unwrap() != "svg")
+        .count();
+    assert_eq!(pngs, 0, "only SVG plots");
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn runs_sharing_a_name_get_their_own_plots() {
+    let root = std::env::temp_dir().join(format!("xtask-report-names-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let vals: Vec<String> = (1..=3)
+        .map(|e| {
+            format!(
+                r#"{{"mode": "val", "epoch": {e}, "head0_top1": {}}}"#,
+                50 + e
+            )
+        })
+        .collect();
+    let lines: Vec<&str> = vals.iter().map(String::as_str).collect();
+    let cfg = |seed: u64| {
+        format!(
+            r#"{{"name": "same", "model": {{"mix_mode": "mixup"}}, "max_epochs": 3, "seed": {seed}}}"#
+        )
+    };
+    write_log(&root.join("runs/a"), &cfg(0), &lines);
+    write_log(&root.join("runs/b"), &cfg(1), &lines);
+    write_log(&root.join("runs/c"), &cfg(0), &lines);
+    let out = root.join("report");
+    let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("report")
+        .arg(root.join("runs"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "run_same_seed0.svg",
+        "run_same_seed1.svg",
+        "run_same_seed0_2.svg",
+    ] {
+        assert!(out.join("plots").join(f).is_file(), "{f} missing");
+    }
+    std::fs::remove_dir_all(&root).unwrap();
 }
 
 #[test]
