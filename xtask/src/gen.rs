@@ -27,6 +27,15 @@ pub const DEFAULT_ATTENTION_WEIGHTS: &str = "weights/resnet18_imagenet.safetenso
 /// Launch scripts written next to each backbone's configs.
 pub const SCRIPT_NAMES: [&str; 3] = ["train_1gpu.sh", "train_multi_gpu.sh", "train_slurm.sh"];
 
+/// Where `gen-configs` writes without `--out`: a directory of its own, never the
+/// committed `configs/cifar10` tree.
+pub const DEFAULT_OUT: &str = "configs/generated";
+
+/// The file at the root of every tree `gen-configs` writes: the command and the list of
+/// files it wrote. A tree holding it is owned by the generator (rewritten and pruned on
+/// regeneration); a non-empty directory without it is never written into.
+pub const MANIFEST_NAME: &str = "gen-configs.manifest";
+
 /// An `--alpha` entry: a value for every mode, or (`mode=value`) for one mode.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlphaOverride {
@@ -331,9 +340,11 @@ fn entries(opts: &GenOptions, backbone: Backbone) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// The flags that reproduce this backbone's files (recorded in script headers).
-fn command_line(opts: &GenOptions, backbone: Backbone) -> String {
-    let mut s = format!("cargo xtask gen-configs --backbone {}", backbone.tag());
+/// The flags that reproduce these backbones' files (recorded in script headers and the
+/// manifest), without `--out`.
+fn command_line(opts: &GenOptions, backbones: &[Backbone]) -> String {
+    let tags: Vec<&str> = backbones.iter().map(|b| b.tag()).collect();
+    let mut s = format!("cargo xtask gen-configs --backbone {}", tags.join(","));
     let epochs: Vec<String> = opts.epochs.iter().map(|e| e.to_string()).collect();
     let _ = write!(s, " --epochs {}", epochs.join(","));
     let default_modes = GenOptions::default().modes;
@@ -539,15 +550,18 @@ exit "$status"
 }
 
 /// Every file `gen-configs` writes, in a fixed order: per backbone its configs, then
-/// its three launch scripts.
+/// its three launch scripts; last the manifest ([`MANIFEST_NAME`]) listing the others.
 pub fn generate(opts: &GenOptions) -> Result<Vec<GeneratedFile>> {
     check(opts)?;
     let mut files = Vec::new();
     let mut seen = BTreeSet::new();
-    for &backbone in &opts.backbones {
-        if !seen.insert(backbone) {
-            continue;
-        }
+    let backbones: Vec<Backbone> = opts
+        .backbones
+        .iter()
+        .copied()
+        .filter(|b| seen.insert(*b))
+        .collect();
+    for &backbone in &backbones {
         let bb = backbone.tag();
         let entries = entries(opts, backbone)?;
         for e in &entries {
@@ -556,7 +570,7 @@ pub fn generate(opts: &GenOptions) -> Result<Vec<GeneratedFile>> {
                 contents: e.config.to_json_pretty(),
             });
         }
-        let cmd = command_line(opts, backbone);
+        let cmd = command_line(opts, &[backbone]);
         let scripts = [
             script_1gpu(&cmd, bb, &entries),
             script_multi_gpu(&cmd, bb, &entries),
@@ -569,11 +583,107 @@ pub fn generate(opts: &GenOptions) -> Result<Vec<GeneratedFile>> {
             });
         }
     }
+    let mut manifest = format!(
+        "# Written by `cargo xtask gen-configs`: the files below, relative to this directory.\n\
+         # Regenerate with `{} --out <this directory>`, which rewrites\n\
+         # them and deletes the ones it no longer generates; do not edit by hand.\n",
+        command_line(opts, &backbones)
+    );
+    for f in &files {
+        let _ = writeln!(manifest, "{}", f.path.display());
+    }
+    files.push(GeneratedFile {
+        path: PathBuf::from(MANIFEST_NAME),
+        contents: manifest,
+    });
     Ok(files)
 }
 
-/// Writes the files below `out` (scripts executable), replacing what is there.
-pub fn write(out: &Path, files: &[GeneratedFile]) -> Result<()> {
+/// The files a manifest lists. Entries that are not plain relative paths below the
+/// tree (absolute, `..`) are an error: pruning must never reach outside it.
+pub fn read_manifest(path: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|(i, l)| {
+            let p = PathBuf::from(l.trim());
+            if !p
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                bail!(
+                    "{}:{}: `{l}` is not a path inside the tree",
+                    path.display(),
+                    i + 1
+                );
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
+/// The warning for AttentiveMix+ configs that name attention weights missing below
+/// `base` (the directory runs start from); `None` when no AttentiveMix+ config is
+/// generated or the file exists.
+pub fn missing_attention_weights(opts: &GenOptions, base: &Path) -> Option<String> {
+    let attentive = opts
+        .modes
+        .iter()
+        .any(|item| item.iter().any(|m| m == "attentivemix"));
+    let path = Path::new(&opts.attention_weights);
+    let full = base.join(path);
+    (attentive && !full.is_file()).then(|| {
+        format!(
+            "warning: the AttentiveMix+ configs name attention weights `{}` \
+             (model.attention_weights), which do not exist below {}, where runs start; the \
+             runner cannot start those configs until the file is there (or regenerate with \
+             --attention-weights FILE)",
+            opts.attention_weights,
+            base.display()
+        )
+    })
+}
+
+/// What [`write`] did besides writing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WriteReport {
+    /// Files of the previous generation that this one no longer writes, deleted
+    /// (paths below `out`).
+    pub pruned: Vec<PathBuf>,
+}
+
+/// Writes the files below `out` (scripts executable). `out` must be missing, empty, or
+/// a tree this generator wrote (it holds [`MANIFEST_NAME`]): a non-empty directory
+/// without a manifest is refused, so a hand-made or committed tree is never
+/// overwritten by accident. In an owned tree, the files the old manifest lists and
+/// `files` lacks are deleted (and directories left empty by that), so no stale config
+/// survives a regeneration; files the manifest does not list are never touched.
+pub fn write(out: &Path, files: &[GeneratedFile]) -> Result<WriteReport> {
+    let manifest = out.join(MANIFEST_NAME);
+    let mut old: Vec<PathBuf> = Vec::new();
+    if out.exists() {
+        if !out.is_dir() {
+            bail!("{}: exists and is not a directory", out.display());
+        }
+        if manifest.is_file() {
+            old = read_manifest(&manifest)?;
+        } else {
+            let non_empty = std::fs::read_dir(out)
+                .with_context(|| format!("{}: cannot list", out.display()))?
+                .next()
+                .is_some();
+            if non_empty {
+                bail!(
+                    "{} is not empty and was not written by gen-configs (it has no {MANIFEST_NAME}); \
+                     refusing to write into it. Pass another --out (default {DEFAULT_OUT}), or \
+                     delete the directory to regenerate it",
+                    out.display()
+                );
+            }
+        }
+    }
     for f in files {
         let path = out.join(&f.path);
         if let Some(dir) = path.parent() {
@@ -589,7 +699,28 @@ pub fn write(out: &Path, files: &[GeneratedFile]) -> Result<()> {
                 .with_context(|| format!("{}: cannot make executable", path.display()))?;
         }
     }
-    Ok(())
+    let new: BTreeSet<&Path> = files.iter().map(|f| f.path.as_path()).collect();
+    let mut report = WriteReport::default();
+    for rel in old {
+        if new.contains(rel.as_path()) {
+            continue;
+        }
+        let path = out.join(&rel);
+        match std::fs::remove_file(&path) {
+            Ok(()) => report.pruned.push(rel.clone()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot delete", path.display())),
+        }
+        // Remove the directories this left empty, up to (not including) `out`.
+        let mut dir = rel.parent();
+        while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+            if std::fs::remove_dir(out.join(d)).is_err() {
+                break; // not empty (or already gone)
+            }
+            dir = d.parent();
+        }
+    }
+    Ok(report)
 }
 
 /// Differences between `files` and what lies below `out`: missing or different

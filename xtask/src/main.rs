@@ -53,8 +53,11 @@ struct GenArgs {
     /// `model.attention_weights` of AttentiveMix+ configs (the frozen ImageNet ResNet-18).
     #[arg(long, default_value = DEFAULT_ATTENTION_WEIGHTS)]
     attention_weights: String,
-    /// Output directory; configs go to `<out>/<backbone>/mix_mode<mode>/`.
-    #[arg(long, default_value = "configs/cifar10")]
+    /// Output directory; configs go to `<out>/<backbone>/mix_mode<mode>/`. It must be new,
+    /// empty, or a tree gen-configs wrote (it holds gen-configs.manifest), which is then
+    /// regenerated: files it no longer generates are deleted. The committed tree is
+    /// `--out configs/cifar10 --backbone r18,rx50`.
+    #[arg(long, default_value = gen::DEFAULT_OUT)]
     out: PathBuf,
     /// Write nothing; fail if the files under --out differ from what these flags generate.
     #[arg(long)]
@@ -117,7 +120,12 @@ fn gen_options(a: &GenArgs) -> Result<GenOptions> {
 }
 
 fn gen_configs(a: &GenArgs) -> Result<()> {
-    let files = gen::generate(&gen_options(a)?)?;
+    let opts = gen_options(a)?;
+    let files = gen::generate(&opts)?;
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    if let Some(w) = gen::missing_attention_weights(&opts, &cwd) {
+        eprintln!("{w}");
+    }
     if a.check {
         let problems = gen::diff_tree(&a.out, &files)?;
         if !problems.is_empty() {
@@ -130,16 +138,26 @@ fn gen_configs(a: &GenArgs) -> Result<()> {
         println!("{}: {} files up to date", a.out.display(), files.len());
         return Ok(());
     }
-    gen::write(&a.out, &files)?;
+    let written = gen::write(&a.out, &files)?;
     let configs = files
         .iter()
         .filter(|f| f.path.extension().is_some_and(|e| e == "json"))
         .count();
+    let scripts = files
+        .iter()
+        .filter(|f| f.path.extension().is_some_and(|e| e == "sh"))
+        .count();
     println!(
-        "wrote {configs} configs and {} scripts under {}",
-        files.len() - configs,
+        "wrote {configs} configs, {scripts} scripts and {} under {}",
+        gen::MANIFEST_NAME,
         a.out.display()
     );
+    if !written.pruned.is_empty() {
+        println!(
+            "deleted {} file(s) of the previous generation that these flags no longer write",
+            written.pruned.len()
+        );
+    }
     Ok(())
 }
 

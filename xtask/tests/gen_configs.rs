@@ -7,8 +7,8 @@ use std::process::Command;
 
 use bench_config::{Arch, HeadLoss, OneOrMany, RunConfig};
 use xtask::gen::{
-    diff_tree, generate, parse_mode_item, write, AlphaOverride, GenOptions, GeneratedFile,
-    SCRIPT_NAMES,
+    diff_tree, generate, missing_attention_weights, parse_mode_item, read_manifest, write,
+    AlphaOverride, GenOptions, GeneratedFile, MANIFEST_NAME, SCRIPT_NAMES,
 };
 use xtask::methods::{Backbone, METHODS};
 
@@ -55,6 +55,7 @@ fn golden_listing_for_a_flag_set() {
         "rx50/train_1gpu.sh",
         "rx50/train_multi_gpu.sh",
         "rx50/train_slurm.sh",
+        "gen-configs.manifest",
     ];
     assert_eq!(got, want);
 }
@@ -64,7 +65,8 @@ fn defaults_are_the_13_table_rows_at_upstream_epochs_with_the_spec_names() {
     assert_eq!(METHODS.len(), 13);
     let files = generate(&defaults_both()).unwrap();
     let names = paths(&files);
-    assert_eq!(names.len(), 2 * (13 * 3 + 3));
+    assert_eq!(names.len(), 2 * (13 * 3 + 3) + 1);
+    assert_eq!(names.last().unwrap(), MANIFEST_NAME);
     for want in [
         "r18/mix_modemixup/r18_mixups_CE_none_alpha1_ep800.json",
         "r18/mix_modevanilla/r18_mixups_CE_none_alpha1_ep400.json",
@@ -305,7 +307,7 @@ fn the_cli_rerun_is_byte_identical_and_check_passes() {
     run(&a, &[]);
     run(&b, &[]);
     let (ta, tb) = (read_tree(&a), read_tree(&b));
-    assert_eq!(ta.len(), 2 * (3 * 2 + 3));
+    assert_eq!(ta.len(), 2 * (3 * 2 + 3) + 1);
     assert_eq!(ta, tb);
     run(&a, &["--check"]);
     std::fs::write(a.join("r18/stray.json"), "{}").unwrap();
@@ -333,7 +335,7 @@ fn committed_configs_are_up_to_date() {
     let problems = diff_tree(&root, &generate(&defaults_both()).unwrap()).unwrap();
     assert!(
         problems.is_empty(),
-        "configs/cifar10 is stale; run `cargo xtask gen-configs --backbone r18,rx50`:\n{}",
+        "configs/cifar10 is stale; run `cargo xtask gen-configs --backbone r18,rx50 --out configs/cifar10`:\n{}",
         problems.join("\n")
     );
 }
@@ -459,5 +461,138 @@ fn scripts_resume_auto_and_the_slurm_task_forwards_sigterm() {
         "{out}"
     );
     assert!(out.contains("SIGTERM"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn xtask_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .current_dir(dir)
+        .arg("gen-configs")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn without_out_it_writes_a_tree_of_its_own_and_warns_about_missing_weights() {
+    let dir = temp_dir("default-out");
+    // The repository's layout: a committed configs/cifar10 that must not be touched.
+    std::fs::create_dir_all(dir.join("configs/cifar10/r18")).unwrap();
+    std::fs::write(dir.join("configs/cifar10/r18/mine.json"), "{}").unwrap();
+    let o = xtask_in(&dir, &["--epochs", "200"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tree = read_tree(&dir.join("configs/generated"));
+    assert!(tree.contains_key(Path::new(MANIFEST_NAME)));
+    assert!(tree.contains_key(Path::new(
+        "r18/mix_modemixup/r18_mixups_CE_none_alpha1_ep200.json"
+    )));
+    assert_eq!(read_tree(&dir.join("configs/cifar10")).len(), 1);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("warning:") && stderr.contains("weights/resnet18_imagenet.safetensors"),
+        "{stderr}"
+    );
+
+    // With the weights in place, or without AttentiveMix+ configs, no warning.
+    std::fs::create_dir_all(dir.join("weights")).unwrap();
+    std::fs::write(dir.join("weights/resnet18_imagenet.safetensors"), "x").unwrap();
+    let o = xtask_in(&dir, &["--epochs", "200"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+    let mixup_only = GenOptions {
+        modes: vec![vec!["mixup".to_string()]],
+        ..GenOptions::default()
+    };
+    assert!(missing_attention_weights(&mixup_only, &dir.join("nowhere")).is_none());
+    assert!(missing_attention_weights(&GenOptions::default(), &dir.join("nowhere")).is_some());
+    assert!(missing_attention_weights(&GenOptions::default(), &dir).is_none());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_non_empty_tree_it_did_not_write_is_refused() {
+    let dir = temp_dir("refuse");
+    std::fs::create_dir_all(dir.join("hand/r18")).unwrap();
+    std::fs::write(dir.join("hand/r18/train_1gpu.sh"), "mine").unwrap();
+    let o = xtask_in(&dir, &["--modes", "mixup", "--out", "hand"]);
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("not written by gen-configs"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("hand/r18/train_1gpu.sh")).unwrap(),
+        "mine"
+    );
+    assert_eq!(read_tree(&dir.join("hand")).len(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn regenerating_an_owned_tree_prunes_what_it_no_longer_generates() {
+    let dir = temp_dir("prune");
+    let first = [
+        "--modes",
+        "mixup,cutmix",
+        "--epochs",
+        "200,400",
+        "--out",
+        "t",
+    ];
+    let o = xtask_in(&dir, &first);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A file of the user's in the tree: not in the manifest, so never deleted.
+    std::fs::write(dir.join("t/NOTES.txt"), "mine").unwrap();
+    let second = ["--modes", "mixup", "--epochs", "400", "--out", "t"];
+    let o = xtask_in(&dir, &second);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("deleted 3 file(s)"));
+    let tree: Vec<String> = read_tree(&dir.join("t"))
+        .keys()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mut want = vec![
+        "NOTES.txt",
+        MANIFEST_NAME,
+        "r18/mix_modemixup/r18_mixups_CE_none_alpha1_ep400.json",
+        "r18/train_1gpu.sh",
+        "r18/train_multi_gpu.sh",
+        "r18/train_slurm.sh",
+    ];
+    want.sort();
+    let mut tree = tree;
+    tree.sort();
+    assert_eq!(tree, want);
+    assert!(
+        !dir.join("t/r18/mix_modecutmix").exists(),
+        "emptied dirs are removed"
+    );
+    let listed = read_manifest(&dir.join("t").join(MANIFEST_NAME)).unwrap();
+    assert_eq!(listed.len(), 4);
+    let o = xtask_in(&dir, &[&second[..], &["--check"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_manifest_cannot_point_outside_its_tree() {
+    let dir = temp_dir("manifest");
+    std::fs::create_dir_all(dir.join("t")).unwrap();
+    std::fs::write(dir.join("victim.txt"), "keep").unwrap();
+    std::fs::write(
+        dir.join("t").join(MANIFEST_NAME),
+        "# comment\nr18/a.json\n../victim.txt\n",
+    )
+    .unwrap();
+    let e = read_manifest(&dir.join("t").join(MANIFEST_NAME)).unwrap_err();
+    assert!(e.to_string().contains("../victim.txt"), "{e}");
+    let files = generate(&GenOptions {
+        modes: vec![vec!["mixup".to_string()]],
+        ..GenOptions::default()
+    })
+    .unwrap();
+    assert!(write(&dir.join("t"), &files).is_err());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("victim.txt")).unwrap(),
+        "keep"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
