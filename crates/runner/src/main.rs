@@ -5,6 +5,8 @@ mod automix_step;
 mod bench;
 mod canvas;
 mod device;
+mod eval;
+mod export;
 mod mixmodel;
 mod net_step;
 mod preview;
@@ -50,6 +52,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print the JSON Schema of the config (for editor completion and checking).
     Schema,
+    /// Evaluate a checkpoint: top-1/5, NLL, ECE, FGSM and CIFAR-10-C corruptions; prints JSON.
+    Eval(eval::EvalArgs),
+    /// Write a checkpoint's backbone as a PyTorch-named safetensors file.
+    Export(export::ExportArgs),
 }
 
 /// Options shared by training and config checking.
@@ -144,6 +150,8 @@ fn main() -> ExitCode {
         Some(Command::Train(args)) => train(&args),
         Some(Command::Preview(args)) => preview::run(&args),
         Some(Command::Bench(args)) => bench::run(&args),
+        Some(Command::Eval(args)) => eval::run(&args),
+        Some(Command::Export(args)) => export::run(&args),
         Some(Command::Schema) => {
             serde_json::to_string_pretty(&bench_config::RunConfig::json_schema())
                 .map(|s| println!("{s}"))
