@@ -951,7 +951,7 @@ pub fn tables(runs: &[Run], opts: &TableOptions) -> Result<Tables> {
          upstream's summarizer does); AutoMix/SAMix: the best head's median. A cell with \
          several runs (seeds) shows the median over them of each run's metric and their \
          number, `(n=k)`; benchmark.csv has every run and the cell's mean and standard \
-         deviation. Method, metric and differences from upstream: docs/benchmark.md.\n",
+         deviation. Method, metric and differences from upstream: docs/benchmark.md.\n\n",
     );
     md.push_str(
         "Only runs on the benchmark recipe (full data, base width 64, standard stage blocks, \
@@ -959,18 +959,22 @@ pub fn tables(runs: &[Run], opts: &TableOptions) -> Result<Tables> {
          fill the cells",
     );
     if opts.include_nonrecipe {
-        md.push_str("; other runs are in rows marked †k, explained under each table.\n");
+        md.push_str("; other runs are in rows marked †k, explained under each table.\n\n");
     } else {
         let n = lay
             .left_out
             .iter()
             .filter(|(_, why)| why.starts_with("not the benchmark recipe"))
             .count();
-        let _ = writeln!(
-            md,
-            "; {n} other run(s) are left out (`cargo xtask report --include-nonrecipe` \
-             shows them, marked †)."
-        );
+        if n == 0 {
+            md.push_str(".\n\n");
+        } else {
+            let _ = writeln!(
+                md,
+                "; {n} other run(s) are left out (`cargo xtask report --include-nonrecipe` \
+                 shows them, marked †).\n"
+            );
+        }
     }
     if opts.compare_published {
         md.push_str(

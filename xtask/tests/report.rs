@@ -534,6 +534,11 @@ fn seeds_of_a_cell_are_aggregated_not_overwritten() {
     with_pub.compare_published = true;
     let t = tables(&runs, &with_pub).unwrap();
     assert!(
+        t.markdown.contains("finished) fill the cells.\n\n"),
+        "no run is left out: {}",
+        t.markdown
+    );
+    assert!(
         t.markdown
             .contains("| MixUp | 1 | 96.20 (n=3) (pub 96.62, -0.42) |"),
         "{}",
