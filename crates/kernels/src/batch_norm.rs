@@ -138,6 +138,7 @@ impl CustomOp1 for BnStatsOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        crate::counters::record(crate::OpKind::BnStats, 1);
         let x = cpu::f32_slice(s, l, self.name(), "input")?;
         let stats = cpu::batch_norm::bn_stats(&self.geom, x);
         Ok((CpuStorage::F32(stats), Shape::from(2 * self.geom.channels)))
@@ -149,6 +150,7 @@ impl CustomOp1 for BnStatsOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::counters::record(crate::OpKind::BnStats, 1);
         let stats = crate::cuda::batch_norm::stats(&self.geom, s, l)?;
         Ok((stats, Shape::from(2 * self.geom.channels)))
     }
@@ -173,6 +175,7 @@ impl CustomOp2 for BnTrainOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        crate::counters::record(crate::OpKind::BnForward, 1);
         let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
         let params = cpu::f32_slice(s2, l2, self.name(), "parameters")?;
         let y = cpu::batch_norm::bn_forward(&self.geom, x, params, self.eps, self.relu);
@@ -187,6 +190,7 @@ impl CustomOp2 for BnTrainOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::counters::record(crate::OpKind::BnForward, 1);
         let y =
             crate::cuda::batch_norm::forward(&self.geom, (s1, l1), (s2, l2), self.eps, self.relu)?;
         Ok((y, l1.shape().clone()))
@@ -233,6 +237,7 @@ impl CustomOp3 for BnBackwardOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        crate::counters::record(crate::OpKind::BnBackward, 2);
         let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
         let params = cpu::f32_slice(s2, l2, self.name(), "parameters")?;
         let dy = cpu::f32_slice(s3, l3, self.name(), "output gradient")?;
@@ -251,6 +256,7 @@ impl CustomOp3 for BnBackwardOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::counters::record(crate::OpKind::BnBackward, 2);
         let packed = crate::cuda::batch_norm::backward(
             &self.geom,
             (s1, l1),

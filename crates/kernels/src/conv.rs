@@ -123,6 +123,7 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.geom;
+        crate::counters::record(crate::OpKind::ConvForward, 1);
         let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
         let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
         let out = cpu::conv::conv2d_forward(g, x, w);
@@ -141,6 +142,7 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = &self.geom;
+        crate::counters::record(crate::OpKind::ConvForward, 1);
         let out = crate::cuda::conv::forward(g, (s1, l1), (s2, l2))?;
         Ok((out, Shape::from((g.batch, g.c_out, g.h_out, g.w_out))))
     }
@@ -192,6 +194,14 @@ struct Conv2dBackwardOp {
     need_w: bool,
 }
 
+impl Conv2dBackwardOp {
+    /// One cuDNN call per needed gradient (backward-data, backward-filter).
+    fn count(&self) {
+        let launches = self.need_x as u64 + self.need_w as u64;
+        crate::counters::record(crate::OpKind::ConvBackward, launches);
+    }
+}
+
 impl CustomOp3 for Conv2dBackwardOp {
     fn name(&self) -> &'static str {
         "kernels-conv2d-backward"
@@ -206,6 +216,7 @@ impl CustomOp3 for Conv2dBackwardOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        self.count();
         let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
         let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
         let dy = cpu::f32_slice(s3, l3, self.name(), "output gradient")?;
@@ -225,6 +236,7 @@ impl CustomOp3 for Conv2dBackwardOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let g = &self.geom;
+        self.count();
         let out =
             crate::cuda::conv::backward(g, (s1, l1), (s2, l2), (s3, l3), self.need_x, self.need_w)?;
         let len = if self.need_x {

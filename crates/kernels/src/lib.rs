@@ -18,6 +18,7 @@
 
 mod batch_norm;
 mod conv;
+mod counters;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -27,6 +28,7 @@ mod sgd;
 
 pub use batch_norm::{batch_norm_eval, batch_norm_relu_train, batch_norm_train};
 pub use conv::{conv2d, ConvParams};
+pub use counters::{op_counts, reset_op_counts, OpCount, OpKind};
 pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};
 pub use sgd::{sgd_update, SgdStep};
 

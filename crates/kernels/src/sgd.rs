@@ -78,6 +78,7 @@ pub fn sgd_update(
     if !fused {
         return generic(theta, grad, buf, step);
     }
+    crate::counters::record(crate::OpKind::Sgd, 1);
     let op = SgdParamOp { step: *step };
     match buf {
         Some(buf) => {

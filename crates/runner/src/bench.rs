@@ -58,6 +58,13 @@ pub struct BenchArgs {
     /// Restrict cuDNN to deterministic algorithms (as `train.deterministic`).
     #[arg(long)]
     pub deterministic: bool,
+    /// Instead of timing, count the ops of one steady-state train step per `--step-modes`
+    /// mode (candle tensors created per phase, autograd graph, gradient entries, custom-op
+    /// calls and their CUDA launches) and print them with a digest of the weights, running
+    /// statistics, momentum buffers and losses after `--steps` + 1 steps (see
+    /// docs/performance.md, "Counting ops").
+    #[arg(long)]
+    pub count_ops: bool,
 }
 
 /// Entry point of `runner bench`.
@@ -88,6 +95,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     });
 
     let (x, y) = synthetic_batch(args.batch, &device)?;
+    if args.count_ops {
+        let mut counts = serde_json::Map::new();
+        for mode in &args.step_modes {
+            counts.insert(
+                mode.clone(),
+                count_train_step(&cfg, mode, &x, &y, args.steps, &device)?,
+            );
+        }
+        report["count_ops"] = Value::Object(counts);
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     let mut steps = serde_json::Map::new();
     let mut vanilla_ms = None;
     for mode in &args.step_modes {
@@ -147,9 +166,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// A normalized random batch with labels cycling through the classes.
+/// A uniform [-1, 1) random batch with labels cycling through the classes (seeded on CPU, so
+/// `--count-ops` digests are reproducible).
 fn synthetic_batch(n: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let x = Tensor::randn(0f32, 1.0, (n, 3, 32, 32), device)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let data: Vec<f32> = (0..n * 3 * 32 * 32)
+        .map(|_| rand::Rng::random::<f32>(&mut rng) * 2.0 - 1.0)
+        .collect();
+    let x = Tensor::from_vec(data, (n, 3, 32, 32), &Device::Cpu)?.to_device(device)?;
     let labels: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
     Ok((x, Tensor::from_vec(labels, n, device)?))
 }
@@ -275,4 +299,179 @@ fn rayon_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// The id the next candle tensor will get. Tensor ids come from one process-wide counter that
+/// every op creating a tensor (views included) advances by one; the probe itself takes one.
+fn next_tensor_id() -> Result<u64> {
+    let probe = Tensor::zeros((), DType::F32, &Device::Cpu)?;
+    let id = format!("{:?}", probe.id());
+    let digits: String = id.chars().filter(|c| c.is_ascii_digit()).collect();
+    Ok(digits.parse::<u64>()? + 1)
+}
+
+/// Tensors created since `since` (a [`next_tensor_id`] value), not counting the probe.
+fn tensors_since(since: u64) -> Result<u64> {
+    Ok(next_tensor_id()? - since - 1)
+}
+
+fn custom_op_counts() -> (Value, u64, u64) {
+    let mut m = serde_json::Map::new();
+    let (mut calls, mut launches) = (0, 0);
+    for c in backbones::kernels::op_counts() {
+        if c.calls > 0 {
+            m.insert(
+                c.kind.name().to_string(),
+                json!({ "calls": c.calls, "cuda_launches": c.cuda_launches }),
+            );
+        }
+        calls += c.calls;
+        launches += c.cuda_launches;
+    }
+    (Value::Object(m), calls, launches)
+}
+
+/// FNV-1a over the bits of every tensor, in the given (sorted) order.
+fn digest(tensors: &[(String, Tensor)], losses: &[f32]) -> Result<String> {
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    };
+    for (name, t) in tensors {
+        eat(name.as_bytes());
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        for x in v {
+            eat(&x.to_bits().to_le_bytes());
+        }
+    }
+    for l in losses {
+        eat(&l.to_bits().to_le_bytes());
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// Op counts of one steady-state train step (the second of `steps + 1`), by phase, and a
+/// digest of the state after all steps.
+fn count_train_step(
+    cfg: &RunConfig,
+    mode: &str,
+    x: &Tensor,
+    y: &Tensor,
+    steps: usize,
+    device: &Device,
+) -> Result<Value> {
+    let mut cfg = cfg.clone();
+    let cfg = &mut cfg;
+    cfg.model.mix_mode = bench_config::OneOrMany::One(mode.to_string());
+    cfg.model.alpha = None;
+    if setup::LEARNED_MODES.contains(&mode) {
+        bail!("--count-ops: `{mode}` is not supported (hand-crafted modes only)");
+    }
+    if mode == "puzzlemix" {
+        cfg.model.head.loss = bench_config::HeadLoss::CeSoft;
+    }
+    let method = setup::build_methods(cfg)?.remove(0);
+    let loss_kind = setup::head_loss(cfg);
+    let (varmap, net) = setup::build_backbone(cfg, device)?;
+    let frozen = setup::frozen_view(cfg, &varmap, device)?;
+    let mut sgd = Sgd::new(
+        train::sgd::trainable_vars(&varmap, backbones::is_buffer),
+        crate::net_step::sgd_options(cfg),
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut losses = Vec::new();
+    let mut counted = Value::Null;
+    for i in 0..=steps.max(1) {
+        let counting = i == 1;
+        let mut phase = serde_json::Map::new();
+        let mut mark = next_tensor_id()?;
+        backbones::kernels::reset_op_counts();
+        let mut end_phase = |name: &str, mark: &mut u64| -> Result<()> {
+            let n = tensors_since(*mark)?;
+            phase.insert(name.to_string(), json!(n));
+            *mark = next_tensor_id()?;
+            Ok(())
+        };
+        let mix_model = NetMixModel {
+            net: &frozen,
+            attention: None,
+        };
+        let mixed = method.mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?;
+        end_phase("mix", &mut mark)?;
+        let logits = net.forward_mix(&mixed.images, true, mixed.feature_mix.as_ref())?;
+        end_phase("forward", &mut mark)?;
+        let loss = train::loss::mixed_loss(&logits, &mixed.labels, loss_kind)?;
+        end_phase("loss", &mut mark)?;
+        let graph = if counting {
+            graph_stats(&loss)
+        } else {
+            Value::Null
+        };
+        let grads = loss.backward()?;
+        end_phase("backward", &mut mark)?;
+        let grad_entries = grads.get_ids().count();
+        sgd.step(&grads, 0.1)?;
+        end_phase("sgd", &mut mark)?;
+        losses.push(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        if counting {
+            let (custom, custom_calls, custom_launches) = custom_op_counts();
+            let tensors: u64 = phase.values().filter_map(Value::as_u64).sum();
+            let views = graph["view_nodes"].as_u64().unwrap_or(0);
+            counted = json!({
+                "candle_tensors_created": tensors,
+                "candle_tensors_by_phase": Value::Object(phase),
+                "autograd_graph": graph,
+                "grad_store_entries": grad_entries,
+                "custom_ops": custom,
+                "custom_op_calls": custom_calls,
+                "custom_op_cuda_launches": custom_launches,
+                // Every created tensor except the graph's views and the custom ops' outputs
+                // is taken as one launch; plus our ops' own launches (see docs/performance.md).
+                "cuda_launch_estimate": tensors.saturating_sub(views + custom_calls) + custom_launches,
+            });
+        }
+    }
+    let mut state: Vec<(String, Tensor)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let mut buffers: Vec<(String, Tensor)> = sgd.state_tensors()?.into_iter().collect();
+    buffers.retain(|(k, _)| k != train::sgd::STEP_KEY);
+    state.extend(buffers);
+    state.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(json!({
+        "counted_step": 1,
+        "step": counted,
+        "steps_run": steps.max(1) + 1,
+        "losses": losses,
+        "state_digest": digest(&state, &losses)?,
+    }))
+}
+
+/// The autograd graph that `loss.backward()` walks: op nodes (of which views, i.e. nodes
+/// sharing their storage with another node or a variable) and variables.
+fn graph_stats(loss: &Tensor) -> Value {
+    let nodes = loss.sorted_nodes();
+    let mut storages: std::collections::HashMap<usize, u64> = Default::default();
+    let mut variables = 0u64;
+    for n in &nodes {
+        if n.is_variable() {
+            variables += 1;
+        }
+        let (st, _) = n.storage_and_layout();
+        *storages.entry(&*st as *const _ as usize).or_default() += 1;
+    }
+    let op_nodes = nodes.len() as u64 - variables;
+    let views: u64 = storages.values().map(|c| c - 1).sum();
+    json!({
+        "op_nodes": op_nodes,
+        "view_nodes": views,
+        "variables": variables,
+    })
 }
