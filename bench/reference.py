@@ -86,20 +86,23 @@ def _downsample(c_in, c_out, stride):
 class CifarNet(nn.Module):
     """3x3 stem (no max-pool), four stages with strides (1, 2, 2, 2), GAP, linear head."""
 
-    def __init__(self, arch, num_classes=10):
+    def __init__(self, arch, num_classes=10, base_width=64):
         super().__init__()
+        b = base_width
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+            nn.Conv2d(3, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True)
         )
+        # The channel rule of crates/backbones/src/cifar.rs (CifarResNetConfig).
         if arch == "resnet18":
-            depths, widths = (2, 2, 2, 2), (64, 128, 256, 512)
+            depths, widths = (2, 2, 2, 2), (b, 2 * b, 4 * b, 8 * b)
             make = lambda c_in, c_out, s: BasicBlock(c_in, c_out, s)  # noqa: E731
         elif arch == "resnext50":
-            depths, widths = (3, 4, 6, 3), (256, 512, 1024, 2048)
-            make = lambda c_in, c_out, s: Bottleneck(c_in, c_out, s, 32, 4)  # noqa: E731
+            groups = math.gcd(32, 2 * b)
+            depths, widths = (3, 4, 6, 3), (4 * b, 8 * b, 16 * b, 32 * b)
+            make = lambda c_in, c_out, s: Bottleneck(c_in, c_out, s, groups, 128 // groups)  # noqa: E731
         else:
             raise ValueError(f"--arch must be resnet18 or resnext50, got {arch!r}")
-        stages, c_in = [], 64
+        stages, c_in = [], b
         for i, (depth, width) in enumerate(zip(depths, widths)):
             blocks = []
             for b in range(depth):
@@ -245,7 +248,7 @@ def cmd_bench(args):
         sys.exit("--dtype bf16 is only benchmarked on cuda (autocast)")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    model = CifarNet(args.arch).to(device).train()
+    model = CifarNet(args.arch, base_width=args.base_width).to(device).train()
     opt = make_optimizer(model)
     # Random uint8 images: throughput does not depend on pixel values.
     u8 = rng.integers(0, 256, (args.batch, 3, 32, 32), dtype=np.uint8)
@@ -276,6 +279,7 @@ def cmd_bench(args):
                 "device": device.type,
                 "dtype": args.dtype,
                 "batch": args.batch,
+                "base_width": args.base_width,
                 "images_per_s": args.batch / step_s,
                 "step_ms": step_s * 1e3,
                 "peak_mem_mb": peak_mb,
@@ -311,7 +315,7 @@ def cmd_train(args):
     test_x, test_y = load_split(args.data, train=False)
     if args.limit:
         train_x, train_y = train_x[: args.limit], train_y[: args.limit]
-    model = CifarNet(args.arch).to(device).train()
+    model = CifarNet(args.arch, base_width=args.base_width).to(device).train()
     opt = make_optimizer(model)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -353,6 +357,7 @@ def main():
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         s.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
         s.add_argument("--batch", type=int, default=100)
+        s.add_argument("--base-width", type=int, default=64, help="stem width (64: the benchmark)")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     b = sub.choices["bench"]
