@@ -93,11 +93,12 @@ impl BasicBlock {
         })
     }
 
-    /// `ReLU(BN2(conv2(ReLU(BN1(conv1(x))))) + shortcut(x))`.
+    /// `ReLU(BN2(conv2(ReLU(BN1(conv1(x))))) + shortcut(x))`; the residual add+ReLU is one
+    /// fused op (`kernels::add_relu`).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
-        (h + shortcut(&self.downsample, x, train)?)?.relu()
+        kernels::add_relu(&h, &shortcut(&self.downsample, x, train)?)
     }
 }
 
@@ -149,7 +150,7 @@ impl Bottleneck {
         let h = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let h = self.bn2.forward_relu_t(&self.conv2.forward(&h)?, train)?;
         let h = self.bn3.forward_t(&self.conv3.forward(&h)?, train)?;
-        (h + shortcut(&self.downsample, x, train)?)?.relu()
+        kernels::add_relu(&h, &shortcut(&self.downsample, x, train)?)
     }
 }
 

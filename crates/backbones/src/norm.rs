@@ -97,8 +97,8 @@ impl BatchNorm2d {
             DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
             _ => x.clone(),
         };
-        let weight = self.weight.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?;
-        let bias = self.bias.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?;
+        let weight = self.weight.to_dtype(x.dtype())?;
+        let bias = self.bias.to_dtype(x.dtype())?;
         let y = if train {
             let count = n * h * w;
             if count < 2 {
@@ -107,16 +107,17 @@ impl BatchNorm2d {
                     x.dims()
                 );
             }
-            // One fused op forward and one backward on CPU and CUDA (generic ops elsewhere).
-            let bn = if relu {
-                kernels::batch_norm_relu_train
-            } else {
-                kernels::batch_norm_train
+            // Fused ops on CPU and CUDA (generic ops elsewhere): the batch-statistics op also
+            // updates the running statistics in place, with PyTorch's rule
+            // (`running ← (1 − momentum)·running + momentum·batch`, unbiased variance).
+            let running = kernels::RunningStats {
+                mean: self.running_mean.as_tensor(),
+                var: self.running_var.as_tensor(),
+                momentum: self.momentum,
             };
-            let (y, mean, var) = bn(&x, &weight.flatten_all()?, &bias.flatten_all()?, self.eps)?;
-            self.update_running(&mean, &var, count)?;
-            y
+            kernels::batch_norm_train_update(&x, &weight, &bias, self.eps, relu, running)?
         } else {
+            let (weight, bias) = (weight.reshape((1, c, 1, 1))?, bias.reshape((1, c, 1, 1))?);
             let rm = self
                 .running_mean()
                 .to_dtype(x.dtype())?
@@ -135,17 +136,5 @@ impl BatchNorm2d {
             }
         };
         y.to_dtype(in_dtype)
-    }
-
-    fn update_running(&self, mean: &Tensor, biased_var: &Tensor, count: usize) -> Result<()> {
-        let m = self.momentum;
-        let dtype = self.running_mean.dtype();
-        let mean = mean.detach().flatten_all()?.to_dtype(dtype)?;
-        let unbiased = (biased_var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?
-            .to_dtype(dtype)?;
-        let new_mean = ((self.running_mean() * (1.0 - m))? + (mean * m)?)?;
-        let new_var = ((self.running_var() * (1.0 - m))? + (unbiased * m)?)?;
-        self.running_mean.set(&new_mean)?;
-        self.running_var.set(&new_var)
     }
 }

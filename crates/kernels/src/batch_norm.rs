@@ -3,7 +3,8 @@
 
 use crate::cpu::{self, batch_norm::BnGeom};
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, InplaceOp1, Layout, Result, Shape,
+    Storage, Tensor,
 };
 
 /// Views `x [N, C, ...]` as `[N, C, plane]`.
@@ -43,12 +44,26 @@ fn fused_covers(tensors: &[&Tensor]) -> bool {
     f32_args && (on_cpu || on_cuda)
 }
 
+/// Running statistics that a training-mode BatchNorm call updates in place with PyTorch's rule:
+/// `running ← (1 − momentum)·running + momentum·batch`, the variance unbiased
+/// (`biased · n / (n − 1)`, `n` values per channel).
+#[derive(Debug, Clone, Copy)]
+pub struct RunningStats<'a> {
+    /// Running mean `[C]`, updated in place (its storage, so every view of it sees the update).
+    pub mean: &'a Tensor,
+    /// Running variance `[C]`, updated in place.
+    pub var: &'a Tensor,
+    /// Weight of the new batch statistic (PyTorch: 0.1).
+    pub momentum: f64,
+}
+
 /// Training-mode BatchNorm of `x [N, C, ...]` with per-channel `weight` and `bias` (`[C]`).
 ///
 /// Returns `(y, batch_mean, batch_var)` where `batch_var` is the biased variance (divided by
 /// the element count) used to normalise. `y` is differentiable in `x`, `weight` and `bias`;
 /// the statistics are returned detached, for the caller's running-statistics update (which
-/// conventionally uses the unbiased variance: multiply by `n / (n - 1)`).
+/// conventionally uses the unbiased variance: multiply by `n / (n - 1)`), or see
+/// [`batch_norm_train_update`], which does that update inside the op.
 ///
 /// On CPU f32 (and CUDA f32 with feature `cuda`) the forward and the whole backward are single
 /// fused ops; elsewhere the same function is built from candle's generic ops.
@@ -58,7 +73,8 @@ pub fn batch_norm_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    batch_norm_train_impl(x, weight, bias, eps, false)
+    let (y, mean, var) = batch_norm_train_impl(x, weight, bias, eps, false, None)?;
+    Ok((y, mean, var))
 }
 
 /// [`batch_norm_train`] followed by ReLU, fused: `relu(bn(x))`, with the same statistics.
@@ -71,7 +87,27 @@ pub fn batch_norm_relu_train(
     bias: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    batch_norm_train_impl(x, weight, bias, eps, true)
+    batch_norm_train_impl(x, weight, bias, eps, true, None)
+}
+
+/// Training-mode BatchNorm (`relu`: fused with ReLU, as [`batch_norm_relu_train`]) that also
+/// updates `running` in place, returning `y` only.
+///
+/// Fused path (f32 on CPU, or on CUDA with feature `cuda`, running statistics f32 and
+/// contiguous on the same device): two ops forward, the batch statistics (whose op also writes
+/// the running statistics: one CUDA launch for both) and the normalisation, and one op
+/// backward. `weight` and `bias` enter the ops directly (no packing). The running update is
+/// rounded exactly as the generic-op formulation `running·(1−m) + batch·m` in f32, so it is
+/// bit-identical to it. Elsewhere: candle's generic ops.
+pub fn batch_norm_train_update(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+    running: RunningStats<'_>,
+) -> Result<Tensor> {
+    Ok(batch_norm_train_impl(x, weight, bias, eps, relu, Some(running))?.0)
 }
 
 fn batch_norm_train_impl(
@@ -80,24 +116,64 @@ fn batch_norm_train_impl(
     bias: &Tensor,
     eps: f64,
     relu: bool,
+    running: Option<RunningStats<'_>>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let geom = geometry(x.shape())?;
     check_params("weight", weight, geom.channels)?;
     check_params("bias", bias, geom.channels)?;
+    if let Some(r) = &running {
+        check_params("running_mean", r.mean, geom.channels)?;
+        check_params("running_var", r.var, geom.channels)?;
+    }
     if !fused_covers(&[x, weight, bias]) {
         let (y, mean, var) = crate::reference::batch_norm_train(x, weight, bias, eps)?;
         let y = if relu { y.relu()? } else { y };
+        if let Some(r) = running {
+            crate::reference::update_running_stats(r, &mean, &var, geom.count())?;
+        }
         return Ok((y, mean, var));
     }
     let x = x.contiguous()?;
-    let stats = x.apply_op1_no_bwd(&BnStatsOp { geom })?;
-    let mean = stats.narrow(0, 0, geom.channels)?;
-    let var = stats.narrow(0, geom.channels, geom.channels)?;
-    // One parameter tensor so the op stays binary: gradients flow back through `cat` to
-    // weight and bias, while the statistics come from a no-backward op and stay detached.
-    let params = Tensor::cat(&[weight, bias, &mean, &var], 0)?;
-    let y = x.apply_op2(&params, BnTrainOp { geom, eps, relu })?;
-    Ok((y, mean, var))
+    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
+    // The fused stats op writes the running statistics when they are f32, contiguous and on
+    // x's device; otherwise they are updated with generic ops from the returned statistics.
+    let fused_running = running.filter(|r| {
+        [r.mean, r.var].iter().all(|t| {
+            t.dtype() == DType::F32 && t.is_contiguous() && t.device().same_device(x.device())
+        })
+    });
+    let stats = x.apply_op1_no_bwd(&BnStatsOp {
+        geom,
+        running: fused_running.map(|r| {
+            (
+                r.mean.clone(),
+                r.var.clone(),
+                cpu::batch_norm::RunningCoefs::new(r.momentum, geom.count()),
+            )
+        }),
+    })?;
+    let c = geom.channels;
+    if let (Some(r), None) = (running, fused_running) {
+        let (mean, var) = (stats.narrow(0, 0, c)?, stats.narrow(0, c, c)?);
+        crate::reference::update_running_stats(r, &mean, &var, geom.count())?;
+    }
+    // weight and bias are direct inputs (their gradients need no unpacking); the statistics
+    // come from a no-backward op and are read by the ops out of band, so they stay detached.
+    let y = x.apply_op3(
+        &weight,
+        &bias,
+        BnTrainOp {
+            geom,
+            eps,
+            relu,
+            stats: stats.clone(),
+        },
+    )?;
+    if running.is_some() {
+        // Callers with running statistics only use `y`; skip the two views.
+        return Ok((y, stats.clone(), stats));
+    }
+    Ok((y, stats.narrow(0, 0, c)?, stats.narrow(0, c, c)?))
 }
 
 /// Evaluation-mode BatchNorm: `(x - running_mean) / sqrt(running_var + eps) * weight + bias`
@@ -127,9 +203,12 @@ pub fn batch_norm_eval(
         .broadcast_add(&shift.reshape(bshape.as_slice())?)
 }
 
-/// `x -> [mean (C), biased var (C)]`.
+/// `x -> [mean (C), biased var (C)]`; with `running`, also updates the running mean and
+/// variance in place (CPU: two nested in-place ops over `C` values; CUDA: the stats kernel writes
+/// them, one launch in all).
 struct BnStatsOp {
     geom: BnGeom,
+    running: Option<(Tensor, Tensor, cpu::batch_norm::RunningCoefs)>,
 }
 
 impl CustomOp1 for BnStatsOp {
@@ -141,6 +220,17 @@ impl CustomOp1 for BnStatsOp {
         crate::counters::record(crate::OpKind::BnStats, 1);
         let x = cpu::f32_slice(s, l, self.name(), "input")?;
         let stats = cpu::batch_norm::bn_stats(&self.geom, x);
+        if let Some((mean, var, coefs)) = &self.running {
+            let c = self.geom.channels;
+            // Distinct storages from x (read-locked by candle here), so no lock conflict.
+            for (t, batch, is_var) in [(mean, &stats[..c], false), (var, &stats[c..], true)] {
+                t.inplace_op1(&RunningUpdateOp {
+                    batch: batch.to_vec(),
+                    coefs: *coefs,
+                    var: is_var,
+                })?;
+            }
+        }
         Ok((CpuStorage::F32(stats), Shape::from(2 * self.geom.channels)))
     }
 
@@ -151,19 +241,64 @@ impl CustomOp1 for BnStatsOp {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::counters::record(crate::OpKind::BnStats, 1);
-        let stats = crate::cuda::batch_norm::stats(&self.geom, s, l)?;
+        let running = match &self.running {
+            Some((mean, var, coefs)) => Some((
+                crate::cuda::tensor_ptr(mean, self.name(), "running mean")?,
+                crate::cuda::tensor_ptr(var, self.name(), "running var")?,
+                *coefs,
+            )),
+            None => None,
+        };
+        let stats = crate::cuda::batch_norm::stats(&self.geom, s, l, running)?;
         Ok((stats, Shape::from(2 * self.geom.channels)))
     }
 }
 
-/// `(x, [weight, bias, mean, var]) -> y`; backward in one fused op.
+/// CPU running-statistics update of one `[C]` tensor in place (part of [`BnStatsOp`]).
+struct RunningUpdateOp {
+    batch: Vec<f32>,
+    coefs: cpu::batch_norm::RunningCoefs,
+    var: bool,
+}
+
+impl InplaceOp1 for RunningUpdateOp {
+    fn name(&self) -> &'static str {
+        "kernels-batch-norm-running"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        crate::counters::record(crate::OpKind::BnRunning, 0);
+        let run = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &mut v[a..b],
+            _ => bail!("{}: running statistics must be contiguous f32", self.name()),
+        };
+        for (r, &b) in run.iter_mut().zip(&self.batch) {
+            *r = cpu::batch_norm::running_update(*r, b, &self.coefs, self.var);
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor that an op reads out of band (a tensor
+/// that is not one of the op's inputs, so candle has not locked it).
+fn with_cpu_f32<R>(t: &Tensor, op: &str, arg: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => Ok(f(cpu::f32_slice(s, layout, op, arg)?)),
+        _ => bail!("{op}: {arg} must be on the CPU"),
+    }
+}
+
+/// `(x, weight, bias) -> y`, with the batch statistics `[mean, var]` read out of band;
+/// backward in one fused op.
 struct BnTrainOp {
     geom: BnGeom,
     eps: f64,
     relu: bool,
+    stats: Tensor,
 }
 
-impl CustomOp2 for BnTrainOp {
+impl CustomOp3 for BnTrainOp {
     fn name(&self) -> &'static str {
         "kernels-batch-norm-train"
     }
@@ -174,11 +309,16 @@ impl CustomOp2 for BnTrainOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         crate::counters::record(crate::OpKind::BnForward, 1);
         let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
-        let params = cpu::f32_slice(s2, l2, self.name(), "parameters")?;
-        let y = cpu::batch_norm::bn_forward(&self.geom, x, params, self.eps, self.relu);
+        let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
+        let b = cpu::f32_slice(s3, l3, self.name(), "bias")?;
+        let y = with_cpu_f32(&self.stats, self.name(), "statistics", |st| {
+            cpu::batch_norm::bn_forward(&self.geom, x, w, b, st, self.eps, self.relu)
+        })?;
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -189,38 +329,56 @@ impl CustomOp2 for BnTrainOp {
         l1: &Layout,
         s2: &candle_core::CudaStorage,
         l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::counters::record(crate::OpKind::BnForward, 1);
-        let y =
-            crate::cuda::batch_norm::forward(&self.geom, (s1, l1), (s2, l2), self.eps, self.relu)?;
+        let stats = crate::cuda::tensor_ptr(&self.stats, self.name(), "statistics")?;
+        let y = crate::cuda::batch_norm::forward(
+            &self.geom,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            stats,
+            self.eps,
+            self.relu,
+        )?;
         Ok((y, l1.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        params: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = BnBackwardOp {
             geom: self.geom,
             eps: self.eps,
             relu: self.relu,
+            weight: weight.clone(),
+            bias: bias.clone(),
         };
-        let packed = x.apply_op3_no_bwd(params, &grad_res.contiguous()?, &op)?;
-        let n = x.elem_count();
+        let packed = x.apply_op3_no_bwd(&grad_res.contiguous()?, &self.stats, &op)?;
+        let (n, c) = (x.elem_count(), self.geom.channels);
         let grad_x = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let grad_params = packed.narrow(0, n, 4 * self.geom.channels)?;
-        Ok((Some(grad_x), Some(grad_params)))
+        let grad_w = packed.narrow(0, n, c)?;
+        let grad_b = packed.narrow(0, n + c, c)?;
+        crate::counters::record_views(4);
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
     }
 }
 
-/// `(x, params, grad_y) -> [grad_x (flat), grad_params (4C)]`.
+/// `(x, grad_y, stats) -> [grad_x (flat), grad_weight (C), grad_bias (C)]`, with weight and
+/// bias read out of band.
 struct BnBackwardOp {
     geom: BnGeom,
     eps: f64,
     relu: bool,
+    weight: Tensor,
+    bias: Tensor,
 }
 
 impl CustomOp3 for BnBackwardOp {
@@ -239,9 +397,13 @@ impl CustomOp3 for BnBackwardOp {
     ) -> Result<(CpuStorage, Shape)> {
         crate::counters::record(crate::OpKind::BnBackward, 2);
         let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
-        let params = cpu::f32_slice(s2, l2, self.name(), "parameters")?;
-        let dy = cpu::f32_slice(s3, l3, self.name(), "output gradient")?;
-        let packed = cpu::batch_norm::bn_backward(&self.geom, x, params, dy, self.eps, self.relu);
+        let dy = cpu::f32_slice(s2, l2, self.name(), "output gradient")?;
+        let stats = cpu::f32_slice(s3, l3, self.name(), "statistics")?;
+        let packed = with_cpu_f32(&self.weight, self.name(), "weight", |w| {
+            with_cpu_f32(&self.bias, self.name(), "bias", |b| {
+                cpu::batch_norm::bn_backward(&self.geom, x, w, b, stats, dy, self.eps, self.relu)
+            })
+        })??;
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
     }
@@ -257,15 +419,18 @@ impl CustomOp3 for BnBackwardOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         crate::counters::record(crate::OpKind::BnBackward, 2);
+        let w = crate::cuda::tensor_ptr(&self.weight, self.name(), "weight")?;
+        let b = crate::cuda::tensor_ptr(&self.bias, self.name(), "bias")?;
         let packed = crate::cuda::batch_norm::backward(
             &self.geom,
             (s1, l1),
             (s2, l2),
             (s3, l3),
+            (w, b),
             self.eps,
             self.relu,
         )?;
-        let len = l1.shape().elem_count() + 4 * self.geom.channels;
+        let len = l1.shape().elem_count() + 2 * self.geom.channels;
         Ok((packed, Shape::from(len)))
     }
 }

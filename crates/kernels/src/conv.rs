@@ -166,6 +166,7 @@ impl CustomOp2 for Conv2dOp {
             need_w,
         };
         let packed = x.apply_op3_no_bwd(w, &grad_res.contiguous()?, &op)?;
+        crate::counters::record_views(2 * (need_x as u64 + need_w as u64));
         let mut offset = 0;
         let grad_x = if need_x {
             let n = x.elem_count();

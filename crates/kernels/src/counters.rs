@@ -74,6 +74,20 @@ pub(crate) fn record(kind: OpKind, cuda_launches: u64) {
     LAUNCHES[i].fetch_add(cuda_launches, Ordering::Relaxed);
 }
 
+static VIEWS: AtomicU64 = AtomicU64::new(0);
+
+/// Records `n` view tensors (narrow/reshape of a packed result; no launch) that an op's
+/// backward creates.
+pub(crate) fn record_views(n: u64) {
+    VIEWS.fetch_add(n, Ordering::Relaxed);
+}
+
+/// View tensors created by the custom ops' backward since the last [`reset_op_counts`]: they
+/// count as candle tensors but launch nothing.
+pub fn op_views() -> u64 {
+    VIEWS.load(Ordering::Relaxed)
+}
+
 /// Counts of one op kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpCount {
@@ -99,6 +113,7 @@ pub fn op_counts() -> Vec<OpCount> {
 
 /// Sets every counter to zero.
 pub fn reset_op_counts() {
+    VIEWS.store(0, Ordering::Relaxed);
     for i in 0..KINDS.len() {
         CALLS[i].store(0, Ordering::Relaxed);
         LAUNCHES[i].store(0, Ordering::Relaxed);

@@ -8,8 +8,10 @@
 //!   gradient (under `cudnn`) with a naive direct conv, and runs one convolution per group.
 //! * [`batch_norm_train`] / [`batch_norm_relu_train`]: training-mode BatchNorm (optionally
 //!   fused with ReLU) whose forward and whole backward are each one fused op (CPU and CUDA).
+//! * [`add_relu`]: residual `relu(a + b)`, one op forward and one backward (CPU and CUDA).
 //! * [`batch_norm_eval`]: evaluation-mode BatchNorm as a broadcast affine.
-//! * [`sgd_update`]: the SGD-with-momentum update of one parameter in place.
+//! * [`sgd_update`] / [`sgd_update_multi`]: the SGD-with-momentum update in place, of one
+//!   parameter or of many (one multi-tensor launch on CUDA).
 //!
 //! Device code is kept apart: module `cpu` holds the CPU kernels on plain slices, module `cuda`
 //! (feature `cuda`) the CUDA launches; the op plumbing in the top-level modules is shared.
@@ -23,14 +25,18 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod reference;
+mod residual;
 mod settings;
 mod sgd;
 
-pub use batch_norm::{batch_norm_eval, batch_norm_relu_train, batch_norm_train};
+pub use batch_norm::{
+    batch_norm_eval, batch_norm_relu_train, batch_norm_train, batch_norm_train_update, RunningStats,
+};
 pub use conv::{conv2d, ConvParams};
-pub use counters::{op_counts, reset_op_counts, OpCount, OpKind};
+pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
+pub use residual::add_relu;
 pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};
-pub use sgd::{sgd_update, SgdStep};
+pub use sgd::{sgd_update, sgd_update_multi, SgdParam, SgdStep};
 
 /// Whether this build routes CUDA f32 convolutions through cuDNN (feature `cudnn`).
 pub const CUDNN_CONV: bool = cfg!(feature = "cudnn");

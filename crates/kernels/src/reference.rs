@@ -33,3 +33,23 @@ pub fn batch_norm_train(
         .reshape(dims)?;
     Ok((y, mean.flatten_all()?.detach(), var.flatten_all()?.detach()))
 }
+
+/// The running-statistics update from generic ops, `running ← (1 − m)·running + m·batch` with
+/// the unbiased variance (`count` values per channel), written back in place. This is the
+/// formulation the fused update reproduces bit for bit.
+pub fn update_running_stats(
+    running: crate::RunningStats<'_>,
+    mean: &Tensor,
+    biased_var: &Tensor,
+    count: usize,
+) -> Result<()> {
+    let m = running.momentum;
+    let dtype = running.mean.dtype();
+    let mean = mean.detach().flatten_all()?.to_dtype(dtype)?;
+    let unbiased = (biased_var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?
+        .to_dtype(dtype)?;
+    let new_mean = ((running.mean.detach() * (1.0 - m))? + (mean * m)?)?;
+    let new_var = ((running.var.detach() * (1.0 - m))? + (unbiased * m)?)?;
+    running.mean.slice_set(&new_mean.contiguous()?, 0, 0)?;
+    running.var.slice_set(&new_var.contiguous()?, 0, 0)
+}

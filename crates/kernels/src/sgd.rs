@@ -55,6 +55,95 @@ pub fn sgd_update(
     buf: Option<&Tensor>,
     step: &SgdStep,
 ) -> Result<()> {
+    check(theta, grad, buf, step)?;
+    if !fused_covers(theta, grad, buf) {
+        return generic(theta, grad, buf, step);
+    }
+    // CPU: two in-place ops (buffer, then θ); CUDA: one launch.
+    crate::counters::record(crate::OpKind::Sgd, 1);
+    fused_update(theta, grad, buf, step)
+}
+
+/// The fused update of one covered parameter (f32, contiguous, one device).
+fn fused_update(theta: &Tensor, grad: &Tensor, buf: Option<&Tensor>, step: &SgdStep) -> Result<()> {
+    let op = SgdParamOp { step: *step };
+    match buf {
+        Some(buf) => {
+            if theta.device().is_cpu() {
+                buf.inplace_op3(grad, theta, &SgdBufOp { step: *step })?;
+            }
+            // On CUDA this one launch updates the buffer as well (see SgdParamOp).
+            theta.inplace_op3(grad, buf, &op)
+        }
+        None => theta.inplace_op2(grad, &op),
+    }
+}
+
+/// One parameter of a [`sgd_update_multi`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct SgdParam<'a> {
+    /// The parameter, updated in place.
+    pub theta: &'a Tensor,
+    /// Its gradient.
+    pub grad: &'a Tensor,
+    /// Its momentum buffer (exactly when `step.momentum != 0`), updated in place.
+    pub buf: Option<&'a Tensor>,
+    /// The update's hyper-parameters.
+    pub step: SgdStep,
+}
+
+/// [`sgd_update`] of many parameters, each bit-identical to its single-parameter update.
+///
+/// CUDA (feature `cuda`): the parameters that share hyper-parameters and device go through one
+/// multi-tensor kernel launch per 96 tensors (pointers and sizes passed by value in the launch's
+/// argument block, so nothing is uploaded); a ResNet-18 step is one launch. CPU: one pass over
+/// the list, each parameter updated by the two in-place ops of [`sgd_update`] (candle lets an op
+/// mutate one storage, and the update writes both θ and its buffer). Tensors the fused path does
+/// not cover (other dtypes, non-contiguous) take [`sgd_update`]'s generic fallback.
+pub fn sgd_update_multi(params: &[SgdParam<'_>]) -> Result<()> {
+    let mut rest = Vec::new();
+    let mut groups: Vec<(SgdStep, Vec<SgdParam<'_>>)> = Vec::new();
+    for p in params {
+        let covered =
+            check(p.theta, p.grad, p.buf, &p.step).is_ok() && fused_covers(p.theta, p.grad, p.buf);
+        if !covered {
+            rest.push(*p);
+            continue;
+        }
+        let dev = p.theta.device();
+        match groups
+            .iter_mut()
+            .find(|(s, list)| *s == p.step && list[0].theta.device().same_device(dev))
+        {
+            Some((_, list)) => list.push(*p),
+            None => groups.push((p.step, vec![*p])),
+        }
+    }
+    for (step, list) in &groups {
+        for chunk in list.chunks(MULTI_MAX_TENSORS) {
+            // One launch per chunk on CUDA; the CPU makes the same count for the report.
+            crate::counters::record(crate::OpKind::SgdMulti, 1);
+            #[cfg(feature = "cuda")]
+            if chunk[0].theta.device().is_cuda() {
+                crate::cuda::sgd::update_multi(step, chunk)?;
+                continue;
+            }
+            for p in chunk {
+                fused_update(p.theta, p.grad, p.buf, step)?;
+            }
+        }
+    }
+    for p in rest {
+        sgd_update(p.theta, p.grad, p.buf, &p.step)?;
+    }
+    Ok(())
+}
+
+/// Tensors per multi-tensor CUDA launch (see `cuda::sgd::update_multi`).
+pub(crate) const MULTI_MAX_TENSORS: usize = 96;
+
+/// Shape and buffer checks shared by the single and multi-tensor updates.
+fn check(theta: &Tensor, grad: &Tensor, buf: Option<&Tensor>, step: &SgdStep) -> Result<()> {
     if buf.is_some() != (step.momentum != 0.0) {
         bail!("kernels::sgd_update: a momentum buffer is needed exactly when momentum != 0");
     }
@@ -67,29 +156,20 @@ pub fn sgd_update(
             );
         }
     }
+    Ok(())
+}
+
+/// Whether the fused kernels take these tensors: f32, contiguous, one device (CPU, or CUDA in
+/// a `cuda` build).
+fn fused_covers(theta: &Tensor, grad: &Tensor, buf: Option<&Tensor>) -> bool {
     let all = || {
         std::iter::once(theta)
             .chain(std::iter::once(grad))
             .chain(buf)
     };
-    let fused = all().all(|t| {
+    all().all(|t| {
         t.dtype() == DType::F32 && t.is_contiguous() && t.device().same_device(theta.device())
-    }) && (theta.device().is_cpu() || cfg!(feature = "cuda"));
-    if !fused {
-        return generic(theta, grad, buf, step);
-    }
-    crate::counters::record(crate::OpKind::Sgd, 1);
-    let op = SgdParamOp { step: *step };
-    match buf {
-        Some(buf) => {
-            if theta.device().is_cpu() {
-                buf.inplace_op3(grad, theta, &SgdBufOp { step: *step })?;
-            }
-            // On CUDA this one launch updates the buffer as well (see SgdParamOp).
-            theta.inplace_op3(grad, buf, &op)
-        }
-        None => theta.inplace_op2(grad, &op),
-    }
+    }) && (theta.device().is_cpu() || cfg!(feature = "cuda"))
 }
 
 /// The generic-op formulation (the former `train::Sgd::step` body), results copied back.

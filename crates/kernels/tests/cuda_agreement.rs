@@ -79,6 +79,20 @@ fn sgd_update_is_bit_identical_to_cpu() -> Result<()> {
     }
 }
 
+#[test]
+fn add_relu_running_stats_and_multi_sgd_agree_with_cpu() -> Result<()> {
+    let Some(dev) = cuda_device("add_relu_running_stats_and_multi_sgd_agree_with_cpu") else {
+        return Ok(());
+    };
+    #[cfg(feature = "cuda")]
+    return gpu::fused_extras(&dev);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dev;
+        Ok(())
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::{DType, Device, Result, Tensor, Var};
@@ -304,6 +318,98 @@ mod gpu {
             }
             println!("sgd wd {wd} μ {mu} nesterov {nesterov}: bit-identical");
         }
+        Ok(())
+    }
+
+    /// add_relu forward and gradients (bit-identical: one f32 add, a max and a 0/1 multiply),
+    /// the running statistics written by the stats kernel (1e-4, as the batch statistics), and
+    /// the multi-tensor SGD launch (bit-identical to the CPU's per-parameter update).
+    pub fn fused_extras(dev: &Device) -> Result<()> {
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            let v: Vec<f32> = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            Ok(v.iter().map(|x| x.to_bits()).collect())
+        };
+        // add_relu, with exact cancellations so that a + b == 0 occurs.
+        let dims = [4, 8, 9, 9];
+        let a = pseudo_random(&dims, 1)?;
+        let b = ((pseudo_random(&dims, 2)? * 0.5)? + a.neg()?.affine(0.5, 0.0)?)?;
+        let b = Tensor::cat(&[&a.neg()?.narrow(0, 0, 1)?, &b.narrow(0, 1, 3)?], 0)?;
+        let r = pseudo_random(&dims, 3)?;
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let av = Var::from_tensor(&a.to_device(d)?)?;
+            let bv = Var::from_tensor(&b.to_device(d)?)?;
+            let y = kernels::add_relu(av.as_tensor(), bv.as_tensor())?;
+            let g = (&y * r.to_device(d)?)?.sum_all()?.backward()?;
+            let ga = g.get(av.as_tensor()).expect("grad a").clone();
+            let gb = g.get(bv.as_tensor()).expect("grad b").clone();
+            Ok(vec![y, ga, gb])
+        };
+        let (gpu, cpu) = (run(dev)?, run(&Device::Cpu)?);
+        for (name, (g, c)) in ["y", "da", "db"].iter().zip(gpu.iter().zip(&cpu)) {
+            assert_eq!(bits(g)?, bits(c)?, "add_relu {name}");
+        }
+        // Running statistics updated inside the stats op.
+        let x = (pseudo_random(&[16, 12, 6, 6], 4)? * 2.0)?.affine(1.0, 0.3)?;
+        let w = pseudo_random(&[12], 5)?.affine(0.5, 1.0)?;
+        let bias = pseudo_random(&[12], 6)?;
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let rm = pseudo_random(&[12], 7)?.to_device(d)?;
+            let rv = pseudo_random(&[12], 8)?.affine(0.5, 1.0)?.to_device(d)?;
+            let (xd, wd, bd) = (x.to_device(d)?, w.to_device(d)?, bias.to_device(d)?);
+            for relu in [false, true] {
+                let running = kernels::RunningStats {
+                    mean: &rm,
+                    var: &rv,
+                    momentum: 0.1,
+                };
+                kernels::batch_norm_train_update(&xd, &wd, &bd, 1e-5, relu, running)?;
+            }
+            Ok(vec![rm, rv])
+        };
+        let (gpu, cpu) = (run(dev)?, run(&Device::Cpu)?);
+        check("running mean", &gpu[0], &cpu[0], 1e-4)?;
+        check("running var", &gpu[1], &cpu[1], 1e-4)?;
+        // Multi-tensor SGD over 100 tensors of mixed sizes (two launches), 3 steps.
+        let sizes: Vec<usize> = (0..100).map(|i| 1 + (i * 997) % 5000).collect();
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let thetas: Vec<Tensor> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| pseudo_random(&[n], 100 + i as u64)?.to_device(d))
+                .collect::<Result<_>>()?;
+            let bufs: Vec<Tensor> = thetas
+                .iter()
+                .map(|t| t.zeros_like())
+                .collect::<Result<_>>()?;
+            for k in 0..3u64 {
+                let grads: Vec<Tensor> = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| pseudo_random(&[n], 1000 * k + i as u64)?.to_device(d))
+                    .collect::<Result<_>>()?;
+                let params: Vec<kernels::SgdParam> = (0..sizes.len())
+                    .map(|i| kernels::SgdParam {
+                        theta: &thetas[i],
+                        grad: &grads[i],
+                        buf: Some(&bufs[i]),
+                        step: kernels::SgdStep {
+                            lr: 0.1,
+                            weight_decay: 1e-4,
+                            momentum: 0.9,
+                            nesterov: false,
+                            first: k == 0,
+                        },
+                    })
+                    .collect();
+                kernels::sgd_update_multi(&params)?;
+            }
+            Ok(thetas.into_iter().chain(bufs).collect())
+        };
+        let (gpu, cpu) = (run(dev)?, run(&Device::Cpu)?);
+        for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+            assert_eq!(bits(g)?, bits(c)?, "multi-tensor sgd, tensor {i}");
+        }
+        println!("add_relu, running statistics and multi-tensor sgd agree");
         Ok(())
     }
 }

@@ -327,3 +327,124 @@ fn finite_differences_agree_on_tiny_cases() -> Result<()> {
     }
     Ok(())
 }
+
+/// The fused residual add+ReLU is bit-identical to candle's `(a + b)?.relu()`, forward and
+/// both gradients, including inputs whose sum is exactly 0 (candle passes the gradient there).
+#[test]
+fn add_relu_is_bit_identical_to_candle_ops() -> Result<()> {
+    let dims = [3, 5, 6, 7];
+    let a0 = pseudo_random(&dims, 31)?;
+    // Every third value of b cancels a exactly; exact zeros on both sides too.
+    let b0 = {
+        let a = a0.flatten_all()?.to_vec1::<f32>()?;
+        let r = pseudo_random(&dims, 32)?.flatten_all()?.to_vec1::<f32>()?;
+        let v: Vec<f32> = (0..a.len())
+            .map(|i| match i % 5 {
+                0 | 3 => -a[i],
+                1 => 0.0,
+                _ => r[i],
+            })
+            .collect();
+        Tensor::from_vec(v, &dims, &Device::Cpu)?
+    };
+    let probe = pseudo_random(&dims, 33)?;
+    let (a, b) = (Var::from_tensor(&a0)?, Var::from_tensor(&b0)?);
+    let fused = kernels::add_relu(a.as_tensor(), b.as_tensor())?;
+    let stock = (a.as_tensor() + b.as_tensor())?.relu()?;
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    };
+    assert_eq!(bits(&fused)?, bits(&stock)?, "forward");
+    let gf = (&fused * &probe)?.sum_all()?.backward()?;
+    let gs = (&stock * &probe)?.sum_all()?.backward()?;
+    for (name, v) in [("a", &a), ("b", &b)] {
+        let (f, s) = (
+            gf.get(v).expect("fused grad"),
+            gs.get(v).expect("stock grad"),
+        );
+        assert_eq!(bits(f)?, bits(s)?, "gradient of {name}");
+    }
+    // Only one input tracked: the other gets no gradient, the tracked one the same.
+    let y = kernels::add_relu(a.as_tensor(), &b0)?;
+    let g = (y * &probe)?.sum_all()?.backward()?;
+    assert_eq!(bits(g.get(&a).expect("grad"))?, bits(gf.get(&a).unwrap())?);
+    Ok(())
+}
+
+/// Finite differences through conv -> add_relu away from the kink.
+#[test]
+fn finite_differences_agree_on_add_relu() -> Result<()> {
+    let a = Var::from_tensor(&pseudo_random(&[2, 3, 4, 4], 41)?)?;
+    let b = Var::from_tensor(&pseudo_random(&[2, 3, 4, 4], 42)?)?;
+    let probe = pseudo_random(&[2, 3, 4, 4], 43)?;
+    // Shift sums away from 0 by more than the difference step, so no value crosses the kink.
+    let sum = (a.as_tensor() + b.as_tensor())?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let shift: Vec<f32> = sum
+        .iter()
+        .map(|&s| {
+            if s.abs() < 0.05 {
+                0.1f32.copysign(s)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let shift = Tensor::from_vec(shift, a.dims(), &Device::Cpu)?;
+    let forward = || -> Result<Tensor> {
+        let y = kernels::add_relu(&(a.as_tensor() + &shift)?, b.as_tensor())?;
+        (y * &probe)?.sum_all()
+    };
+    let grads = forward()?.backward()?;
+    let loss = || forward()?.to_scalar::<f32>();
+    for (name, v) in [("a", &a), ("b", &b)] {
+        let g = grads.get(v).expect("gradient").clone();
+        finite_difference_check(name, v, &g, &loss)?;
+    }
+    Ok(())
+}
+
+/// The running-statistics update inside the fused BN op is bit-identical to the generic-op
+/// formulation (`reference::update_running_stats`), mean and unbiased variance.
+#[test]
+fn fused_running_update_is_bit_identical_to_generic_ops() -> Result<()> {
+    let x = pseudo_random(&[4, 6, 5, 5], 51)?;
+    let w = (pseudo_random(&[6], 52)? + 1.0)?;
+    let b = pseudo_random(&[6], 53)?;
+    let start_mean = pseudo_random(&[6], 54)?;
+    let start_var = (pseudo_random(&[6], 55)? + 2.0)?;
+    let (fm, fv) = (start_mean.copy()?, start_var.copy()?);
+    let (gm, gv) = (start_mean.copy()?, start_var.copy()?);
+    for relu in [false, true] {
+        let running = kernels::RunningStats {
+            mean: &fm,
+            var: &fv,
+            momentum: 0.1,
+        };
+        let y = kernels::batch_norm_train_update(&x, &w, &b, 1e-5, relu, running)?;
+        let (y_ref, mean, var) = if relu {
+            kernels::batch_norm_relu_train(&x, &w, &b, 1e-5)?
+        } else {
+            kernels::batch_norm_train(&x, &w, &b, 1e-5)?
+        };
+        assert_eq!(
+            y.flatten_all()?.to_vec1::<f32>()?,
+            y_ref.flatten_all()?.to_vec1::<f32>()?
+        );
+        let running = kernels::RunningStats {
+            mean: &gm,
+            var: &gv,
+            momentum: 0.1,
+        };
+        reference::update_running_stats(running, &mean, &var, 4 * 5 * 5)?;
+        assert_eq!(fm.to_vec1::<f32>()?, gm.to_vec1::<f32>()?, "running mean");
+        assert_eq!(fv.to_vec1::<f32>()?, gv.to_vec1::<f32>()?, "running var");
+    }
+    assert_ne!(fm.to_vec1::<f32>()?, start_mean.to_vec1::<f32>()?);
+    Ok(())
+}

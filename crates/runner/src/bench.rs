@@ -325,7 +325,11 @@ fn custom_op_counts() -> (Value, u64, u64) {
                 json!({ "calls": c.calls, "cuda_launches": c.cuda_launches }),
             );
         }
-        calls += c.calls;
+        // In-place ops (SGD, the CPU running update) create no tensor.
+        use backbones::kernels::OpKind;
+        if !matches!(c.kind, OpKind::Sgd | OpKind::SgdMulti | OpKind::BnRunning) {
+            calls += c.calls;
+        }
         launches += c.cuda_launches;
     }
     (Value::Object(m), calls, launches)
@@ -420,17 +424,21 @@ fn count_train_step(
             let (custom, custom_calls, custom_launches) = custom_op_counts();
             let tensors: u64 = phase.values().filter_map(Value::as_u64).sum();
             let views = graph["view_nodes"].as_u64().unwrap_or(0);
+            let op_views = backbones::kernels::op_views();
             counted = json!({
                 "candle_tensors_created": tensors,
                 "candle_tensors_by_phase": Value::Object(phase),
                 "autograd_graph": graph,
-                "grad_store_entries": grad_entries,
+                "grad_store_entries_kept": grad_entries,
                 "custom_ops": custom,
-                "custom_op_calls": custom_calls,
+                "custom_op_calls_creating_tensors": custom_calls,
                 "custom_op_cuda_launches": custom_launches,
-                // Every created tensor except the graph's views and the custom ops' outputs
-                // is taken as one launch; plus our ops' own launches (see docs/performance.md).
-                "cuda_launch_estimate": tensors.saturating_sub(views + custom_calls) + custom_launches,
+                "custom_op_backward_views": op_views,
+                // Every created tensor except the forward graph's views, the views of our ops'
+                // backward and our ops' outputs is taken as one launch; plus our ops' own
+                // launches (see docs/performance.md, "Counting ops").
+                "cuda_launch_estimate": tensors.saturating_sub(views + op_views + custom_calls)
+                    + custom_launches,
             });
         }
     }

@@ -129,37 +129,54 @@ impl Sgd {
 
     /// Applies one update with the scheduled learning rate `lr` (groups scale or replace it).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> candle_core::Result<()> {
+        // Momentum buffers first (a parameter's first step creates its buffer), then every
+        // update in one kernels::sgd_update_multi call: one multi-tensor launch on CUDA, one
+        // pass on the CPU, each parameter bit-identical to the generic-op formula in the module
+        // docs.
+        let mut firsts = Vec::new();
         for group in &mut self.groups {
+            for param in &mut group.params {
+                let has_grad = grads.get(param.var.as_tensor()).is_some();
+                let first = param.momentum_buffer.is_none();
+                firsts.push(first);
+                if has_grad && first && group.options.momentum != 0.0 {
+                    param.momentum_buffer = Some(param.var.as_tensor().zeros_like()?);
+                }
+            }
+        }
+        let mut updates = Vec::new();
+        let mut firsts = firsts.into_iter();
+        for group in &self.groups {
             let options = group.options;
             let group_lr = match options.lr {
                 GroupLr::Scale(s) => s * lr,
                 GroupLr::Fixed(f) => f,
             };
-            for param in &mut group.params {
+            for param in &group.params {
+                let first = firsts.next().unwrap_or(false);
                 let Some(grad) = grads.get(param.var.as_tensor()) else {
                     continue;
                 };
-                // One fused in-place update per parameter (kernels::sgd_update): the same f32
-                // roundings as the generic-op formula in the module docs, bit for bit.
-                let first = param.momentum_buffer.is_none();
                 let buf = if options.momentum != 0.0 {
-                    if first {
-                        param.momentum_buffer = Some(param.var.as_tensor().zeros_like()?);
-                    }
                     param.momentum_buffer.as_ref()
                 } else {
                     None
                 };
-                let step = kernels::SgdStep {
-                    lr: group_lr,
-                    weight_decay: options.weight_decay,
-                    momentum: options.momentum,
-                    nesterov: options.nesterov,
-                    first,
-                };
-                kernels::sgd_update(param.var.as_tensor(), grad, buf, &step)?;
+                updates.push(kernels::SgdParam {
+                    theta: param.var.as_tensor(),
+                    grad,
+                    buf,
+                    step: kernels::SgdStep {
+                        lr: group_lr,
+                        weight_decay: options.weight_decay,
+                        momentum: options.momentum,
+                        nesterov: options.nesterov,
+                        first,
+                    },
+                });
             }
         }
+        kernels::sgd_update_multi(&updates)?;
         self.step_count += 1;
         Ok(())
     }

@@ -14,7 +14,8 @@ pub(crate) struct BnGeom {
 }
 
 impl BnGeom {
-    fn count(&self) -> usize {
+    /// Values per channel (`batch · plane`).
+    pub(crate) fn count(&self) -> usize {
         self.batch * self.plane
     }
     fn channel_planes<'a>(&self, data: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> {
@@ -83,16 +84,18 @@ fn affine_coefficients(
 }
 
 /// `y = (x - mean) / sqrt(var + eps) * weight + bias`, optionally followed by ReLU.
-/// `params` is `[weight (C), bias (C), mean (C), var (C)]`.
-pub(crate) fn bn_forward(g: &BnGeom, x: &[f32], params: &[f32], eps: f64, relu: bool) -> Vec<f32> {
+/// `stats` is `[mean (C), var (C)]`.
+pub(crate) fn bn_forward(
+    g: &BnGeom,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    stats: &[f32],
+    eps: f64,
+    relu: bool,
+) -> Vec<f32> {
     let c = g.channels;
-    let (scale, shift) = affine_coefficients(
-        &params[..c],
-        &params[c..2 * c],
-        &params[2 * c..3 * c],
-        &params[3 * c..4 * c],
-        eps,
-    );
+    let (scale, shift) = affine_coefficients(weight, bias, &stats[..c], &stats[c..2 * c], eps);
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(g.plane.max(1))
         .zip(x.par_chunks(g.plane.max(1)))
@@ -112,22 +115,55 @@ pub(crate) fn bn_forward(g: &BnGeom, x: &[f32], params: &[f32], eps: f64, relu: 
     y
 }
 
-/// Backward of [`bn_forward`] with batch statistics. Returns `grad_x` followed by the packed
-/// parameter gradient `[d weight (C), d bias (C), 0 (C), 0 (C)]`: the statistics' dependence on
-/// `x` is already folded into `grad_x`, so the statistics rows get no gradient.
+/// Coefficients of the running-statistics update `running ← (1 − m)·running + m·batch`
+/// (unbiased batch variance), as f32 multipliers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RunningCoefs {
+    /// `1 − momentum`.
+    pub keep: f32,
+    /// `momentum`.
+    pub take: f32,
+    /// `count / (count − 1)`, turning the biased variance into the unbiased one.
+    pub unbias: f32,
+}
+
+impl RunningCoefs {
+    pub(crate) fn new(momentum: f64, count: usize) -> Self {
+        Self {
+            keep: (1.0 - momentum) as f32,
+            take: momentum as f32,
+            unbias: (count as f64 / (count.max(2) - 1) as f64) as f32,
+        }
+    }
+}
+
+/// The running-statistics update of one channel's mean (`var = false`) or variance, rounded
+/// exactly as the generic-op formulation `(running·keep + 0) + (batch·take + 0)` (each scalar
+/// multiply being candle's `affine(a, 0.0)`), with the variance first made unbiased as
+/// `var·unbias + 0`.
+#[inline]
+pub(crate) fn running_update(running: f32, batch: f32, k: &RunningCoefs, var: bool) -> f32 {
+    let batch = if var { batch * k.unbias + 0.0 } else { batch };
+    (running * k.keep + 0.0) + (batch * k.take + 0.0)
+}
+
+/// Backward of [`bn_forward`] with batch statistics. Returns `grad_x` followed by
+/// `[d weight (C), d bias (C)]`; the statistics' dependence on `x` is folded into `grad_x`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn bn_backward(
     g: &BnGeom,
     x: &[f32],
-    params: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    stats: &[f32],
     grad_y: &[f32],
     eps: f64,
     relu: bool,
 ) -> Vec<f32> {
     let c = g.channels;
-    let weight = &params[..c];
-    let mean = &params[2 * c..3 * c];
-    let var = &params[3 * c..4 * c];
-    let (scale, shift) = affine_coefficients(weight, &params[c..2 * c], mean, var, eps);
+    let mean = &stats[..c];
+    let var = &stats[c..2 * c];
+    let (scale, shift) = affine_coefficients(weight, bias, mean, var, eps);
     let inv_std: Vec<f32> = var
         .iter()
         .map(|&v| 1.0 / ((v as f64 + eps).sqrt() as f32))
@@ -162,7 +198,7 @@ pub(crate) fn bn_backward(
         })
         .collect();
     let n = g.count().max(1) as f32;
-    let mut out = vec![0f32; x.len() + 4 * c];
+    let mut out = vec![0f32; x.len() + 2 * c];
     let (grad_x, grad_params) = out.split_at_mut(x.len());
     for (ch, &(sum_dy, sum_dy_xhat)) in sums.iter().enumerate() {
         grad_params[ch] = sum_dy_xhat as f32;

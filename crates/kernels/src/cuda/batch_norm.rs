@@ -2,19 +2,27 @@
 //! Same math and packing as `cpu::batch_norm`; kernels in `kernels.cu`.
 
 use super::{alloc, cfg, dev_ptr, launch, threads_for};
-use crate::cpu::batch_norm::BnGeom;
+use crate::cpu::batch_norm::{BnGeom, RunningCoefs};
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{DType, Layout, Result};
 
 /// Threads of the per-channel reduction blocks.
 const REDUCE_THREADS: usize = 512;
 
-/// `[mean (C), biased var (C)]`.
-pub(crate) fn stats(g: &BnGeom, x: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+/// `[mean (C), biased var (C)]`; with `running = (mean ptr, var ptr, coefs)` the same launch
+/// updates the running statistics in place (thread 0 of each channel's block).
+pub(crate) fn stats(
+    g: &BnGeom,
+    x: &CudaStorage,
+    xl: &Layout,
+    running: Option<(u64, u64, RunningCoefs)>,
+) -> Result<CudaStorage> {
     let dev = &x.device;
     let xp = dev_ptr(x, xl, "kernels-batch-norm-stats", "input")?;
     let (out, op) = alloc(dev, DType::F32, 2 * g.channels)?;
     let (n, c, p) = (g.batch as i32, g.channels as i32, g.plane as i32);
+    let (rm, rv, k) = running.unwrap_or((0, 0, RunningCoefs::new(0.0, 2)));
+    let update = running.is_some() as i32;
     let threads = threads_for(g.batch * g.plane, REDUCE_THREADS);
     launch!(
         dev,
@@ -24,23 +32,32 @@ pub(crate) fn stats(g: &BnGeom, x: &CudaStorage, xl: &Layout) -> Result<CudaStor
         &op,
         &n,
         &c,
-        &p
+        &p,
+        &rm,
+        &rv,
+        &k.keep,
+        &k.take,
+        &k.unbias,
+        &update
     );
     Ok(out)
 }
 
-/// `y = relu?(x·scale + shift)`; `params = [weight, bias, mean, var]`.
+/// `y = relu?(x·scale + shift)` from weight, bias and `stats = [mean, var]` (device address).
 pub(crate) fn forward(
     g: &BnGeom,
     (x, xl): (&CudaStorage, &Layout),
-    (params, pl): (&CudaStorage, &Layout),
+    (w, wl): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    stats: u64,
     eps: f64,
     relu: bool,
 ) -> Result<CudaStorage> {
     let dev = &x.device;
     let name = "kernels-batch-norm-train";
     let xp = dev_ptr(x, xl, name, "input")?;
-    let pp = dev_ptr(params, pl, name, "parameters")?;
+    let wp = dev_ptr(w, wl, name, "weight")?;
+    let bp = dev_ptr(b, bl, name, "bias")?;
     let (out, yp) = alloc(dev, DType::F32, g.batch * g.channels * g.plane)?;
     let (c, p, r) = (g.channels as i32, g.plane as i32, relu as i32);
     let planes = g.batch * g.channels;
@@ -50,7 +67,9 @@ pub(crate) fn forward(
         "mixbench_bn_fwd_f32",
         cfg(planes, threads),
         &xp,
-        &pp,
+        &wp,
+        &bp,
+        &stats,
         &yp,
         &c,
         &p,
@@ -60,22 +79,24 @@ pub(crate) fn forward(
     Ok(out)
 }
 
-/// `[grad_x (N·C·P), grad_params (4C)]`, as `cpu::batch_norm::bn_backward`.
+/// `[grad_x (N·C·P), grad_weight (C), grad_bias (C)]`, as `cpu::batch_norm::bn_backward`;
+/// `(w, b)` are device addresses.
 pub(crate) fn backward(
     g: &BnGeom,
     (x, xl): (&CudaStorage, &Layout),
-    (params, pl): (&CudaStorage, &Layout),
     (dy, dyl): (&CudaStorage, &Layout),
+    (stats, sl): (&CudaStorage, &Layout),
+    (wp, bp): (u64, u64),
     eps: f64,
     relu: bool,
 ) -> Result<CudaStorage> {
     let dev = &x.device;
     let name = "kernels-batch-norm-backward";
     let xp = dev_ptr(x, xl, name, "input")?;
-    let pp = dev_ptr(params, pl, name, "parameters")?;
     let dyp = dev_ptr(dy, dyl, name, "output gradient")?;
+    let sp = dev_ptr(stats, sl, name, "statistics")?;
     let nx = g.batch * g.channels * g.plane;
-    let (out, dxp) = alloc(dev, DType::F32, nx + 4 * g.channels)?;
+    let (out, dxp) = alloc(dev, DType::F32, nx + 2 * g.channels)?;
     let gpp = dxp + 4 * nx as u64;
     let (n, c, p, r) = (
         g.batch as i32,
@@ -89,7 +110,9 @@ pub(crate) fn backward(
         "mixbench_bn_bwd_reduce_f32",
         cfg(g.channels, threads),
         &xp,
-        &pp,
+        &wp,
+        &bp,
+        &sp,
         &dyp,
         &gpp,
         &n,
@@ -104,7 +127,9 @@ pub(crate) fn backward(
         "mixbench_bn_bwd_dx_f32",
         cfg(g.batch * g.channels, threads),
         &xp,
-        &pp,
+        &wp,
+        &bp,
+        &sp,
         &dyp,
         &gpp,
         &dxp,

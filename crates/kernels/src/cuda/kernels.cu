@@ -40,9 +40,13 @@ __device__ __forceinline__ float scale_of(float w, float var, double eps) {
   return __fdiv_rn(w, (float)sqrt((double)var + eps));
 }
 
-// stats = [mean (C), biased var (C)]; grid = C blocks.
+// stats = [mean (C), biased var (C)]; grid = C blocks. With `update`, thread 0 also applies the
+// running-statistics update in place, rounded as the CPU's running_update():
+// running = (running*keep + 0) + (batch*take + 0), the variance first unbiased as var*unbias + 0.
 extern "C" __global__ void mixbench_bn_stats_f32(const float *__restrict__ x, float *__restrict__ stats,
-                                               int n, int c, int p) {
+                                               int n, int c, int p, float *__restrict__ run_mean,
+                                               float *__restrict__ run_var, float keep, float take,
+                                               float unbias, int update) {
   __shared__ double sh[33];
   const int ch = blockIdx.x;
   const long count = (long)n * p;
@@ -61,19 +65,28 @@ extern "C" __global__ void mixbench_bn_stats_f32(const float *__restrict__ x, fl
   }
   const double sq_total = block_sum(sq, sh);
   if (threadIdx.x == 0) {
+    const float var = (float)(sq_total / (double)count);
     stats[ch] = mean;
-    stats[c + ch] = (float)(sq_total / (double)count);
+    stats[c + ch] = var;
+    if (update) {
+      run_mean[ch] = __fadd_rn(__fadd_rn(__fmul_rn(run_mean[ch], keep), 0.0f),
+                               __fadd_rn(__fmul_rn(mean, take), 0.0f));
+      const float unb = __fadd_rn(__fmul_rn(var, unbias), 0.0f);
+      run_var[ch] = __fadd_rn(__fadd_rn(__fmul_rn(run_var[ch], keep), 0.0f),
+                              __fadd_rn(__fmul_rn(unb, take), 0.0f));
+    }
   }
 }
 
-// y = x * scale + shift (+ReLU); params = [weight, bias, mean, var] (4C); grid = N*C blocks
+// y = x * scale + shift (+ReLU); w, b (C), stats = [mean, var] (2C); grid = N*C blocks
 // (one per plane), threads stride over the plane.
-extern "C" __global__ void mixbench_bn_fwd_f32(const float *__restrict__ x, const float *__restrict__ params,
+extern "C" __global__ void mixbench_bn_fwd_f32(const float *__restrict__ x, const float *__restrict__ w,
+                                             const float *__restrict__ bias, const float *__restrict__ st,
                                              float *__restrict__ y, int c, int p, double eps, int relu) {
   const long plane = blockIdx.x;
   const int ch = (int)(plane % c);
-  const float s = scale_of(params[ch], params[3 * c + ch], eps);
-  const float t = __fsub_rn(params[c + ch], __fmul_rn(params[2 * c + ch], s));
+  const float s = scale_of(w[ch], st[c + ch], eps);
+  const float t = __fsub_rn(bias[ch], __fmul_rn(st[ch], s));
   const float *xp = x + plane * p;
   float *yp = y + plane * p;
   for (int q = threadIdx.x; q < p; q += blockDim.x) {
@@ -86,17 +99,18 @@ __device__ __forceinline__ float masked_grad(float xv, float dy, float s, float 
   return (relu && __fadd_rn(__fmul_rn(xv, s), t) <= 0.0f) ? 0.0f : dy;
 }
 
-// Backward, pass 1: gp = [d weight = sum(dy*xhat), d bias = sum(dy), 0, 0] (4C); grid = C.
-extern "C" __global__ void mixbench_bn_bwd_reduce_f32(const float *__restrict__ x, const float *__restrict__ params,
+// Backward, pass 1: gp = [d weight = sum(dy*xhat), d bias = sum(dy)] (2C); grid = C.
+extern "C" __global__ void mixbench_bn_bwd_reduce_f32(const float *__restrict__ x, const float *__restrict__ w,
+                                                    const float *__restrict__ bias, const float *__restrict__ st,
                                                     const float *__restrict__ dy, float *__restrict__ gp,
                                                     int n, int c, int p, double eps, int relu) {
   __shared__ double sh[33];
   const int ch = blockIdx.x;
   const long count = (long)n * p;
-  const float s = scale_of(params[ch], params[3 * c + ch], eps);
-  const float t = __fsub_rn(params[c + ch], __fmul_rn(params[2 * c + ch], s));
-  const float m = params[2 * c + ch];
-  const float is = inv_std_of(params[3 * c + ch], eps);
+  const float s = scale_of(w[ch], st[c + ch], eps);
+  const float t = __fsub_rn(bias[ch], __fmul_rn(st[ch], s));
+  const float m = st[ch];
+  const float is = inv_std_of(st[c + ch], eps);
   double a = 0.0, b = 0.0;
   for (long i = threadIdx.x; i < count; i += blockDim.x) {
     const long img = i / p, q = i - img * p;
@@ -111,24 +125,23 @@ extern "C" __global__ void mixbench_bn_bwd_reduce_f32(const float *__restrict__ 
   if (threadIdx.x == 0) {
     gp[ch] = (float)sum_dy_xhat;
     gp[c + ch] = (float)sum_dy;
-    gp[2 * c + ch] = 0.0f;
-    gp[3 * c + ch] = 0.0f;
   }
 }
 
 // Backward, pass 2: dx = w*inv_std * (d - mean(d) - xhat * mean(d*xhat)); grid = N*C planes.
-extern "C" __global__ void mixbench_bn_bwd_dx_f32(const float *__restrict__ x, const float *__restrict__ params,
+extern "C" __global__ void mixbench_bn_bwd_dx_f32(const float *__restrict__ x, const float *__restrict__ w,
+                                                const float *__restrict__ bias, const float *__restrict__ st,
                                                 const float *__restrict__ dy, const float *__restrict__ gp,
                                                 float *__restrict__ dx, int n, int c, int p, double eps,
                                                 int relu) {
   const long plane = blockIdx.x;
   const int ch = (int)(plane % c);
   const float cnt = (float)((long)n * p);
-  const float s = scale_of(params[ch], params[3 * c + ch], eps);
-  const float t = __fsub_rn(params[c + ch], __fmul_rn(params[2 * c + ch], s));
-  const float m = params[2 * c + ch];
-  const float is = inv_std_of(params[3 * c + ch], eps);
-  const float k = __fmul_rn(params[ch], is);
+  const float s = scale_of(w[ch], st[c + ch], eps);
+  const float t = __fsub_rn(bias[ch], __fmul_rn(st[ch], s));
+  const float m = st[ch];
+  const float is = inv_std_of(st[c + ch], eps);
+  const float k = __fmul_rn(w[ch], is);
   const float mdy = __fdiv_rn(gp[c + ch], cnt);
   const float mdyx = __fdiv_rn(gp[ch], cnt);
   const float *xp = x + plane * p;
@@ -139,6 +152,50 @@ extern "C" __global__ void mixbench_bn_bwd_dx_f32(const float *__restrict__ x, c
     const float d = masked_grad(xv, dp[q], s, t, relu);
     const float xhat = __fmul_rn(__fsub_rn(xv, m), is);
     op[q] = __fmul_rn(k, __fsub_rn(__fsub_rn(d, mdy), __fmul_rn(xhat, mdyx)));
+  }
+}
+
+// One SGD update (see mixbench_sgd_f32), shared by the single and multi-tensor kernels.
+__device__ __forceinline__ void sgd_elem(float *__restrict__ theta, const float *__restrict__ grad,
+                                         float *__restrict__ buf, uint64_t i, float wd, float mu, float lr,
+                                         int flags) {
+  const float th = theta[i];
+  float g = grad[i];
+  if (flags & 1) g = __fadd_rn(g, __fadd_rn(__fmul_rn(th, wd), 0.0f));
+  float d = g;
+  if (flags & 2) {
+    const float b = (flags & 4) ? g : __fadd_rn(__fadd_rn(__fmul_rn(buf[i], mu), 0.0f), g);
+    buf[i] = b;
+    d = (flags & 8) ? __fadd_rn(g, __fadd_rn(__fmul_rn(b, mu), 0.0f)) : b;
+  }
+  theta[i] = __fsub_rn(th, __fadd_rn(__fmul_rn(d, lr), 0.0f));
+}
+
+#define SGD_MULTI_MAX 96
+
+// Argument block of the multi-tensor update, passed by value (3,080 bytes); mirrors
+// SgdMultiArgs in src/cuda/sgd.rs.
+struct SgdMultiArgs {
+  float *theta[SGD_MULTI_MAX];
+  const float *grad[SGD_MULTI_MAX];
+  float *buf[SGD_MULTI_MAX];
+  uint64_t n[SGD_MULTI_MAX];
+  unsigned int count;
+  unsigned int pad;
+};
+
+// Multi-tensor SGD: blockIdx.y selects the tensor, blocks along x stride over its elements.
+extern "C" __global__ void mixbench_sgd_multi_f32(const SgdMultiArgs args, float wd, float mu, float lr,
+                                                int flags) {
+  const unsigned int t = blockIdx.y;
+  if (t >= args.count) return;
+  float *theta = args.theta[t];
+  const float *grad = args.grad[t];
+  float *buf = args.buf[t];
+  const uint64_t n = args.n[t];
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)gridDim.x * blockDim.x) {
+    sgd_elem(theta, grad, buf, i, wd, mu, lr, flags);
   }
 }
 
@@ -161,5 +218,24 @@ extern "C" __global__ void mixbench_sgd_f32(float *__restrict__ theta, const flo
       d = (flags & 8) ? __fadd_rn(g, __fadd_rn(__fmul_rn(b, mu), 0.0f)) : b;
     }
     theta[i] = __fsub_rn(th, __fadd_rn(__fmul_rn(d, lr), 0.0f));
+  }
+}
+
+// Residual y = max(a + b, 0), as candle's (a + b).relu().
+extern "C" __global__ void mixbench_add_relu_f32(const float *__restrict__ a, const float *__restrict__ b,
+                                               float *__restrict__ y, uint64_t n) {
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)gridDim.x * blockDim.x) {
+    y[i] = fmaxf(__fadd_rn(a[i], b[i]), 0.0f);
+  }
+}
+
+// Its backward: g = dy * (a + b >= 0 ? 1 : 0), candle's ReLU-gradient convention (passes at 0).
+extern "C" __global__ void mixbench_add_relu_bwd_f32(const float *__restrict__ a, const float *__restrict__ b,
+                                                   const float *__restrict__ dy, float *__restrict__ g,
+                                                   uint64_t n) {
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (uint64_t)gridDim.x * blockDim.x) {
+    g[i] = __fmul_rn(dy[i], __fadd_rn(a[i], b[i]) >= 0.0f ? 1.0f : 0.0f);
   }
 }

@@ -9,6 +9,7 @@
 pub(crate) mod batch_norm;
 #[cfg(feature = "cudnn")]
 pub(crate) mod conv;
+pub(crate) mod residual;
 pub(crate) mod sgd;
 
 use candle_core::backend::BackendStorage;
@@ -48,6 +49,18 @@ pub(crate) fn dev_ptr(s: &CudaStorage, l: &Layout, op: &str, arg: &str) -> Resul
         _ => bail!("{op}: {arg} must be f32 or bf16, got {:?}", s.dtype()),
     };
     Ok(base + (start * elem) as u64)
+}
+
+/// Device address of a contiguous CUDA tensor that an op uses out of band (not one of its
+/// inputs): the statistics, weight and bias of the BatchNorm ops, the running statistics the
+/// stats kernel writes. The read guard is released at once; the address stays valid because the
+/// op holds the tensor and all work is ordered on the one stream.
+pub(crate) fn tensor_ptr(t: &candle_core::Tensor, op: &str, arg: &str) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cuda(s) => dev_ptr(s, layout, op, arg),
+        _ => bail!("{op}: {arg} must be on the CUDA device"),
+    }
 }
 
 /// A fresh, uninitialised device buffer of `len` elements of `dtype` (f32 or bf16), with its

@@ -1,7 +1,7 @@
 //! The fused SGD update on CUDA: one launch per parameter updates θ and its momentum buffer.
 
-use super::{cfg, dev_ptr, launch};
-use crate::sgd::SgdStep;
+use super::{cfg, dev_ptr, launch, tensor_ptr};
+use crate::sgd::{SgdParam, SgdStep};
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{bail, Layout, Result};
 
@@ -48,6 +48,84 @@ pub(crate) fn update(
         &gp,
         &bp,
         &n64,
+        &wd,
+        &mu,
+        &lr,
+        &flags
+    );
+    Ok(())
+}
+
+/// Tensors per multi-tensor launch: the by-value argument block below stays under the 4 KiB
+/// kernel-parameter limit of every CUDA version (96 × 32 B + 8 B = 3,080 B).
+pub(crate) const MAX_TENSORS: usize = 96;
+const _: () = assert!(MAX_TENSORS == crate::sgd::MULTI_MAX_TENSORS);
+
+/// The kernel's by-value argument `SgdMultiArgs` (kernels.cu): same field order and layout.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SgdMultiArgs {
+    theta: [u64; MAX_TENSORS],
+    grad: [u64; MAX_TENSORS],
+    buf: [u64; MAX_TENSORS],
+    n: [u64; MAX_TENSORS],
+    count: u32,
+    _pad: u32,
+}
+
+// SAFETY: plain old data with C layout, mirrored field by field by the CUDA struct.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for SgdMultiArgs {}
+
+/// One launch updating up to [`MAX_TENSORS`] parameters (same step, same device, f32,
+/// contiguous) and their buffers in place. θ and the buffers are written through their
+/// addresses, as in [`update`]: the caller owns them exclusively and everything is ordered on
+/// the device's one stream.
+pub(crate) fn update_multi(step: &SgdStep, params: &[SgdParam<'_>]) -> Result<()> {
+    let name = "kernels-sgd-multi";
+    if params.is_empty() {
+        return Ok(());
+    }
+    if params.len() > MAX_TENSORS {
+        bail!("{name}: at most {MAX_TENSORS} tensors per launch");
+    }
+    let dev = match &*params[0].theta.storage_and_layout().0 {
+        candle_core::Storage::Cuda(s) => s.device.clone(),
+        _ => bail!("{name}: parameters must be on a CUDA device"),
+    };
+    let mut args = SgdMultiArgs {
+        theta: [0; MAX_TENSORS],
+        grad: [0; MAX_TENSORS],
+        buf: [0; MAX_TENSORS],
+        n: [0; MAX_TENSORS],
+        count: params.len() as u32,
+        _pad: 0,
+    };
+    let mut max_n = 0;
+    for (i, p) in params.iter().enumerate() {
+        args.theta[i] = tensor_ptr(p.theta, name, "parameter")?;
+        args.grad[i] = tensor_ptr(p.grad, name, "gradient")?;
+        args.buf[i] = match p.buf {
+            Some(b) => tensor_ptr(b, name, "momentum buffer")?,
+            None => 0,
+        };
+        let n = p.theta.elem_count();
+        args.n[i] = n as u64;
+        max_n = max_n.max(n);
+    }
+    let flags = step.flags(params[0].buf.is_some());
+    let (wd, mu, lr) = (
+        step.weight_decay as f32,
+        step.momentum as f32,
+        step.lr as f32,
+    );
+    let threads = 256;
+    let mut config = cfg(max_n.div_ceil(threads).min(512), threads);
+    config.grid_dim.1 = params.len() as u32;
+    launch!(
+        dev,
+        "mixbench_sgd_multi_f32",
+        config,
+        &args,
         &wd,
         &mu,
         &lr,

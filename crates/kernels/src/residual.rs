@@ -1,0 +1,143 @@
+//! Residual `relu(a + b)` as one fused op forward and one backward (CPU kernel below, CUDA
+//! kernels in `kernels.cu`).
+//!
+//! Same values as candle's `(a + b)?.relu()`, bit for bit on the CPU, gradient included:
+//! candle's ReLU backward passes the gradient where `a + b >= 0` (so also at exactly 0, where
+//! PyTorch's does not), and this op keeps that convention so that CPU results do not change.
+//! The backward recomputes `a + b` from its inputs instead of storing a mask.
+
+use crate::cpu;
+use candle_core::Tensor;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape};
+use rayon::prelude::*;
+
+/// Elements per parallel chunk of the CPU kernels.
+const CHUNK: usize = 1 << 14;
+
+/// `relu(a + b)` for two tensors of the same shape, differentiable in both.
+///
+/// f32 on the CPU (or on one CUDA device with feature `cuda`): one op forward, one backward
+/// whose single output is the gradient of both inputs. Elsewhere: `(a + b)?.relu()`.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        bail!(
+            "kernels::add_relu: shapes {:?} and {:?} differ",
+            a.dims(),
+            b.dims()
+        );
+    }
+    let f32_args = a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    let on_cpu = matches!(a.device(), Device::Cpu) && matches!(b.device(), Device::Cpu);
+    let on_cuda =
+        cfg!(feature = "cuda") && a.device().is_cuda() && a.device().same_device(b.device());
+    if !(f32_args && (on_cpu || on_cuda)) {
+        return (a + b)?.relu();
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddReluOp)
+}
+
+struct AddReluOp;
+
+impl CustomOp2 for AddReluOp {
+    fn name(&self) -> &'static str {
+        "kernels-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        crate::counters::record(crate::OpKind::AddReluForward, 1);
+        let a = cpu::f32_slice(s1, l1, self.name(), "lhs")?;
+        let b = cpu::f32_slice(s2, l2, self.name(), "rhs")?;
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(y, (a, b))| {
+                for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
+                    // candle: add, then relu as `v.max(0f32)`.
+                    *o = (u + v).max(0f32);
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::counters::record(crate::OpKind::AddReluForward, 1);
+        let y = crate::cuda::residual::forward((s1, l1), (s2, l2))?;
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = a.apply_op3_no_bwd(b, &grad_res.contiguous()?, &AddReluBackwardOp)?;
+        let ga = a.track_op().then(|| g.clone());
+        let gb = b.track_op().then_some(g);
+        Ok((ga, gb))
+    }
+}
+
+/// `(a, b, grad_y) -> grad_y · [a + b >= 0]`, the gradient of both inputs.
+struct AddReluBackwardOp;
+
+impl CustomOp3 for AddReluBackwardOp {
+    fn name(&self) -> &'static str {
+        "kernels-add-relu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        crate::counters::record(crate::OpKind::AddReluBackward, 1);
+        let a = cpu::f32_slice(s1, l1, self.name(), "lhs")?;
+        let b = cpu::f32_slice(s2, l2, self.name(), "rhs")?;
+        let dy = cpu::f32_slice(s3, l3, self.name(), "output gradient")?;
+        let mut g = vec![0f32; a.len()];
+        g.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .zip(dy.par_chunks(CHUNK))
+            .for_each(|((g, (a, b)), dy)| {
+                for (((o, &u), &v), &d) in g.iter_mut().zip(a).zip(b).zip(dy) {
+                    // candle: grad * (arg >= 0) as f32.
+                    *o = d * if u + v >= 0.0 { 1f32 } else { 0f32 };
+                }
+            });
+        Ok((CpuStorage::F32(g), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::counters::record(crate::OpKind::AddReluBackward, 1);
+        let g = crate::cuda::residual::backward((s1, l1), (s2, l2), (s3, l3))?;
+        Ok((g, l1.shape().clone()))
+    }
+}
