@@ -13,6 +13,15 @@
 //! `SKIPPED (no CUDA device)`; without the data, `SKIPPED (no CIFAR10_DIR)`.
 //! `MIXBENCH_REQUIRE_GPU=1` turns either skip into a failure.
 
+/// Prints a skip notice on the process's stderr, which the test harness's output
+/// capture does not swallow (a `println!` would only show with `--nocapture`).
+macro_rules! skipped {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use candle_core::{Device, Result};
 
 fn require() -> bool {
@@ -21,7 +30,7 @@ fn require() -> bool {
 
 fn skip(why: &str) {
     assert!(!require(), "MIXBENCH_REQUIRE_GPU=1 but {why}");
-    println!("resnet18_trajectory_matches_cpu: SKIPPED ({why})");
+    skipped!("resnet18_trajectory_matches_cpu: SKIPPED ({why})");
 }
 
 #[test]

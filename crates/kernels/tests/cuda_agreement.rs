@@ -10,6 +10,15 @@
 //!   a different order);
 //! * SGD update: 0 — bit-identical, by construction (same roundings, no FMA contraction).
 
+/// Prints a skip notice on the process's stderr, which the test harness's output
+/// capture does not swallow (a `println!` would only show with `--nocapture`).
+macro_rules! skipped {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use candle_core::{Device, Result};
 
 /// The CUDA device to test on, or `None` after printing why the test is skipped.
@@ -29,7 +38,7 @@ fn cuda_device(test: &str) -> Option<Device> {
     if require {
         panic!("{test}: MIXBENCH_REQUIRE_GPU=1 but no CUDA device: {why}");
     }
-    println!("{test}: SKIPPED (no CUDA device): {why}");
+    skipped!("{test}: SKIPPED (no CUDA device): {why}");
     None
 }
 
@@ -46,7 +55,7 @@ fn conv2d_agrees_with_cpu_in_every_precision() -> Result<()> {
         if std::env::var("MIXBENCH_REQUIRE_GPU").is_ok_and(|v| v == "1") {
             panic!("MIXBENCH_REQUIRE_GPU=1 but built without --features cudnn");
         }
-        println!("conv2d_agrees_with_cpu_in_every_precision: SKIPPED (built without cudnn)");
+        skipped!("conv2d_agrees_with_cpu_in_every_precision: SKIPPED (built without cudnn)");
         Ok(())
     }
 }
