@@ -339,7 +339,14 @@ pub(crate) fn conv2d_backward(
         .map(|(i, gx)| (i * sched.images_per_chunk, gx))
         .collect();
 
-    let run_chunk = |first: usize, grad_x_chunk: Option<&mut [f32]>, grad_w_acc: &mut [f32]| {
+    // `overwrite_grad_w`: the first chunk of a run stores its weight gradient instead of adding
+    // it to a fresh zeroed accumulator (0 + x == x, so the sums are unchanged). Reading a page of
+    // a fresh calloc'd buffer before writing it costs a copy-on-write fault with a TLB flush on
+    // every core, which dominated the stride-2 backward.
+    let run_chunk = |first: usize,
+                     grad_x_chunk: Option<&mut [f32]>,
+                     grad_w_acc: &mut [f32],
+                     overwrite_grad_w: bool| {
         let images = (g.batch - first).min(sched.images_per_chunk);
         let cols = images * plane;
         let dy_chunk = &grad_out[first * g.image_out()..(first + images) * g.image_out()];
@@ -379,7 +386,7 @@ pub(crate) fn conv2d_backward(
                     cols,
                     &mut grad_w_acc[grp * cog * kg..(grp + 1) * cog * kg],
                     kg,
-                    true,
+                    !overwrite_grad_w,
                     MatRef::row_major(&dy[grp * cog * cols..(grp + 1) * cog * cols], cols),
                     MatRef::transposed(&col[grp * kg * cols..(grp + 1) * kg * cols], cols),
                     sched.parallelism,
@@ -407,6 +414,8 @@ pub(crate) fn conv2d_backward(
                 );
             }
             if !direct {
+                // Written once before col2im adds onto it (see `overwrite_grad_w`).
+                gx.fill(0.0);
                 for b in 0..images {
                     let img = &mut gx[b * g.image_in()..(b + 1) * g.image_in()];
                     g.col2im_add(&dcol_storage, cols, b * plane, img);
@@ -436,15 +445,22 @@ pub(crate) fn conv2d_backward(
             } else {
                 Vec::new()
             };
-            for (first, gx) in run {
-                run_chunk(first, gx, &mut acc);
+            for (i, (first, gx)) in run.into_iter().enumerate() {
+                run_chunk(first, gx, &mut acc, i == 0);
             }
             acc
         })
         .collect();
-    for part in &partial_grad_w {
-        for (t, p) in grad_w.iter_mut().zip(part) {
-            *t += p;
+    // Same sum as adding every part onto zeros: `p + 0.0` is `0.0 + p` (also for -0.0), but
+    // stores instead of reading the fresh buffer first.
+    if let Some((first, rest)) = partial_grad_w.split_first() {
+        for (t, p) in grad_w.iter_mut().zip(first) {
+            *t = p + 0.0;
+        }
+        for part in rest {
+            for (t, p) in grad_w.iter_mut().zip(part) {
+                *t += p;
+            }
         }
     }
     packed
