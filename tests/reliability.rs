@@ -21,11 +21,9 @@ fn files_named(dir: &Path, pred: impl Fn(&str) -> bool) -> Vec<String> {
     v
 }
 
-#[test]
-fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
-    let Some(data) = data_dir("divergence") else {
-        return;
-    };
+/// A small MixUp run stopped after its first epoch (resumable): its temp dir and config.
+fn stopped_after_one_epoch(test: &str) -> Option<(tempfile::TempDir, std::path::PathBuf)> {
+    let data = data_dir(test)?;
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny_config(tmp.path(), &data, json!("mixup"), json!(1.0), small_run());
     run_ok(
@@ -34,6 +32,14 @@ fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
             .arg(&cfg)
             .args(["--stop-after", "1"]),
     );
+    Some((tmp, cfg))
+}
+
+#[test]
+fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
+    let Some((tmp, cfg)) = stopped_after_one_epoch("divergence") else {
+        return;
+    };
     let work = tmp.path().join("work");
     let good = std::fs::read(work.join("epoch_1.safetensors")).unwrap();
 
@@ -121,17 +127,9 @@ fn a_locked_work_dir_is_refused_with_the_holders_pid() {
 
 #[test]
 fn resume_refuses_a_changed_config_unless_told() {
-    let Some(data) = data_dir("resume_config") else {
+    let Some((_tmp, cfg)) = stopped_after_one_epoch("resume_config") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(tmp.path(), &data, json!("mixup"), json!(1.0), small_run());
-    run_ok(
-        runner()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--stop-after", "1"]),
-    );
     let out = run_any(runner().arg("--config").arg(&cfg).args([
         "--resume",
         "--seed",
@@ -156,17 +154,9 @@ fn resume_refuses_a_changed_config_unless_told() {
 
 #[test]
 fn an_explicit_config_change_is_logged() {
-    let Some(data) = data_dir("resume_config_override") else {
+    let Some((tmp, cfg)) = stopped_after_one_epoch("resume_config_override") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(tmp.path(), &data, json!("mixup"), json!(1.0), small_run());
-    run_ok(
-        runner()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--stop-after", "1"]),
-    );
     run_ok(runner().arg("--config").arg(&cfg).args([
         "--resume",
         "--seed",
@@ -183,17 +173,9 @@ fn an_explicit_config_change_is_logged() {
 
 #[test]
 fn a_half_written_log_line_is_cut_before_resuming() {
-    let Some(data) = data_dir("torn_log") else {
+    let Some((tmp, cfg)) = stopped_after_one_epoch("torn_log") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(tmp.path(), &data, json!("mixup"), json!(1.0), small_run());
-    run_ok(
-        runner()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--stop-after", "1"]),
-    );
     let work = tmp.path().join("work");
     let log = files_named(&work, |n| n.ends_with(".log.json")).remove(0);
     let mut f = std::fs::OpenOptions::new()
@@ -210,17 +192,9 @@ fn a_half_written_log_line_is_cut_before_resuming() {
 
 #[test]
 fn resume_from_into_a_new_work_dir_writes_a_meta_line() {
-    let Some(data) = data_dir("resume_from") else {
+    let Some((tmp, cfg)) = stopped_after_one_epoch("resume_from") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(tmp.path(), &data, json!("mixup"), json!(1.0), small_run());
-    run_ok(
-        runner()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--stop-after", "1"]),
-    );
     let ckpt = latest_checkpoint(&tmp.path().join("work"));
     let other = tmp.path().join("other");
     run_ok(
