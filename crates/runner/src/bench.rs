@@ -183,6 +183,46 @@ fn sync(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The bench config of one mode: its benchmark α, and CE_soft for PuzzleMix (which needs it).
+fn mode_config(cfg: &RunConfig, mode: &str) -> RunConfig {
+    let mut cfg = cfg.clone();
+    cfg.model.mix_mode = bench_config::OneOrMany::One(mode.to_string());
+    // Each mode's benchmark α (resolved by `setup::alphas`).
+    cfg.model.alpha = None;
+    if mode == "puzzlemix" {
+        cfg.model.head.loss = bench_config::HeadLoss::CeSoft;
+    }
+    cfg
+}
+
+/// What a timed or counted hand-crafted train step needs, built as the runner builds it.
+struct HandCraftedStep {
+    method: Box<dyn mix_ops::MixMethod>,
+    loss_kind: train::loss::HeadLoss,
+    net: backbones::CifarResNet,
+    /// The backbone over detached weights (PuzzleMix's saliency pass).
+    frozen: backbones::CifarResNet,
+    sgd: Sgd,
+    varmap: candle_nn::VarMap,
+}
+
+impl HandCraftedStep {
+    fn new(cfg: &RunConfig, device: &Device) -> Result<Self> {
+        let (varmap, net) = setup::build_backbone(cfg, device)?;
+        Ok(Self {
+            method: setup::build_methods(cfg)?.remove(0),
+            loss_kind: setup::head_loss(cfg),
+            frozen: setup::frozen_view(cfg, &varmap, device)?,
+            sgd: Sgd::new(
+                train::sgd::trainable_vars(&varmap, backbones::is_buffer),
+                crate::net_step::sgd_options(cfg),
+            )?,
+            net,
+            varmap,
+        })
+    }
+}
+
 /// Milliseconds of one full train step (mix, forward, loss, backward, SGD), median of `steps`.
 fn time_train_step(
     cfg: &RunConfig,
@@ -192,25 +232,18 @@ fn time_train_step(
     steps: usize,
     device: &Device,
 ) -> Result<f64> {
-    let mut cfg = cfg.clone();
-    let cfg = &mut cfg;
-    cfg.model.mix_mode = bench_config::OneOrMany::One(mode.to_string());
-    // Each mode's benchmark α (resolved by `setup::alphas`).
-    cfg.model.alpha = None;
+    let cfg = &mode_config(cfg, mode);
     if setup::LEARNED_MODES.contains(&mode) {
         return time_automix_step(cfg, x, y, steps, device);
     }
-    if mode == "puzzlemix" {
-        cfg.model.head.loss = bench_config::HeadLoss::CeSoft;
-    }
-    let method = setup::build_methods(cfg)?.remove(0);
-    let loss_kind = setup::head_loss(cfg);
-    let (varmap, net) = setup::build_backbone(cfg, device)?;
-    let frozen = setup::frozen_view(cfg, &varmap, device)?;
-    let mut sgd = Sgd::new(
-        train::sgd::trainable_vars(&varmap, backbones::is_buffer),
-        crate::net_step::sgd_options(cfg),
-    )?;
+    let HandCraftedStep {
+        method,
+        loss_kind,
+        net,
+        frozen,
+        mut sgd,
+        ..
+    } = HandCraftedStep::new(cfg, device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut times = Vec::new();
     for i in 0..=steps {
@@ -367,24 +400,18 @@ fn count_train_step(
     steps: usize,
     device: &Device,
 ) -> Result<Value> {
-    let mut cfg = cfg.clone();
-    let cfg = &mut cfg;
-    cfg.model.mix_mode = bench_config::OneOrMany::One(mode.to_string());
-    cfg.model.alpha = None;
+    let cfg = &mode_config(cfg, mode);
     if setup::LEARNED_MODES.contains(&mode) {
         bail!("--count-ops: `{mode}` is not supported (hand-crafted modes only)");
     }
-    if mode == "puzzlemix" {
-        cfg.model.head.loss = bench_config::HeadLoss::CeSoft;
-    }
-    let method = setup::build_methods(cfg)?.remove(0);
-    let loss_kind = setup::head_loss(cfg);
-    let (varmap, net) = setup::build_backbone(cfg, device)?;
-    let frozen = setup::frozen_view(cfg, &varmap, device)?;
-    let mut sgd = Sgd::new(
-        train::sgd::trainable_vars(&varmap, backbones::is_buffer),
-        crate::net_step::sgd_options(cfg),
-    )?;
+    let HandCraftedStep {
+        method,
+        loss_kind,
+        net,
+        frozen,
+        mut sgd,
+        varmap,
+    } = HandCraftedStep::new(cfg, device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut losses = Vec::new();
     let mut counted = Value::Null;
