@@ -85,6 +85,11 @@ const CONV_CASES: &[ConvCase] = &[
     case(3, 6, 5, (4, 4), 3, 1, 1, 1),
     case(5, 8, 8, (2, 2), 3, 1, 1, 4),
     case(9, 4, 6, (2, 2), 3, 1, 1, 1),
+    // 3x3, stride 1, padding 1, >= 8 channels: Winograd F(2x2, 3x3) (odd and even planes).
+    case(3, 8, 12, (7, 7), 3, 1, 1, 1),
+    case(4, 16, 8, (8, 6), 3, 1, 1, 1),
+    case(9, 8, 8, (2, 2), 3, 1, 1, 1),
+    case(1, 8, 8, (5, 5), 3, 1, 1, 1),
     // One image: the GEMMs themselves run multithreaded.
     case(1, 4, 6, (7, 7), 3, 2, 1, 1),
 ];

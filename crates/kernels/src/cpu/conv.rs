@@ -5,6 +5,7 @@
 //! stages) several images share one chunk so each GEMM packs the weight once for many columns.
 
 use super::matmul::{matmul, MatRef};
+use super::winograd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -207,6 +208,9 @@ pub(crate) fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32]) -> Vec<f32
 
 /// [`conv2d_forward`] writing into `out` (`batch * c_out * h_out * w_out` elements).
 fn conv2d_forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32]) {
+    if winograd::applies(g) {
+        return winograd::forward_into(g, x, weight, out);
+    }
     let sched = g.schedule(false);
     let (cog, kg, plane) = (g.c_out_per_group(), g.k_per_group(), g.plane_out());
     let chunks: Vec<(usize, &mut [f32])> = out
@@ -337,6 +341,14 @@ pub(crate) fn conv2d_backward(
     };
     if let Some(geom) = &transposed_conv {
         conv2d_forward_into(geom, grad_out, &flip_transpose_weight(g, weight), grad_x);
+    }
+    if winograd::applies(g) {
+        // Stride 1, padding 1: the input gradient was the (Winograd) conv above.
+        debug_assert!(!need_grad_x || transposed_conv.is_some());
+        if need_grad_w {
+            winograd::weight_grad(g, x, grad_out, grad_w);
+        }
+        return packed;
     }
     let need_grad_x = need_grad_x && transposed_conv.is_none();
     let chunk_count = g.batch.div_ceil(sched.images_per_chunk);

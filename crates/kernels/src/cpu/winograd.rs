@@ -1,0 +1,665 @@
+//! Winograd F(2×2, 3×3) for 3×3, stride-1, padding-1, ungrouped convolutions on NCHW f32.
+//!
+//! Each 2×2 block of outputs ("tile") is computed from a 4×4 block of the input with 16
+//! multiplications per channel pair instead of 36, so the three GEMM-bound passes of a
+//! training step (forward, input gradient, weight gradient) do 2.25× fewer multiply-adds.
+//! These convolutions carry ≈ 88 % of CIFAR ResNet-18's arithmetic; it is also how oneDNN
+//! (PyTorch's CPU backend) gets past the GEMM rate on them.
+//!
+//! With `U = G g Gᵀ` (weights), `V = Bᵀ d B` (input tile) and `Y = Aᵀ (U ⊙ V) A`, the work
+//! per transform position ξ ∈ 0..16 is one GEMM over channels:
+//! * forward: `M[ξ] (K×T) = U[ξ] (K×C) · V[ξ] (C×T)`, then `Y = Aᵀ M A` per tile;
+//! * weight gradient: `∂U[ξ] (K×C) = Z[ξ] (K×T) · V[ξ]ᵀ` with `Z = A ∂Y Aᵀ`, then
+//!   `∂g = Gᵀ ∂U G`;
+//! * input gradient: a forward with the flipped, channel-swapped kernel (see `conv.rs`).
+//!
+//! F(2×2, 3×3)'s transforms use only ±1 and ½, so the rounding error stays within a few ulps of
+//! the direct convolution's (F(4×4, 3×3) would save more but loses ≈ 2 more digits). Work is
+//! split over chunks of whole images with a fixed thread-count-only split, so results are
+//! bit-reproducible, as resuming relies on.
+
+use super::conv::ConvGeom;
+use super::matmul::{matmul, MatRef};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Transform positions of one tile (4×4).
+const XI: usize = 16;
+/// Tiles per forward chunk we aim for: enough columns to amortise packing `U[ξ]`.
+const FORWARD_TILES: usize = 512;
+/// Tiles per weight-gradient chunk: the reduction length between updates of the `∂U`
+/// accumulator (16·K·C floats).
+const BACKWARD_TILES: usize = 1024;
+/// Below this many channels the GEMMs are too thin to win over im2col's single GEMM.
+const MIN_CHANNELS: usize = 8;
+
+static STATE: AtomicU8 = AtomicU8::new(0);
+const ON: u8 = 1;
+const OFF: u8 = 2;
+
+thread_local! {
+    /// Buffers kept by each thread between calls: the transformed tiles of one chunk are
+    /// megabytes, and fresh allocations of that size cost a page fault per 4 KiB (20 % of the
+    /// time in `perf`), plus a TLB-flushing copy-on-write fault when calloc'd.
+    static POOL: std::cell::Cell<Vec<Vec<f32>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A buffer of at least `len` floats from this thread's pool, with unspecified contents.
+/// (Taken out of the pool rather than borrowed: a GEMM's own rayon tasks may run another
+/// chunk on this thread meanwhile, which then simply gets a buffer of its own.)
+fn take_buffer(len: usize) -> Vec<f32> {
+    let mut pool = POOL.with(|p| p.take());
+    let mut buf = pool.pop().unwrap_or_default();
+    POOL.with(|p| p.set(pool));
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    buf
+}
+
+/// Returns a buffer of [`take_buffer`] to this thread's pool.
+fn give_back(buf: Vec<f32>) {
+    let mut pool = POOL.with(|p| p.take());
+    if pool.len() < 4 {
+        pool.push(buf);
+    }
+    POOL.with(|p| p.set(pool));
+}
+
+/// Whether eligible CPU convolutions use Winograd (default: yes; `MIXBENCH_CPU_CONV=im2col` in
+/// the environment, or [`set_enabled`], switches back to im2col + GEMM for comparisons).
+pub(crate) fn enabled() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = std::env::var("MIXBENCH_CPU_CONV").map_or(true, |v| v != "im2col");
+            STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Switches Winograd on or off for the rest of the process.
+pub(crate) fn set_enabled(on: bool) {
+    STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
+}
+
+/// Whether `g` is a convolution this module computes (and Winograd is enabled).
+pub(crate) fn applies(g: &ConvGeom) -> bool {
+    g.kh == 3
+        && g.kw == 3
+        && g.stride == 1
+        && g.padding == 1
+        && g.groups == 1
+        && g.h_out == g.h
+        && g.w_out == g.w
+        && g.c_in >= MIN_CHANNELS
+        && g.c_out >= MIN_CHANNELS
+        && enabled()
+}
+
+/// Tile grid of one image plane: rows, columns, tiles.
+fn tile_grid(g: &ConvGeom) -> (usize, usize, usize) {
+    let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
+    (th, tw, th * tw)
+}
+
+/// Images per chunk for about `target` tiles per chunk and at least one chunk per thread, with
+/// GEMM-internal threading when there are fewer chunks than threads.
+fn schedule(g: &ConvGeom, target: usize) -> (usize, Parallelism) {
+    let threads = rayon::current_num_threads().max(1);
+    let (_, _, tiles) = tile_grid(g);
+    let per_thread = (g.batch * tiles).div_ceil(threads);
+    let chunks_per_thread = per_thread.div_ceil(target).max(1);
+    let images = g.batch.div_ceil(threads * chunks_per_thread).max(1);
+    let chunks = g.batch.div_ceil(images);
+    let parallelism = if chunks < threads {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    (images, parallelism)
+}
+
+/// Distance between the 16 transform planes of a `V`, `M` or `Z` buffer holding `len` floats
+/// each: one cache line more than `len`. The transforms read or write all 16 planes at once;
+/// at power-of-two distances (`C · T` often is one) the 16 streams fall into the same cache
+/// sets and evict each other, which made the input transform 3× slower.
+fn plane_stride(len: usize) -> usize {
+    len + 16
+}
+
+/// `dst = a + b` element-wise (equal lengths; written so it vectorises).
+#[inline(always)]
+fn add(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((d, a), b) in dst.iter_mut().zip(a).zip(b) {
+        *d = a + b;
+    }
+}
+
+/// `dst = a - b` element-wise.
+#[inline(always)]
+fn sub(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((d, a), b) in dst.iter_mut().zip(a).zip(b) {
+        *d = a - b;
+    }
+}
+
+/// `dst = -a` element-wise.
+#[inline(always)]
+fn neg(dst: &mut [f32], a: &[f32]) {
+    for (d, a) in dst.iter_mut().zip(a) {
+        *d = -a;
+    }
+}
+
+/// `U[ξ][k][c] = (G g[k][c] Gᵀ)[ξ]` for a `[K, C, 3, 3]` kernel.
+fn transform_weight(k_out: usize, c_in: usize, weight: &[f32]) -> Vec<f32> {
+    let mut u = vec![0f32; XI * k_out * c_in];
+    for k in 0..k_out {
+        for c in 0..c_in {
+            let g = &weight[(k * c_in + c) * 9..][..9];
+            // G g: 4×3, rows g0, (g0+g1+g2)/2, (g0-g1+g2)/2, g2.
+            let mut gg = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (a, b, d) = (g[j], g[3 + j], g[6 + j]);
+                gg[0][j] = a;
+                gg[1][j] = 0.5 * (a + b + d);
+                gg[2][j] = 0.5 * (a - b + d);
+                gg[3][j] = d;
+            }
+            for (i, row) in gg.iter().enumerate() {
+                let (a, b, d) = (row[0], row[1], row[2]);
+                let vals = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+                for (j, v) in vals.into_iter().enumerate() {
+                    u[((i * 4 + j) * k_out + k) * c_in + c] = v;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// `V[ξ][c][t] = (Bᵀ d B)[ξ]` for every tile `t` of `images` images of `x` (NCHW), into `v`
+/// (`16 · C · T` floats, `T = images · tiles`).
+///
+/// Vectorised across the tiles of one tile row: the zero-padded plane is stored with even and
+/// odd columns apart, so every step below is an element-wise operation on contiguous slices.
+fn transform_input(g: &ConvGeom, x: &[f32], images: usize, v: &mut [f32], scratch: &mut Vec<f32>) {
+    super::with_avx2(|| transform_input_impl(g, x, images, v, scratch))
+}
+
+#[inline(always)]
+fn transform_input_impl(
+    g: &ConvGeom,
+    x: &[f32],
+    images: usize,
+    v: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (th, tw, tiles) = tile_grid(g);
+    let t_total = images * tiles;
+    // Padded plane: rows -1..=2·th, columns -1..=2·tw, as `tw + 1` evens then `tw + 1` odds.
+    let (ph, half) = (2 * th + 2, tw + 1);
+    let row_len = 2 * half;
+    scratch.clear();
+    scratch.resize(ph * row_len + 8 * half, 0.0);
+    let (pad, rows) = scratch.split_at_mut(ph * row_len);
+    let plane = g.h * g.w;
+    let xi_stride = plane_stride(g.c_in * t_total);
+    for b in 0..images {
+        for c in 0..g.c_in {
+            let src = &x[(b * g.c_in + c) * plane..][..plane];
+            for y in 0..g.h {
+                let (even, odd) = pad[(y + 1) * row_len..][..row_len].split_at_mut(half);
+                let row = &src[y * g.w..][..g.w];
+                // Padded column x + 1: even x lands in the odd half and vice versa.
+                let pairs = row.chunks_exact(2);
+                if let [last] = pairs.remainder() {
+                    odd[g.w / 2] = *last;
+                }
+                for (m, pair) in pairs.enumerate() {
+                    odd[m] = pair[0];
+                    even[m + 1] = pair[1];
+                }
+            }
+            let base = c * t_total + b * tiles;
+            for ty in 0..th {
+                let r = |i: usize| {
+                    let row = &pad[(2 * ty + i) * row_len..][..row_len];
+                    row.split_at(half)
+                };
+                let ((e0, o0), (e1, o1), (e2, o2), (e3, o3)) = (r(0), r(1), r(2), r(3));
+                // Bᵀ d on the rows, for evens and odds: d0-d2, d1+d2, d2-d1, d1-d3.
+                let (te, to) = rows.split_at_mut(4 * half);
+                for (t, (d0, d1, d2, d3)) in
+                    [(&mut *te, (e0, e1, e2, e3)), (&mut *to, (o0, o1, o2, o3))]
+                {
+                    let (t0, rest) = t.split_at_mut(half);
+                    let (t1, rest) = rest.split_at_mut(half);
+                    let (t2, t3) = rest.split_at_mut(half);
+                    sub(t0, d0, d2);
+                    add(t1, d1, d2);
+                    sub(t2, d2, d1);
+                    sub(t3, d1, d3);
+                }
+                // … then B on the columns: columns 2tx..2tx+3 are e[tx], o[tx], e[tx+1], o[tx+1].
+                let idx = base + ty * tw;
+                for i in 0..4 {
+                    let (e, o) = (&te[i * half..][..half], &to[i * half..][..half]);
+                    let (e_lo, e_hi, o_lo, o_hi) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
+                    let at = |j: usize| (i * 4 + j) * xi_stride + idx;
+                    sub(&mut v[at(0)..][..tw], e_lo, e_hi);
+                    add(&mut v[at(1)..][..tw], o_lo, e_hi);
+                    sub(&mut v[at(2)..][..tw], e_hi, o_lo);
+                    sub(&mut v[at(3)..][..tw], o_lo, o_hi);
+                }
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ M A` per tile, from `m` (`16 · K · T`) into `images` NCHW output images.
+fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+    super::with_avx2(|| transform_output_impl(g, m, images, out))
+}
+
+#[inline(always)]
+fn transform_output_impl(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+    let (th, tw, tiles) = tile_grid(g);
+    let t_total = images * tiles;
+    let (ho, wo) = (g.h_out, g.w_out);
+    let xi_stride = plane_stride(g.c_out * t_total);
+    let mut s = vec![0f32; 8 * tw];
+    let mut y_even = vec![0f32; tw];
+    let mut y_odd = vec![0f32; tw];
+    for b in 0..images {
+        for k in 0..g.c_out {
+            let dst = &mut out[(b * g.c_out + k) * ho * wo..][..ho * wo];
+            let base = k * t_total + b * tiles;
+            for ty in 0..th {
+                let idx = base + ty * tw;
+                // Aᵀ M on the rows: m0+m1+m2, m1-m2-m3 (for each of the 4 columns j).
+                for j in 0..4 {
+                    let at = |i: usize| &m[(i * 4 + j) * xi_stride + idx..][..tw];
+                    let (m0, m1, m2, m3) = (at(0), at(1), at(2), at(3));
+                    let (s0, s1) = s[2 * j * tw..(2 * j + 2) * tw].split_at_mut(tw);
+                    for (((s0, s1), (m0, m1)), (m2, m3)) in s0
+                        .iter_mut()
+                        .zip(s1.iter_mut())
+                        .zip(m0.iter().zip(m1))
+                        .zip(m2.iter().zip(m3))
+                    {
+                        *s0 = m0 + m1 + m2;
+                        *s1 = m1 - m2 - m3;
+                    }
+                }
+                for i in 0..2 {
+                    let y = 2 * ty + i;
+                    if y >= ho {
+                        continue;
+                    }
+                    let col = |j: usize| &s[(2 * j + i) * tw..][..tw];
+                    let (c0, c1, c2, c3) = (col(0), col(1), col(2), col(3));
+                    for (((ye, yo), (c0, c1)), (c2, c3)) in y_even
+                        .iter_mut()
+                        .zip(y_odd.iter_mut())
+                        .zip(c0.iter().zip(c1))
+                        .zip(c2.iter().zip(c3))
+                    {
+                        *ye = c0 + c1 + c2;
+                        *yo = c1 - c2 - c3;
+                    }
+                    let row = &mut dst[y * wo..][..wo];
+                    let mut pairs = row.chunks_exact_mut(2);
+                    for ((pair, ye), yo) in (&mut pairs).zip(&y_even).zip(&y_odd) {
+                        pair[0] = *ye;
+                        pair[1] = *yo;
+                    }
+                    if let [last] = pairs.into_remainder() {
+                        *last = y_even[wo / 2];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `Z[ξ][k][t] = (A ∂Y Aᵀ)[ξ]` for every tile of `images` NCHW output-gradient images.
+fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+    super::with_avx2(|| transform_grad_out_impl(g, dy, images, z))
+}
+
+#[inline(always)]
+fn transform_grad_out_impl(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+    let (th, tw, tiles) = tile_grid(g);
+    let t_total = images * tiles;
+    let (ho, wo) = (g.h_out, g.w_out);
+    let xi_stride = plane_stride(g.c_out * t_total);
+    // d[2·r + parity]: row r of the tile, even or odd columns; rows and columns beyond the
+    // plane stay zero.
+    let mut d = vec![0f32; 4 * tw];
+    let mut a = vec![0f32; 8 * tw];
+    for b in 0..images {
+        for k in 0..g.c_out {
+            let src = &dy[(b * g.c_out + k) * ho * wo..][..ho * wo];
+            let base = k * t_total + b * tiles;
+            for ty in 0..th {
+                d.fill(0.0);
+                for r in 0..2 {
+                    let y = 2 * ty + r;
+                    if y >= ho {
+                        continue;
+                    }
+                    let (even, odd) = d[2 * r * tw..(2 * r + 2) * tw].split_at_mut(tw);
+                    let pairs = src[y * wo..][..wo].chunks_exact(2);
+                    if let [last] = pairs.remainder() {
+                        even[wo / 2] = *last;
+                    }
+                    for ((pair, e), o) in pairs.zip(even.iter_mut()).zip(odd.iter_mut()) {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                }
+                // A ∂Y on the rows: d0, d0+d1, d0-d1, -d1 (for even and odd columns).
+                for p in 0..2 {
+                    let (d0, d1) = (&d[p * tw..][..tw], &d[(2 + p) * tw..][..tw]);
+                    a[p * tw..][..tw].copy_from_slice(d0);
+                    add(&mut a[(2 + p) * tw..][..tw], d0, d1);
+                    sub(&mut a[(4 + p) * tw..][..tw], d0, d1);
+                    neg(&mut a[(6 + p) * tw..][..tw], d1);
+                }
+                // … then Aᵀ on the columns: c0, c0+c1, c0-c1, -c1.
+                let idx = base + ty * tw;
+                for i in 0..4 {
+                    let (c0, c1) = (&a[2 * i * tw..][..tw], &a[(2 * i + 1) * tw..][..tw]);
+                    let at = |j: usize| (i * 4 + j) * xi_stride + idx;
+                    z[at(0)..][..tw].copy_from_slice(c0);
+                    add(&mut z[at(1)..][..tw], c0, c1);
+                    sub(&mut z[at(2)..][..tw], c0, c1);
+                    neg(&mut z[at(3)..][..tw], c1);
+                }
+            }
+        }
+    }
+}
+
+/// `∂g[k][c] = Gᵀ ∂U[k][c] G` for every channel pair, from `du` (`16 · K · C`).
+fn weight_grad_from_transformed(k_out: usize, c_in: usize, du: &[f32], grad_w: &mut [f32]) {
+    for k in 0..k_out {
+        for c in 0..c_in {
+            let at = |xi: usize| du[(xi * k_out + k) * c_in + c];
+            // Gᵀ u: rows u0 + (u1+u2)/2, (u1-u2)/2, (u1+u2)/2 + u3.
+            let q: [[f32; 4]; 3] = [
+                std::array::from_fn(|j| at(j) + 0.5 * (at(4 + j) + at(8 + j))),
+                std::array::from_fn(|j| 0.5 * (at(4 + j) - at(8 + j))),
+                std::array::from_fn(|j| 0.5 * (at(4 + j) + at(8 + j)) + at(12 + j)),
+            ];
+            let dst = &mut grad_w[(k * c_in + c) * 9..][..9];
+            for (r, d) in q.iter().zip(dst.chunks_exact_mut(3)) {
+                d[0] = r[0] + 0.5 * (r[1] + r[2]);
+                d[1] = 0.5 * (r[1] - r[2]);
+                d[2] = 0.5 * (r[1] + r[2]) + r[3];
+            }
+        }
+    }
+}
+
+/// Forward convolution of `x` (`[batch, C, h, w]`) with `weight` (`[K, C, 3, 3]`) into `out`
+/// (`[batch, K, h, w]`). `g` must satisfy [`applies`] (except for the switch).
+pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32]) {
+    let (_, _, tiles) = tile_grid(g);
+    let (images_per_chunk, parallelism) = schedule(g, FORWARD_TILES);
+    let u = transform_weight(g.c_out, g.c_in, weight);
+    let image_in = g.c_in * g.h * g.w;
+    let image_out = g.c_out * g.h_out * g.w_out;
+    out.par_chunks_mut(images_per_chunk * image_out)
+        .enumerate()
+        .for_each(|(i, out_chunk)| {
+            let first = i * images_per_chunk;
+            let images = out_chunk.len() / image_out;
+            let t = images * tiles;
+            let mut v_buf = take_buffer(XI * plane_stride(g.c_in * t));
+            let mut m_buf = take_buffer(XI * plane_stride(g.c_out * t));
+            let mut scratch = take_buffer(0);
+            let (v, m) = (
+                &mut v_buf[..XI * plane_stride(g.c_in * t)],
+                &mut m_buf[..XI * plane_stride(g.c_out * t)],
+            );
+            transform_input(
+                g,
+                &x[first * image_in..][..images * image_in],
+                images,
+                v,
+                &mut scratch,
+            );
+            for xi in 0..XI {
+                matmul(
+                    g.c_out,
+                    t,
+                    g.c_in,
+                    &mut m[xi * plane_stride(g.c_out * t)..][..g.c_out * t],
+                    t,
+                    false,
+                    MatRef::row_major(&u[xi * g.c_out * g.c_in..][..g.c_out * g.c_in], g.c_in),
+                    MatRef::row_major(&v[xi * plane_stride(g.c_in * t)..][..g.c_in * t], t),
+                    parallelism,
+                );
+            }
+            transform_output(g, m, images, out_chunk);
+            give_back(v_buf);
+            give_back(m_buf);
+            give_back(scratch);
+        });
+}
+
+/// Weight gradient (`[K, C, 3, 3]`) of [`forward_into`] given the output gradient `grad_out`.
+///
+/// Each thread reduces a fixed contiguous run of chunks into its own `∂U`; the runs are summed
+/// in order, so the result depends on the thread count only (as in `conv.rs`).
+pub(crate) fn weight_grad(g: &ConvGeom, x: &[f32], grad_out: &[f32], grad_w: &mut [f32]) {
+    let (_, _, tiles) = tile_grid(g);
+    let (images_per_chunk, parallelism) = schedule(g, BACKWARD_TILES);
+    let image_in = g.c_in * g.h * g.w;
+    let image_out = g.c_out * g.h_out * g.w_out;
+    let du_len = XI * g.c_out * g.c_in;
+    let firsts: Vec<usize> = (0..g.batch).step_by(images_per_chunk).collect();
+    let runs = rayon::current_num_threads().clamp(1, firsts.len().max(1));
+    let per_run = firsts.len().div_ceil(runs).max(1);
+    let partial: Vec<Vec<f32>> = firsts
+        .par_chunks(per_run)
+        .map(|run| {
+            let mut du = vec![0f32; du_len];
+            let mut scratch = take_buffer(0);
+            let mut v_buf = take_buffer(XI * plane_stride(g.c_in * images_per_chunk * tiles));
+            let mut z_buf = take_buffer(XI * plane_stride(g.c_out * images_per_chunk * tiles));
+            for (n, &first) in run.iter().enumerate() {
+                let images = (g.batch - first).min(images_per_chunk);
+                let t = images * tiles;
+                let (v, z) = (
+                    &mut v_buf[..XI * plane_stride(g.c_in * t)],
+                    &mut z_buf[..XI * plane_stride(g.c_out * t)],
+                );
+                transform_input(
+                    g,
+                    &x[first * image_in..][..images * image_in],
+                    images,
+                    v,
+                    &mut scratch,
+                );
+                let dy = &grad_out[first * image_out..][..images * image_out];
+                transform_grad_out(g, dy, images, z);
+                for xi in 0..XI {
+                    matmul(
+                        g.c_out,
+                        g.c_in,
+                        t,
+                        &mut du[xi * g.c_out * g.c_in..][..g.c_out * g.c_in],
+                        g.c_in,
+                        // The first chunk stores (no read of the fresh buffer, see `conv.rs`).
+                        n > 0,
+                        MatRef::row_major(&z[xi * plane_stride(g.c_out * t)..][..g.c_out * t], t),
+                        MatRef::transposed(&v[xi * plane_stride(g.c_in * t)..][..g.c_in * t], t),
+                        parallelism,
+                    );
+                }
+            }
+            give_back(scratch);
+            give_back(v_buf);
+            give_back(z_buf);
+            du
+        })
+        .collect();
+    let mut du = vec![0f32; du_len];
+    if let Some((first, rest)) = partial.split_first() {
+        for (t, p) in du.iter_mut().zip(first) {
+            *t = p + 0.0;
+        }
+        for part in rest {
+            for (t, p) in du.iter_mut().zip(part) {
+                *t += p;
+            }
+        }
+    }
+    weight_grad_from_transformed(g.c_out, g.c_in, &du, grad_w);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geom(batch: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> ConvGeom {
+        ConvGeom {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            padding: 1,
+            groups: 1,
+            h_out: h,
+            w_out: w,
+        }
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Direct convolution in f64, the reference.
+    fn direct(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
+        let mut out = vec![0f64; g.batch * g.c_out * g.h * g.w];
+        for b in 0..g.batch {
+            for k in 0..g.c_out {
+                for y in 0..g.h {
+                    for xx in 0..g.w {
+                        let mut s = 0f64;
+                        for c in 0..g.c_in {
+                            for i in 0..3 {
+                                for j in 0..3 {
+                                    let (iy, ix) = (y + i, xx + j);
+                                    if iy == 0 || ix == 0 || iy > g.h || ix > g.w {
+                                        continue;
+                                    }
+                                    let xv = x[((b * g.c_in + c) * g.h + iy - 1) * g.w + ix - 1];
+                                    s += xv as f64 * w[((k * g.c_in + c) * 3 + i) * 3 + j] as f64;
+                                }
+                            }
+                        }
+                        out[((b * g.c_out + k) * g.h + y) * g.w + xx] = s;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn max_rel(actual: &[f32], expected: &[f64]) -> f64 {
+        let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = actual
+            .iter()
+            .zip(expected)
+            .fold(0f64, |m, (a, e)| m.max((*a as f64 - e).abs()));
+        diff / scale
+    }
+
+    #[test]
+    fn forward_matches_direct_convolution_on_even_and_odd_planes() {
+        for (b, c, k, h, w) in [
+            (3, 8, 12, 8, 8),
+            (2, 9, 8, 5, 7),
+            (1, 16, 8, 1, 1),
+            (4, 8, 8, 2, 3),
+        ] {
+            let g = geom(b, c, k, h, w);
+            let x = values(b * c * h * w, 1);
+            let wt = values(k * c * 9, 2);
+            let mut out = vec![f32::NAN; b * k * h * w];
+            forward_into(&g, &x, &wt, &mut out);
+            let err = max_rel(&out, &direct(&g, &x, &wt));
+            assert!(err < 1e-6, "{b}x{c}x{h}x{w} -> {k}: relative error {err:e}");
+        }
+    }
+
+    #[test]
+    fn weight_gradient_matches_direct_correlation() {
+        for (b, c, k, h, w) in [(3, 8, 12, 8, 8), (2, 9, 8, 5, 7), (5, 8, 8, 4, 4)] {
+            let g = geom(b, c, k, h, w);
+            let x = values(b * c * h * w, 3);
+            let dy = values(b * k * h * w, 4);
+            let mut grad = vec![f32::NAN; k * c * 9];
+            weight_grad(&g, &x, &dy, &mut grad);
+            // ∂w[k][c][i][j] = Σ dy[b][k][y][x] · x[b][c][y+i-1][x+j-1]
+            let mut expected = vec![0f64; k * c * 9];
+            for bb in 0..b {
+                for kk in 0..k {
+                    for cc in 0..c {
+                        for i in 0..3 {
+                            for j in 0..3 {
+                                let mut s = 0f64;
+                                for y in 0..h {
+                                    for xx in 0..w {
+                                        let (iy, ix) = (y + i, xx + j);
+                                        if iy == 0 || ix == 0 || iy > h || ix > w {
+                                            continue;
+                                        }
+                                        s += dy[((bb * k + kk) * h + y) * w + xx] as f64
+                                            * x[((bb * c + cc) * h + iy - 1) * w + ix - 1] as f64;
+                                    }
+                                }
+                                expected[((kk * c + cc) * 3 + i) * 3 + j] += s;
+                            }
+                        }
+                    }
+                }
+            }
+            let err = max_rel(&grad, &expected);
+            assert!(err < 1e-6, "{b}x{c}x{h}x{w} -> {k}: relative error {err:e}");
+        }
+    }
+
+    #[test]
+    fn weight_gradient_is_reproducible() {
+        let g = geom(7, 8, 8, 6, 6);
+        let x = values(7 * 8 * 36, 5);
+        let dy = values(7 * 8 * 36, 6);
+        let mut a = vec![0f32; 8 * 8 * 9];
+        let mut b = vec![1f32; 8 * 8 * 9];
+        weight_grad(&g, &x, &dy, &mut a);
+        weight_grad(&g, &x, &dy, &mut b);
+        assert_eq!(a, b);
+    }
+}
