@@ -213,6 +213,7 @@ impl ResNet18 {
 }
 
 fn main() -> Result<()> {
+    kernels::keep_freed_memory();
     let batch = arg("--batch", 32);
     let reps = arg("--reps", 5);
     let net_reps = arg("--net-reps", 3);

@@ -49,6 +49,7 @@ fn pseudo_random(dims: &[usize], scale: f32) -> Result<Tensor> {
 }
 
 fn main() -> Result<()> {
+    kernels::keep_freed_memory();
     let w = arg("--width", 16);
     let batch = arg("--batch", 100);
     let reps = arg("--reps", 5);

@@ -24,6 +24,7 @@ mod counters;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod memory;
 pub mod reference;
 mod residual;
 mod settings;
@@ -34,6 +35,7 @@ pub use batch_norm::{
 };
 pub use conv::{conv2d, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
+pub use memory::keep_freed_memory;
 pub use residual::add_relu;
 pub use settings::{
     cpu_winograd, deterministic, precision, set_cpu_winograd, set_deterministic, set_precision,

@@ -144,6 +144,8 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists: every step frees and reallocates large buffers.
+    backbones::kernels::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         None => train(&cli.train),
