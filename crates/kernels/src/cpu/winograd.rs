@@ -183,14 +183,14 @@ fn transform_weight(k_out: usize, c_in: usize, weight: &[f32]) -> Vec<f32> {
 }
 
 /// `V[ξ][c][t] = (Bᵀ d B)[ξ]` for every tile `t` of `images` images of `x` (NCHW), into `v`
-/// (`16 · C · T` floats, `T = images · tiles`).
-///
-/// Vectorised across the tiles of one tile row: the zero-padded plane is stored with even and
-/// odd columns apart, so every step below is an element-wise operation on contiguous slices.
+/// (16 planes of `C · T` floats, `T = images · tiles`, [`plane_stride`] apart).
 fn transform_input(g: &ConvGeom, x: &[f32], images: usize, v: &mut [f32], scratch: &mut Vec<f32>) {
     super::with_avx2(|| transform_input_impl(g, x, images, v, scratch))
 }
 
+/// One channel at a time, over the tiles of all the chunk's images at once (`T` long, so the
+/// arithmetic runs in full vectors even for 4×4 planes, whose tile rows are 2 tiles long): the
+/// 16 inputs of every tile are first gathered into 16 `T`-long rows, then combined row-wise.
 #[inline(always)]
 fn transform_input_impl(
     g: &ConvGeom,
@@ -201,16 +201,18 @@ fn transform_input_impl(
 ) {
     let (th, tw, tiles) = tile_grid(g);
     let t_total = images * tiles;
-    // Padded plane: rows -1..=2·th, columns -1..=2·tw, as `tw + 1` evens then `tw + 1` odds.
+    // Zero-padded plane: rows -1..=2·th, columns -1..=2·tw, as `tw + 1` evens then `tw + 1`
+    // odds, so the four columns of a tile row are contiguous runs.
     let (ph, half) = (2 * th + 2, tw + 1);
     let row_len = 2 * half;
     scratch.clear();
-    scratch.resize(ph * row_len + 8 * half, 0.0);
-    let (pad, rows) = scratch.split_at_mut(ph * row_len);
+    scratch.resize(ph * row_len + 20 * t_total, 0.0);
+    let (pad, rest) = scratch.split_at_mut(ph * row_len);
+    let (gathered, rows) = rest.split_at_mut(16 * t_total);
     let plane = g.h * g.w;
     let xi_stride = plane_stride(g.c_in * t_total);
-    for b in 0..images {
-        for c in 0..g.c_in {
+    for c in 0..g.c_in {
+        for b in 0..images {
             let src = &x[(b * g.c_in + c) * plane..][..plane];
             for y in 0..g.h {
                 let (even, odd) = pad[(y + 1) * row_len..][..row_len].split_at_mut(half);
@@ -225,96 +227,101 @@ fn transform_input_impl(
                     even[m + 1] = pair[1];
                 }
             }
-            let base = c * t_total + b * tiles;
             for ty in 0..th {
-                let r = |i: usize| {
-                    let row = &pad[(2 * ty + i) * row_len..][..row_len];
-                    row.split_at(half)
-                };
-                let ((e0, o0), (e1, o1), (e2, o2), (e3, o3)) = (r(0), r(1), r(2), r(3));
-                // Bᵀ d on the rows, for evens and odds: d0-d2, d1+d2, d2-d1, d1-d3.
-                let (te, to) = rows.split_at_mut(4 * half);
-                for (t, (d0, d1, d2, d3)) in
-                    [(&mut *te, (e0, e1, e2, e3)), (&mut *to, (o0, o1, o2, o3))]
-                {
-                    let (t0, rest) = t.split_at_mut(half);
-                    let (t1, rest) = rest.split_at_mut(half);
-                    let (t2, t3) = rest.split_at_mut(half);
-                    sub(t0, d0, d2);
-                    add(t1, d1, d2);
-                    sub(t2, d2, d1);
-                    sub(t3, d1, d3);
-                }
-                // … then B on the columns: columns 2tx..2tx+3 are e[tx], o[tx], e[tx+1], o[tx+1].
-                let idx = base + ty * tw;
-                for i in 0..4 {
-                    let (e, o) = (&te[i * half..][..half], &to[i * half..][..half]);
-                    let (e_lo, e_hi, o_lo, o_hi) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
-                    let at = |j: usize| (i * 4 + j) * xi_stride + idx;
-                    sub(&mut v[at(0)..][..tw], e_lo, e_hi);
-                    add(&mut v[at(1)..][..tw], o_lo, e_hi);
-                    sub(&mut v[at(2)..][..tw], e_hi, o_lo);
-                    sub(&mut v[at(3)..][..tw], o_lo, o_hi);
+                let at = b * tiles + ty * tw;
+                for r in 0..4 {
+                    let (e, o) = pad[(2 * ty + r) * row_len..][..row_len].split_at(half);
+                    // Columns 2tx..2tx+3 of the tile are e[tx], o[tx], e[tx+1], o[tx+1].
+                    for (j, run) in [&e[..tw], &o[..tw], &e[1..], &o[1..]]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        gathered[(r * 4 + j) * t_total + at..][..tw].copy_from_slice(run);
+                    }
                 }
             }
+        }
+        let d = |r: usize, j: usize| &gathered[(r * 4 + j) * t_total..][..t_total];
+        for i in 0..4 {
+            // Bᵀ d, row i: d0-d2, d1+d2, d2-d1, d1-d3 (for each column j).
+            for j in 0..4 {
+                let dst = &mut rows[j * t_total..][..t_total];
+                match i {
+                    0 => sub(dst, d(0, j), d(2, j)),
+                    1 => add(dst, d(1, j), d(2, j)),
+                    2 => sub(dst, d(2, j), d(1, j)),
+                    _ => sub(dst, d(1, j), d(3, j)),
+                }
+            }
+            // … then B on the columns.
+            let t = |j: usize| &rows[j * t_total..][..t_total];
+            let out = |j: usize| (i * 4 + j) * xi_stride + c * t_total;
+            sub(&mut v[out(0)..][..t_total], t(0), t(2));
+            add(&mut v[out(1)..][..t_total], t(1), t(2));
+            sub(&mut v[out(2)..][..t_total], t(2), t(1));
+            sub(&mut v[out(3)..][..t_total], t(1), t(3));
         }
     }
 }
 
-/// `Y = Aᵀ M A` per tile, from `m` (`16 · K · T`) into `images` NCHW output images.
+/// `Y = Aᵀ M A` per tile, from `m` (16 planes of `K · T`) into `images` NCHW output images.
 fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
     super::with_avx2(|| transform_output_impl(g, m, images, out))
 }
 
+/// One output channel at a time over all the chunk's tiles (see [`transform_input_impl`]).
 #[inline(always)]
 fn transform_output_impl(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
     let (th, tw, tiles) = tile_grid(g);
     let t_total = images * tiles;
     let (ho, wo) = (g.h_out, g.w_out);
     let xi_stride = plane_stride(g.c_out * t_total);
-    let mut s = vec![0f32; 8 * tw];
-    let mut y_even = vec![0f32; tw];
-    let mut y_odd = vec![0f32; tw];
-    for b in 0..images {
-        for k in 0..g.c_out {
+    let mut buf = take_buffer(12 * t_total);
+    let (s, y) = buf[..12 * t_total].split_at_mut(8 * t_total);
+    for k in 0..g.c_out {
+        let mm = |i: usize, j: usize| &m[(i * 4 + j) * xi_stride + k * t_total..][..t_total];
+        // Aᵀ M on the rows: s0 = m0+m1+m2, s1 = m1-m2-m3 (for each column j).
+        for j in 0..4 {
+            let (s0, s1) = s[2 * j * t_total..(2 * j + 2) * t_total].split_at_mut(t_total);
+            for (((s0, s1), (m0, m1)), (m2, m3)) in s0
+                .iter_mut()
+                .zip(s1.iter_mut())
+                .zip(mm(0, j).iter().zip(mm(1, j)))
+                .zip(mm(2, j).iter().zip(mm(3, j)))
+            {
+                *s0 = m0 + m1 + m2;
+                *s1 = m1 - m2 - m3;
+            }
+        }
+        // … then A on the columns: y[i][0] = c0+c1+c2, y[i][1] = c1-c2-c3.
+        for i in 0..2 {
+            let col = |j: usize| &s[(2 * j + i) * t_total..][..t_total];
+            let (c0, c1, c2, c3) = (col(0), col(1), col(2), col(3));
+            let (y0, y1) = y[2 * i * t_total..(2 * i + 2) * t_total].split_at_mut(t_total);
+            for (((y0, y1), (c0, c1)), (c2, c3)) in y0
+                .iter_mut()
+                .zip(y1.iter_mut())
+                .zip(c0.iter().zip(c1))
+                .zip(c2.iter().zip(c3))
+            {
+                *y0 = c0 + c1 + c2;
+                *y1 = c1 - c2 - c3;
+            }
+        }
+        for b in 0..images {
             let dst = &mut out[(b * g.c_out + k) * ho * wo..][..ho * wo];
-            let base = k * t_total + b * tiles;
             for ty in 0..th {
-                let idx = base + ty * tw;
-                // Aᵀ M on the rows: m0+m1+m2, m1-m2-m3 (for each of the 4 columns j).
-                for j in 0..4 {
-                    let at = |i: usize| &m[(i * 4 + j) * xi_stride + idx..][..tw];
-                    let (m0, m1, m2, m3) = (at(0), at(1), at(2), at(3));
-                    let (s0, s1) = s[2 * j * tw..(2 * j + 2) * tw].split_at_mut(tw);
-                    for (((s0, s1), (m0, m1)), (m2, m3)) in s0
-                        .iter_mut()
-                        .zip(s1.iter_mut())
-                        .zip(m0.iter().zip(m1))
-                        .zip(m2.iter().zip(m3))
-                    {
-                        *s0 = m0 + m1 + m2;
-                        *s1 = m1 - m2 - m3;
-                    }
-                }
+                let at = b * tiles + ty * tw;
                 for i in 0..2 {
-                    let y = 2 * ty + i;
-                    if y >= ho {
+                    let row_y = 2 * ty + i;
+                    if row_y >= ho {
                         continue;
                     }
-                    let col = |j: usize| &s[(2 * j + i) * tw..][..tw];
-                    let (c0, c1, c2, c3) = (col(0), col(1), col(2), col(3));
-                    for (((ye, yo), (c0, c1)), (c2, c3)) in y_even
-                        .iter_mut()
-                        .zip(y_odd.iter_mut())
-                        .zip(c0.iter().zip(c1))
-                        .zip(c2.iter().zip(c3))
-                    {
-                        *ye = c0 + c1 + c2;
-                        *yo = c1 - c2 - c3;
-                    }
-                    let row = &mut dst[y * wo..][..wo];
+                    let y_even = &y[2 * i * t_total + at..][..tw];
+                    let y_odd = &y[(2 * i + 1) * t_total + at..][..tw];
+                    let row = &mut dst[row_y * wo..][..wo];
                     let mut pairs = row.chunks_exact_mut(2);
-                    for ((pair, ye), yo) in (&mut pairs).zip(&y_even).zip(&y_odd) {
+                    for ((pair, ye), yo) in (&mut pairs).zip(y_even).zip(y_odd) {
                         pair[0] = *ye;
                         pair[1] = *yo;
                     }
@@ -325,6 +332,7 @@ fn transform_output_impl(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]
             }
         }
     }
+    give_back(buf);
 }
 
 /// `Z[ξ][k][t] = (A ∂Y Aᵀ)[ξ]` for every tile of `images` NCHW output-gradient images.
@@ -332,28 +340,31 @@ fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
     super::with_avx2(|| transform_grad_out_impl(g, dy, images, z))
 }
 
+/// One output channel at a time over all the chunk's tiles (see [`transform_input_impl`]).
 #[inline(always)]
 fn transform_grad_out_impl(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
     let (th, tw, tiles) = tile_grid(g);
     let t_total = images * tiles;
     let (ho, wo) = (g.h_out, g.w_out);
     let xi_stride = plane_stride(g.c_out * t_total);
-    // d[2·r + parity]: row r of the tile, even or odd columns; rows and columns beyond the
-    // plane stay zero.
-    let mut d = vec![0f32; 4 * tw];
-    let mut a = vec![0f32; 8 * tw];
-    for b in 0..images {
-        for k in 0..g.c_out {
+    let mut buf = take_buffer(12 * t_total);
+    // d[2·r + parity]: tile row r, even or odd column, over all tiles; then the rows of A ∂Y.
+    let (d, a) = buf[..12 * t_total].split_at_mut(4 * t_total);
+    // Rows and columns beyond an odd-sized plane stay zero.
+    d.fill(0.0);
+    for k in 0..g.c_out {
+        for b in 0..images {
             let src = &dy[(b * g.c_out + k) * ho * wo..][..ho * wo];
-            let base = k * t_total + b * tiles;
             for ty in 0..th {
-                d.fill(0.0);
+                let at = b * tiles + ty * tw;
                 for r in 0..2 {
                     let y = 2 * ty + r;
                     if y >= ho {
                         continue;
                     }
-                    let (even, odd) = d[2 * r * tw..(2 * r + 2) * tw].split_at_mut(tw);
+                    let (even, odd) =
+                        d[2 * r * t_total..(2 * r + 2) * t_total].split_at_mut(t_total);
+                    let (even, odd) = (&mut even[at..][..tw], &mut odd[at..][..tw]);
                     let pairs = src[y * wo..][..wo].chunks_exact(2);
                     if let [last] = pairs.remainder() {
                         even[wo / 2] = *last;
@@ -363,27 +374,30 @@ fn transform_grad_out_impl(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32
                         *o = pair[1];
                     }
                 }
-                // A ∂Y on the rows: d0, d0+d1, d0-d1, -d1 (for even and odd columns).
-                for p in 0..2 {
-                    let (d0, d1) = (&d[p * tw..][..tw], &d[(2 + p) * tw..][..tw]);
-                    a[p * tw..][..tw].copy_from_slice(d0);
-                    add(&mut a[(2 + p) * tw..][..tw], d0, d1);
-                    sub(&mut a[(4 + p) * tw..][..tw], d0, d1);
-                    neg(&mut a[(6 + p) * tw..][..tw], d1);
-                }
-                // … then Aᵀ on the columns: c0, c0+c1, c0-c1, -c1.
-                let idx = base + ty * tw;
-                for i in 0..4 {
-                    let (c0, c1) = (&a[2 * i * tw..][..tw], &a[(2 * i + 1) * tw..][..tw]);
-                    let at = |j: usize| (i * 4 + j) * xi_stride + idx;
-                    z[at(0)..][..tw].copy_from_slice(c0);
-                    add(&mut z[at(1)..][..tw], c0, c1);
-                    sub(&mut z[at(2)..][..tw], c0, c1);
-                    neg(&mut z[at(3)..][..tw], c1);
-                }
             }
         }
+        // A ∂Y on the rows: d0, d0+d1, d0-d1, -d1 (for even and odd columns p).
+        let dd = |r: usize, p: usize| &d[(2 * r + p) * t_total..][..t_total];
+        for p in 0..2 {
+            a[p * t_total..][..t_total].copy_from_slice(dd(0, p));
+            add(&mut a[(2 + p) * t_total..][..t_total], dd(0, p), dd(1, p));
+            sub(&mut a[(4 + p) * t_total..][..t_total], dd(0, p), dd(1, p));
+            neg(&mut a[(6 + p) * t_total..][..t_total], dd(1, p));
+        }
+        // … then Aᵀ on the columns: c0, c0+c1, c0-c1, -c1.
+        for i in 0..4 {
+            let (c0, c1) = (
+                &a[2 * i * t_total..][..t_total],
+                &a[(2 * i + 1) * t_total..][..t_total],
+            );
+            let out = |j: usize| (i * 4 + j) * xi_stride + k * t_total;
+            z[out(0)..][..t_total].copy_from_slice(c0);
+            add(&mut z[out(1)..][..t_total], c0, c1);
+            sub(&mut z[out(2)..][..t_total], c0, c1);
+            neg(&mut z[out(3)..][..t_total], c1);
+        }
     }
+    give_back(buf);
 }
 
 /// `∂g[k][c] = Gᵀ ∂U[k][c] G` for every channel pair, from `du` (`16 · K · C`).
