@@ -110,18 +110,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut steps = serde_json::Map::new();
     let mut vanilla_ms = None;
     for mode in &args.step_modes {
-        let ms = time_train_step(&cfg, mode, &x, &y, args.steps, &device)?;
+        let StepTime {
+            step_ms: ms,
+            phase_ms,
+        } = time_train_step(&cfg, mode, &x, &y, args.steps, &device)?;
         if mode == "vanilla" {
             vanilla_ms = Some(ms);
         }
-        steps.insert(
-            mode.clone(),
-            json!({
-                "step_ms": ms,
-                "images_per_s": args.batch as f64 * 1000.0 / ms,
-                "epoch_s_estimate": 50_000.0 / args.batch as f64 * ms / 1000.0,
-            }),
-        );
+        let mut entry = json!({
+            "step_ms": ms,
+            "images_per_s": args.batch as f64 * 1000.0 / ms,
+            "epoch_s_estimate": 50_000.0 / args.batch as f64 * ms / 1000.0,
+        });
+        if let Some(p) = phase_ms {
+            entry["phase_ms"] = p;
+        }
+        steps.insert(mode.clone(), entry);
     }
     if let Some(v) = vanilla_ms {
         for (_, s) in steps.iter_mut() {
@@ -223,7 +227,8 @@ impl HandCraftedStep {
     }
 }
 
-/// Milliseconds of one full train step (mix, forward, loss, backward, SGD), median of `steps`.
+/// One full train step (mix, forward, loss, backward, SGD): median milliseconds of `steps`, and
+/// on the CPU the median of each phase.
 fn time_train_step(
     cfg: &RunConfig,
     mode: &str,
@@ -231,10 +236,13 @@ fn time_train_step(
     y: &Tensor,
     steps: usize,
     device: &Device,
-) -> Result<f64> {
+) -> Result<StepTime> {
     let cfg = &mode_config(cfg, mode);
     if setup::LEARNED_MODES.contains(&mode) {
-        return time_automix_step(cfg, x, y, steps, device);
+        return Ok(StepTime {
+            step_ms: time_automix_step(cfg, x, y, steps, device)?,
+            phase_ms: None,
+        });
     }
     let HandCraftedStep {
         method,
@@ -246,25 +254,66 @@ fn time_train_step(
     } = HandCraftedStep::new(cfg, device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut times = Vec::new();
+    // Phase boundaries: on the CPU every op has finished when it returns, so reading the clock
+    // between phases costs nothing; on a GPU it would need a sync, which changes what is timed.
+    let phases = device.is_cpu();
+    let mut phase_times: Vec<[f64; 4]> = Vec::new();
     for i in 0..=steps {
         sync(device)?;
         let t = Instant::now();
+        let mut marks = [0f64; 4];
+        let mut mark = |k: usize| {
+            if phases {
+                marks[k] = t.elapsed().as_secs_f64() * 1000.0;
+            }
+        };
         let mix_model = NetMixModel {
             net: &frozen,
             attention: None,
         };
         let mixed = method.mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?;
+        mark(0);
         let logits = net.forward_mix(&mixed.images, true, mixed.feature_mix.as_ref())?;
         let loss = train::loss::mixed_loss(&logits, &mixed.labels, loss_kind)?;
+        mark(1);
         let grads = loss.backward()?;
+        mark(2);
         sgd.step(&grads, 0.1)?;
+        mark(3);
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         sync(device)?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64() * 1000.0);
+            phase_times.push([
+                marks[0],
+                marks[1] - marks[0],
+                marks[2] - marks[1],
+                marks[3] - marks[2],
+            ]);
         }
     }
-    Ok(train::metrics::median(&times))
+    let phase_ms = phases.then(|| {
+        let median_of = |k: usize| {
+            let v: Vec<f64> = phase_times.iter().map(|p| p[k]).collect();
+            train::metrics::median(&v)
+        };
+        json!({
+            "mix": median_of(0),
+            "forward_and_loss": median_of(1),
+            "backward": median_of(2),
+            "sgd": median_of(3),
+        })
+    });
+    Ok(StepTime {
+        step_ms: train::metrics::median(&times),
+        phase_ms,
+    })
+}
+
+/// Median step time, and on the CPU the median of each phase of it.
+struct StepTime {
+    step_ms: f64,
+    phase_ms: Option<Value>,
 }
 
 /// Milliseconds of one AutoMix/SAMix step (four forwards, backward, SGD, EMA update).
