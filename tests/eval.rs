@@ -3,20 +3,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 
 use common::*;
 use serde_json::{json, Value};
-
-fn succeeded(out: Output) -> Output {
-    assert!(
-        out.status.success(),
-        "runner failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn number(v: &Value, what: &str) -> f64 {
     v.as_f64()

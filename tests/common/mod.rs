@@ -52,7 +52,11 @@ pub fn merge(base: &mut Value, extra: Value) {
 }
 
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.arg("--quiet").output().expect("runner starts");
+    succeeded(cmd.arg("--quiet").output().expect("runner starts"))
+}
+
+/// `out`, after asserting that the runner exited 0 (its output in the message if not).
+pub fn succeeded(out: Output) -> Output {
     assert!(
         out.status.success(),
         "runner failed:\nstdout: {}\nstderr: {}",

@@ -37,10 +37,7 @@ pub use conv::{conv2d, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
 pub use memory::keep_freed_memory;
 pub use residual::add_relu;
-pub use settings::{
-    cpu_winograd, deterministic, precision, set_cpu_winograd, set_deterministic, set_precision,
-    Precision,
-};
+pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};
 pub use sgd::{sgd_update, sgd_update_multi, SgdParam, SgdStep};
 
 /// Whether this build routes CUDA f32 convolutions through cuDNN (feature `cudnn`).

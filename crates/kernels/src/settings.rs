@@ -84,19 +84,6 @@ pub fn deterministic() -> bool {
     DETERMINISTIC.load(Ordering::Relaxed)
 }
 
-/// Whether eligible CPU convolutions (3×3, stride 1, padding 1, ungrouped, ≥ 8 channels) use
-/// Winograd F(2×2, 3×3) rather than im2col + GEMM. On by default; `MIXBENCH_CPU_CONV=im2col` in
-/// the environment switches it off for the process (for side-by-side measurements).
-pub fn cpu_winograd() -> bool {
-    crate::cpu::winograd::enabled()
-}
-
-/// Switches the CPU Winograd path on or off for the rest of the process (see [`cpu_winograd`]).
-/// Both paths compute the same convolution; results differ in the last bits.
-pub fn set_cpu_winograd(on: bool) {
-    crate::cpu::winograd::set_enabled(on)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

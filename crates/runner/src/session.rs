@@ -202,13 +202,7 @@ impl Run {
         model: &mut M,
     ) -> Result<Self> {
         let Start::Resume(ckpt) = start else {
-            let mut logger = JsonLogger::create(&work_dir.path)?;
-            logger.write_meta(
-                &env_info(device),
-                &cfg.to_json_pretty(),
-                cfg.seed,
-                &cfg.name,
-            )?;
+            let logger = new_log(&work_dir, &cfg, device)?;
             let csv = EpochCsv::open(&work_dir.path, 0)?;
             return Ok(Self {
                 mix_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d69_7862),
@@ -264,13 +258,7 @@ impl Run {
             }
             // `--resume-from` into another work dir: a new log, with its meta line.
             _ => {
-                let mut logger = JsonLogger::create(&work_dir.path)?;
-                logger.write_meta(
-                    &env_info(device),
-                    &cfg.to_json_pretty(),
-                    cfg.seed,
-                    &cfg.name,
-                )?;
+                let mut logger = new_log(&work_dir, &cfg, device)?;
                 logger.write_fields(&[
                     ("mode", json!("resumed")),
                     ("resumed_from", json!(ckpt.display().to_string())),
@@ -683,6 +671,18 @@ impl Run {
 }
 
 /// The progress bar's message: short enough for an 80-column terminal.
+/// A new log in `work_dir`, opened with its meta line (environment, effective config, seed).
+fn new_log(work_dir: &WorkDir, cfg: &RunConfig, device: &Device) -> Result<JsonLogger> {
+    let mut logger = JsonLogger::create(&work_dir.path)?;
+    logger.write_meta(
+        &env_info(device),
+        &cfg.to_json_pretty(),
+        cfg.seed,
+        &cfg.name,
+    )?;
+    Ok(logger)
+}
+
 fn progress_message(
     loss: Option<f32>,
     lr: f64,

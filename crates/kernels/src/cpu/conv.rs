@@ -6,7 +6,7 @@
 
 use super::matmul::{matmul, MatRef};
 use super::winograd;
-use gemm::Parallelism;
+use super::{chunks_per_run, split_images, sum_in_order, Schedule};
 use rayon::prelude::*;
 
 /// Shape of one convolution (square stride/padding, dilation 1).
@@ -63,29 +63,11 @@ impl ConvGeom {
     /// reduces over the columns into a weight-sized accumulator, which is memory-bound when
     /// chunks are narrow, so the backward aims for `TARGET_REDUCTION_COLUMNS` instead.
     fn schedule(&self, backward: bool) -> Schedule {
-        let threads = rayon::current_num_threads().max(1);
-        let target = if backward {
-            TARGET_REDUCTION_COLUMNS
+        // The backward's chunks are grouped into one contiguous run per thread anyway.
+        if backward {
+            split_images(self.batch, self.plane_out(), TARGET_REDUCTION_COLUMNS, 1)
         } else {
-            TARGET_GEMM_COLUMNS
-        };
-        // Equal chunks, as many per thread (at least two in the forward, one in the backward,
-        // whose chunks are grouped into one contiguous run per thread): a 64 + 36 image split
-        // of a late stage left one core idle for a third of the call.
-        let cols_per_thread = (self.batch * self.plane_out()).div_ceil(threads);
-        let min_per_thread = if backward { 1 } else { 2 };
-        let chunks_per_thread = cols_per_thread.div_ceil(target).max(min_per_thread);
-        let images_per_chunk = self.batch.div_ceil(threads * chunks_per_thread).max(1);
-        let chunks = self.batch.div_ceil(images_per_chunk);
-        // Too few chunks to keep every thread busy: let the GEMMs split work instead.
-        let parallelism = if chunks < threads {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
-        Schedule {
-            images_per_chunk,
-            parallelism,
+            split_images(self.batch, self.plane_out(), TARGET_GEMM_COLUMNS, 2)
         }
     }
 
@@ -191,11 +173,6 @@ fn zero_padding(cols: &mut [f32]) {
         }
         _ => cols.fill(0.0),
     }
-}
-
-struct Schedule {
-    images_per_chunk: usize,
-    parallelism: Parallelism,
 }
 
 /// Forward convolution: `x` is `[batch, c_in, h, w]`, `weight` is
@@ -451,13 +428,9 @@ pub(crate) fn conv2d_backward(
         }
     };
 
-    // One weight-gradient accumulator per contiguous run of chunks, summed in order
-    // at the end. The runs are fixed by the thread count alone (not by work
-    // stealing), so the floating-point sum — and a whole training run — is
-    // reproducible, which resuming from a checkpoint relies on.
-    let runs = rayon::current_num_threads().clamp(1, chunks.len().max(1));
-    let per_run = chunks.len().div_ceil(runs).max(1);
-    let mut grouped: Vec<Vec<BackwardChunk>> = Vec::with_capacity(runs);
+    // One weight-gradient accumulator per contiguous run of chunks, summed in order at the end.
+    let per_run = chunks_per_run(chunks.len());
+    let mut grouped: Vec<Vec<BackwardChunk>> = Vec::new();
     for chunk in chunks {
         if grouped.last().is_none_or(|g| g.len() == per_run) {
             grouped.push(Vec::with_capacity(per_run));
@@ -478,17 +451,6 @@ pub(crate) fn conv2d_backward(
             acc
         })
         .collect();
-    // Same sum as adding every part onto zeros: `p + 0.0` is `0.0 + p` (also for -0.0), but
-    // stores instead of reading the fresh buffer first.
-    if let Some((first, rest)) = partial_grad_w.split_first() {
-        for (t, p) in grad_w.iter_mut().zip(first) {
-            *t = p + 0.0;
-        }
-        for part in rest {
-            for (t, p) in grad_w.iter_mut().zip(part) {
-                *t += p;
-            }
-        }
-    }
+    sum_in_order(&partial_grad_w, grad_w);
     packed
 }

@@ -8,6 +8,7 @@ pub(crate) mod matmul;
 pub(crate) mod winograd;
 
 use candle_core::{bail, CpuStorage, Layout, Result};
+use gemm::Parallelism;
 
 /// The contiguous f32 data of a CPU tensor argument, or an error naming the op and argument.
 pub(crate) fn f32_slice<'a>(
@@ -46,4 +47,62 @@ pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+/// How a convolution's batch is cut into chunks of whole images for the thread pool.
+pub(crate) struct Schedule {
+    pub images_per_chunk: usize,
+    /// `Rayon` when there are fewer chunks than threads, so the GEMMs split the work instead.
+    pub parallelism: Parallelism,
+}
+
+/// Equal chunks of whole images, about `target` work units (GEMM columns, Winograd tiles) each,
+/// at least `min_chunks_per_thread` per thread (`per_image` units per image). Equal and a whole
+/// number per thread: a 64 + 36 image split of a late stage left one core idle for a third of
+/// the call. Depends on the thread count only, which reproducible sums rely on.
+pub(crate) fn split_images(
+    batch: usize,
+    per_image: usize,
+    target: usize,
+    min_chunks_per_thread: usize,
+) -> Schedule {
+    let threads = rayon::current_num_threads().max(1);
+    let per_thread = (batch * per_image).div_ceil(threads);
+    let chunks_per_thread = per_thread.div_ceil(target).max(min_chunks_per_thread);
+    let images_per_chunk = batch.div_ceil(threads * chunks_per_thread).max(1);
+    let chunks = batch.div_ceil(images_per_chunk);
+    let parallelism = if chunks < threads {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    Schedule {
+        images_per_chunk,
+        parallelism,
+    }
+}
+
+/// Chunks per run when `chunks` are grouped into one contiguous run per thread, each run
+/// summing into its own accumulator. Fixed by the thread count alone (not by work stealing),
+/// so the floating-point sum, and a whole training run, is reproducible, which resuming from a
+/// checkpoint relies on.
+pub(crate) fn chunks_per_run(chunks: usize) -> usize {
+    let runs = rayon::current_num_threads().clamp(1, chunks.max(1));
+    chunks.div_ceil(runs).max(1)
+}
+
+/// `out = Σ parts`, added in order. The same sum as adding every part onto zeros (`p + 0.0`
+/// is `0.0 + p`, also for -0.0), but the first part is stored rather than added to `out`:
+/// reading a page of a fresh calloc'd buffer before writing it costs a copy-on-write fault.
+pub(crate) fn sum_in_order(parts: &[Vec<f32>], out: &mut [f32]) {
+    if let Some((first, rest)) = parts.split_first() {
+        for (t, p) in out.iter_mut().zip(first) {
+            *t = p + 0.0;
+        }
+        for part in rest {
+            for (t, p) in out.iter_mut().zip(part) {
+                *t += p;
+            }
+        }
+    }
 }

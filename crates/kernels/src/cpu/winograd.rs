@@ -20,9 +20,9 @@
 
 use super::conv::ConvGeom;
 use super::matmul::{matmul, MatRef};
-use gemm::Parallelism;
+use super::{chunks_per_run, split_images, sum_in_order, Schedule};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 /// Transform positions of one tile (4×4).
 const XI: usize = 16;
@@ -33,10 +33,6 @@ const FORWARD_TILES: usize = 512;
 const BACKWARD_TILES: usize = 1024;
 /// Below this many channels the GEMMs are too thin to win over im2col's single GEMM.
 const MIN_CHANNELS: usize = 8;
-
-static STATE: AtomicU8 = AtomicU8::new(0);
-const ON: u8 = 1;
-const OFF: u8 = 2;
 
 thread_local! {
     /// Buffers kept by each thread between calls: the transformed tiles of one chunk are
@@ -67,23 +63,12 @@ fn give_back(buf: Vec<f32>) {
     POOL.with(|p| p.set(pool));
 }
 
-/// Whether eligible CPU convolutions use Winograd (default: yes; `MIXBENCH_CPU_CONV=im2col` in
-/// the environment, or [`set_enabled`], switches back to im2col + GEMM for comparisons).
-pub(crate) fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        ON => true,
-        OFF => false,
-        _ => {
-            let on = std::env::var("MIXBENCH_CPU_CONV").map_or(true, |v| v != "im2col");
-            STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
-            on
-        }
-    }
-}
-
-/// Switches Winograd on or off for the rest of the process.
-pub(crate) fn set_enabled(on: bool) {
-    STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
+/// Whether eligible CPU convolutions use Winograd: yes, unless `MIXBENCH_CPU_CONV=im2col` is in
+/// the environment (im2col + GEMM, for side-by-side measurements; results differ in the last
+/// bits). Read once per process.
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MIXBENCH_CPU_CONV").map_or(true, |v| v != "im2col"))
 }
 
 /// Whether `g` is a convolution this module computes (and Winograd is enabled).
@@ -104,23 +89,6 @@ pub(crate) fn applies(g: &ConvGeom) -> bool {
 fn tile_grid(g: &ConvGeom) -> (usize, usize, usize) {
     let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
     (th, tw, th * tw)
-}
-
-/// Images per chunk for about `target` tiles per chunk and at least one chunk per thread, with
-/// GEMM-internal threading when there are fewer chunks than threads.
-fn schedule(g: &ConvGeom, target: usize) -> (usize, Parallelism) {
-    let threads = rayon::current_num_threads().max(1);
-    let (_, _, tiles) = tile_grid(g);
-    let per_thread = (g.batch * tiles).div_ceil(threads);
-    let chunks_per_thread = per_thread.div_ceil(target).max(1);
-    let images = g.batch.div_ceil(threads * chunks_per_thread).max(1);
-    let chunks = g.batch.div_ceil(images);
-    let parallelism = if chunks < threads {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    (images, parallelism)
 }
 
 /// Distance between the 16 transform planes of a `V`, `M` or `Z` buffer holding `len` floats
@@ -425,7 +393,10 @@ fn weight_grad_from_transformed(k_out: usize, c_in: usize, du: &[f32], grad_w: &
 /// (`[batch, K, h, w]`). `g` must satisfy [`applies`] (except for the switch).
 pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32]) {
     let (_, _, tiles) = tile_grid(g);
-    let (images_per_chunk, parallelism) = schedule(g, FORWARD_TILES);
+    let Schedule {
+        images_per_chunk,
+        parallelism,
+    } = split_images(g.batch, tiles, FORWARD_TILES, 1);
     let u = transform_weight(g.c_out, g.c_in, weight);
     let image_in = g.c_in * g.h * g.w;
     let image_out = g.c_out * g.h_out * g.w_out;
@@ -472,18 +443,19 @@ pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f
 /// Weight gradient (`[K, C, 3, 3]`) of [`forward_into`] given the output gradient `grad_out`.
 ///
 /// Each thread reduces a fixed contiguous run of chunks into its own `∂U`; the runs are summed
-/// in order, so the result depends on the thread count only (as in `conv.rs`).
+/// in order, so the result depends on the thread count only ([`super::chunks_per_run`]).
 pub(crate) fn weight_grad(g: &ConvGeom, x: &[f32], grad_out: &[f32], grad_w: &mut [f32]) {
     let (_, _, tiles) = tile_grid(g);
-    let (images_per_chunk, parallelism) = schedule(g, BACKWARD_TILES);
+    let Schedule {
+        images_per_chunk,
+        parallelism,
+    } = split_images(g.batch, tiles, BACKWARD_TILES, 1);
     let image_in = g.c_in * g.h * g.w;
     let image_out = g.c_out * g.h_out * g.w_out;
     let du_len = XI * g.c_out * g.c_in;
     let firsts: Vec<usize> = (0..g.batch).step_by(images_per_chunk).collect();
-    let runs = rayon::current_num_threads().clamp(1, firsts.len().max(1));
-    let per_run = firsts.len().div_ceil(runs).max(1);
     let partial: Vec<Vec<f32>> = firsts
-        .par_chunks(per_run)
+        .par_chunks(chunks_per_run(firsts.len()))
         .map(|run| {
             let mut du = vec![0f32; du_len];
             let mut scratch = take_buffer(0);
@@ -527,16 +499,7 @@ pub(crate) fn weight_grad(g: &ConvGeom, x: &[f32], grad_out: &[f32], grad_w: &mu
         })
         .collect();
     let mut du = vec![0f32; du_len];
-    if let Some((first, rest)) = partial.split_first() {
-        for (t, p) in du.iter_mut().zip(first) {
-            *t = p + 0.0;
-        }
-        for part in rest {
-            for (t, p) in du.iter_mut().zip(part) {
-                *t += p;
-            }
-        }
-    }
+    sum_in_order(&partial, &mut du);
     weight_grad_from_transformed(g.c_out, g.c_in, &du, grad_w);
 }
 
