@@ -9,7 +9,6 @@
 use crate::cpu;
 use candle_core::Tensor;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape};
-use rayon::prelude::*;
 
 /// Elements per parallel chunk of the CPU kernels.
 const CHUNK: usize = 1 << 14;
@@ -53,15 +52,15 @@ impl CustomOp2 for AddReluOp {
         crate::counters::record(crate::OpKind::AddReluForward, 1);
         let a = cpu::f32_slice(s1, l1, self.name(), "lhs")?;
         let b = cpu::f32_slice(s2, l2, self.name(), "rhs")?;
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(y, (a, b))| {
-                for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
+        let y = cpu::par_new_vec(a.len(), 0, CHUNK, |i, y| {
+            let (a, b) = (&a[i * CHUNK..][..y.len()], &b[i * CHUNK..][..y.len()]);
+            cpu::with_avx2(|| {
+                for j in 0..y.len() {
                     // candle: add, then relu as `v.max(0f32)`.
-                    *o = (u + v).max(0f32);
+                    y[j].write((a[j] + b[j]).max(0f32));
                 }
-            });
+            })
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -113,16 +112,20 @@ impl CustomOp3 for AddReluBackwardOp {
         let a = cpu::f32_slice(s1, l1, self.name(), "lhs")?;
         let b = cpu::f32_slice(s2, l2, self.name(), "rhs")?;
         let dy = cpu::f32_slice(s3, l3, self.name(), "output gradient")?;
-        let mut g = vec![0f32; a.len()];
-        g.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .zip(dy.par_chunks(CHUNK))
-            .for_each(|((g, (a, b)), dy)| {
-                for (((o, &u), &v), &d) in g.iter_mut().zip(a).zip(b).zip(dy) {
+        let g = cpu::par_new_vec(a.len(), 0, CHUNK, |i, g| {
+            let at = i * CHUNK;
+            let (a, b, dy) = (
+                &a[at..][..g.len()],
+                &b[at..][..g.len()],
+                &dy[at..][..g.len()],
+            );
+            cpu::with_avx2(|| {
+                for j in 0..g.len() {
                     // candle: grad * (arg >= 0) as f32.
-                    *o = d * if u + v >= 0.0 { 1f32 } else { 0f32 };
+                    g[j].write(dy[j] * if a[j] + b[j] >= 0.0 { 1f32 } else { 0f32 });
                 }
-            });
+            })
+        });
         Ok((CpuStorage::F32(g), l1.shape().clone()))
     }
 

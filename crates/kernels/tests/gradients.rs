@@ -182,10 +182,15 @@ fn conv2d_falls_back_for_other_dtypes() -> Result<()> {
 /// Forward, statistics and all three gradients of the fused BatchNorm against generic ops.
 #[test]
 fn batch_norm_train_matches_generic_ops() -> Result<()> {
-    for (i, dims) in [vec![3usize, 5, 4, 4], vec![6, 5], vec![2, 3, 3, 1]]
-        .into_iter()
-        .enumerate()
-    {
+    // Planes of 16 (whole blocks of the CPU kernel's 16 partial sums), 1, 3 and 35 (two
+    // blocks and a remainder).
+    let shapes = [
+        vec![3usize, 5, 4, 4],
+        vec![6, 5],
+        vec![2, 3, 3, 1],
+        vec![3, 4, 5, 7],
+    ];
+    for (i, dims) in shapes.into_iter().enumerate() {
         for relu in [false, true] {
             let seed = 1000 + 10 * i as u64;
             let c = dims[1];

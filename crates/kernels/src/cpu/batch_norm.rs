@@ -24,33 +24,67 @@ impl BnGeom {
     }
 }
 
+/// Independent partial sums per reduction: enough to fill two 8-wide vectors, so the adds of a
+/// reduction pipeline instead of waiting on one another (a single running sum is latency-bound:
+/// the BatchNorm reductions took 8–15 % of a step in `perf`).
+const LANES: usize = 16;
+
+/// `Σ f(v)` over `values`, in [`LANES`] interleaved partial sums added pairwise at the end, in
+/// f64. The order is fixed by the length alone, so the result is reproducible.
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f(v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(tail) {
+        *a += f(v);
+    }
+    pairwise(acc)
+}
+
+/// The partial sums added as a balanced tree, in f64.
+#[inline(always)]
+fn pairwise(acc: [f32; LANES]) -> f64 {
+    let mut s: [f64; LANES] = std::array::from_fn(|i| acc[i] as f64);
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            s[i] += s[i + width];
+        }
+    }
+    s[0]
+}
+
 /// Per-channel batch mean and biased variance, packed as `[mean (C), var (C)]`.
 ///
 /// Two passes (mean, then squared deviations) so the variance does not suffer the
-/// cancellation of `E[x²] - E[x]²` on activations with a large mean.
+/// cancellation of `E[x²] - E[x]²` on activations with a large mean. Each image's plane is
+/// reduced in f32 partial sums ([`lane_sum`]), the planes in f64.
 pub(crate) fn bn_stats(g: &BnGeom, x: &[f32]) -> Vec<f32> {
     let count = g.count().max(1) as f64;
     let per_channel: Vec<(f32, f32)> = (0..g.channels)
         .into_par_iter()
         .map(|c| {
-            let sum: f64 = g
-                .channel_planes(x, c)
-                .map(|p| p.iter().map(|&v| v as f64).sum::<f64>())
-                .sum();
-            let mean = sum / count;
-            let m = mean as f32;
-            let sq: f64 = g
-                .channel_planes(x, c)
-                .map(|p| {
-                    p.iter()
-                        .map(|&v| {
+            super::with_avx2(|| {
+                let sum: f64 = g.channel_planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
+                let m = (sum / count) as f32;
+                let sq: f64 = g
+                    .channel_planes(x, c)
+                    .map(|p| {
+                        lane_sum(p, |v| {
                             let d = v - m;
                             d * d
                         })
-                        .sum::<f32>() as f64
-                })
-                .sum();
-            (m, (sq / count) as f32)
+                    })
+                    .sum();
+                (m, (sq / count) as f32)
+            })
         })
         .collect();
     let mut packed = vec![0f32; 2 * g.channels];
@@ -96,23 +130,21 @@ pub(crate) fn bn_forward(
 ) -> Vec<f32> {
     let c = g.channels;
     let (scale, shift) = affine_coefficients(weight, bias, &stats[..c], &stats[c..2 * c], eps);
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(g.plane.max(1))
-        .zip(x.par_chunks(g.plane.max(1)))
-        .enumerate()
-        .for_each(|(i, (yp, xp))| {
-            let (s, t) = (scale[i % c], shift[i % c]);
+    super::par_new_vec(x.len(), 0, g.plane.max(1), |i, yp| {
+        let xp = &x[i * g.plane..][..yp.len()];
+        let (s, t) = (scale[i % c], shift[i % c]);
+        super::with_avx2(|| {
             if relu {
                 for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = (v * s + t).max(0.0);
+                    o.write((v * s + t).max(0.0));
                 }
             } else {
                 for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = v * s + t;
+                    o.write(v * s + t);
                 }
             }
-        });
-    y
+        })
+    })
 }
 
 /// Coefficients of the running-statistics update `running ← (1 − m)·running + m·batch`
@@ -147,6 +179,41 @@ pub(crate) fn running_update(running: f32, batch: f32, k: &RunningCoefs, var: bo
     (running * k.keep + 0.0) + (batch * k.take + 0.0)
 }
 
+/// `dy` where the fused ReLU passed the gradient (`relu`: its BN's `(scale, shift)`), else 0:
+/// the mask is recomputed from x rather than stored. Written as a bit mask so that the loops
+/// vectorise (a branch kept them scalar); only `y <= 0` blocks, so a NaN passes, as before.
+#[inline(always)]
+fn masked(xv: f32, dy: f32, relu: Option<(f32, f32)>) -> f32 {
+    match relu {
+        None => dy,
+        Some((s, t)) => {
+            let blocked = xv * s + t <= 0.0;
+            f32::from_bits(dy.to_bits() & (!blocked as u32).wrapping_neg())
+        }
+    }
+}
+
+/// `(Σ masked dy, Σ masked dy · (x − m))` over one plane, in [`LANES`] partial sums each.
+#[inline(always)]
+fn masked_sums(xp: &[f32], dp: &[f32], m: f32, relu: Option<(f32, f32)>) -> (f64, f64) {
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    let n = xp.len().min(dp.len());
+    let whole = n - n % LANES;
+    for base in (0..whole).step_by(LANES) {
+        for l in 0..LANES {
+            let (xv, d) = (xp[base + l], masked(xp[base + l], dp[base + l], relu));
+            a[l] += d;
+            b[l] += d * (xv - m);
+        }
+    }
+    for (l, j) in (whole..n).enumerate() {
+        let (xv, d) = (xp[j], masked(xp[j], dp[j], relu));
+        a[l] += d;
+        b[l] += d * (xv - m);
+    }
+    (pairwise(a), pairwise(b))
+}
+
 /// Backward of [`bn_forward`] with batch statistics. Returns `grad_x` followed by
 /// `[d weight (C), d bias (C)]`; the statistics' dependence on `x` is folded into `grad_x`.
 #[allow(clippy::too_many_arguments)]
@@ -168,58 +235,45 @@ pub(crate) fn bn_backward(
         .iter()
         .map(|&v| 1.0 / ((v as f64 + eps).sqrt() as f32))
         .collect();
-    // With fused ReLU the incoming gradient only passes where the output was positive;
-    // the mask is recomputed from x rather than stored.
-    let effective_grad = |xv: f32, dy: f32, ch: usize| -> f32 {
-        if relu && xv * scale[ch] + shift[ch] <= 0.0 {
-            0.0
-        } else {
-            dy
-        }
-    };
+    // Σ dy and Σ dy·(x − mean) per channel (in LANES partial sums per plane, as `lane_sum`);
+    // the latter times 1/σ is Σ dy·x̂.
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (m, is) = (mean[ch], inv_std[ch]);
-            let mut sum_dy = 0f64;
-            let mut sum_dy_xhat = 0f64;
-            for (xp, dp) in g.channel_planes(x, ch).zip(g.channel_planes(grad_y, ch)) {
-                let mut a = 0f32;
-                let mut b = 0f32;
-                for (&xv, &dy) in xp.iter().zip(dp) {
-                    let d = effective_grad(xv, dy, ch);
-                    a += d;
-                    b += d * (xv - m) * is;
+            let (m, is, s, t) = (mean[ch], inv_std[ch], scale[ch], shift[ch]);
+            super::with_avx2(|| {
+                let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
+                for (xp, dp) in g.channel_planes(x, ch).zip(g.channel_planes(grad_y, ch)) {
+                    let (a, b) = masked_sums(xp, dp, m, relu.then_some((s, t)));
+                    sum_dy += a;
+                    sum_dy_xc += b;
                 }
-                sum_dy += a as f64;
-                sum_dy_xhat += b as f64;
-            }
-            (sum_dy, sum_dy_xhat)
+                (sum_dy, sum_dy_xc * is as f64)
+            })
         })
         .collect();
     let n = g.count().max(1) as f32;
-    let mut out = vec![0f32; x.len() + 2 * c];
-    let (grad_x, grad_params) = out.split_at_mut(x.len());
-    for (ch, &(sum_dy, sum_dy_xhat)) in sums.iter().enumerate() {
-        grad_params[ch] = sum_dy_xhat as f32;
-        grad_params[c + ch] = sum_dy as f32;
-    }
     let mean_dy: Vec<f32> = sums.iter().map(|s| s.0 as f32 / n).collect();
     let mean_dy_xhat: Vec<f32> = sums.iter().map(|s| s.1 as f32 / n).collect();
-    grad_x
-        .par_chunks_mut(g.plane.max(1))
-        .zip(x.par_chunks(g.plane.max(1)))
-        .zip(grad_y.par_chunks(g.plane.max(1)))
-        .enumerate()
-        .for_each(|(i, ((gp, xp), dp))| {
-            let ch = i % c;
-            let (m, is, k) = (mean[ch], inv_std[ch], weight[ch] * inv_std[ch]);
-            let (mdy, mdyx) = (mean_dy[ch], mean_dy_xhat[ch]);
-            for ((o, &xv), &dy) in gp.iter_mut().zip(xp).zip(dp) {
-                let d = effective_grad(xv, dy, ch);
+    let plane = g.plane.max(1);
+    let mut out = super::par_new_vec(x.len(), 2 * c, plane, |i, gp| {
+        let ch = i % c;
+        let (xp, dp) = (
+            &x[i * plane..][..gp.len()],
+            &grad_y[i * plane..][..gp.len()],
+        );
+        let (m, is, k) = (mean[ch], inv_std[ch], weight[ch] * inv_std[ch]);
+        let (mdy, mdyx) = (mean_dy[ch], mean_dy_xhat[ch]);
+        let relu = relu.then_some((scale[ch], shift[ch]));
+        super::with_avx2(|| {
+            for j in 0..gp.len() {
+                let (xv, d) = (xp[j], masked(xp[j], dp[j], relu));
                 let xhat = (xv - m) * is;
-                *o = k * (d - mdy - xhat * mdyx);
+                gp[j].write(k * (d - mdy - xhat * mdyx));
             }
-        });
+        })
+    });
+    out.extend(sums.iter().map(|s| s.1 as f32));
+    out.extend(sums.iter().map(|s| s.0 as f32));
     out
 }

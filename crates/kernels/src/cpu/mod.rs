@@ -49,6 +49,27 @@ pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// A vector of `len` floats (capacity `len + spare`) filled in parallel runs of `chunk`:
+/// `fill(i, run)` gets the `i`-th run (the last may be shorter) and must write every element
+/// of it. Unlike `vec![0.0; len]` it does not first zero the memory that `fill` overwrites
+/// (the zeroing was ≈ 4 % of a step in `perf`).
+pub(crate) fn par_new_vec(
+    len: usize,
+    spare: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut v: Vec<f32> = Vec::with_capacity(len + spare);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, run)| fill(i, run));
+    // SAFETY: `fill` wrote each of the first `len` elements (its contract), and capacity ≥ len.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// How a convolution's batch is cut into chunks of whole images for the thread pool.
 pub(crate) struct Schedule {
     pub images_per_chunk: usize,
