@@ -31,9 +31,13 @@ pub enum OpKind {
     Sgd,
     /// SGD update of many parameters in one pass (1 launch per chunk of parameters).
     SgdMulti,
+    /// Soft-target cross-entropy forward (1 launch).
+    SoftCeForward,
+    /// Soft-target cross-entropy backward (1 launch).
+    SoftCeBackward,
 }
 
-const KINDS: [OpKind; 10] = [
+const KINDS: [OpKind; 12] = [
     OpKind::ConvForward,
     OpKind::ConvBackward,
     OpKind::BnStats,
@@ -44,6 +48,8 @@ const KINDS: [OpKind; 10] = [
     OpKind::AddReluBackward,
     OpKind::Sgd,
     OpKind::SgdMulti,
+    OpKind::SoftCeForward,
+    OpKind::SoftCeBackward,
 ];
 
 impl OpKind {
@@ -60,12 +66,14 @@ impl OpKind {
             OpKind::AddReluBackward => "add_relu_backward",
             OpKind::Sgd => "sgd_update",
             OpKind::SgdMulti => "sgd_update_multi",
+            OpKind::SoftCeForward => "soft_cross_entropy_forward",
+            OpKind::SoftCeBackward => "soft_cross_entropy_backward",
         }
     }
 }
 
-static CALLS: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
-static LAUNCHES: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
+static CALLS: [AtomicU64; KINDS.len()] = [const { AtomicU64::new(0) }; KINDS.len()];
+static LAUNCHES: [AtomicU64; KINDS.len()] = [const { AtomicU64::new(0) }; KINDS.len()];
 
 /// Records one call of `kind` that makes `cuda_launches` launches on CUDA.
 pub(crate) fn record(kind: OpKind, cuda_launches: u64) {

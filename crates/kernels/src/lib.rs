@@ -10,6 +10,8 @@
 //!   fused with ReLU) whose forward and whole backward are each one fused op (CPU and CUDA).
 //! * [`add_relu`]: residual `relu(a + b)`, one op forward and one backward (CPU and CUDA).
 //! * [`batch_norm_eval`]: evaluation-mode BatchNorm as a broadcast affine.
+//! * [`soft_cross_entropy`]: the mixed-label (soft-target) cross-entropy of a batch, one op
+//!   forward and one backward (CPU and CUDA).
 //! * [`sgd_update`] / [`sgd_update_multi`]: the SGD-with-momentum update in place, of one
 //!   parameter or of many (one multi-tensor launch on CUDA).
 //!
@@ -24,6 +26,7 @@ mod counters;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod loss;
 mod memory;
 pub mod reference;
 mod residual;
@@ -35,6 +38,7 @@ pub use batch_norm::{
 };
 pub use conv::{conv2d, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
+pub use loss::soft_cross_entropy;
 pub use memory::keep_freed_memory;
 pub use residual::add_relu;
 pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};

@@ -53,3 +53,13 @@ pub fn update_running_stats(
     running.mean.slice_set(&new_mean.contiguous()?, 0, 0)?;
     running.var.slice_set(&new_var.contiguous()?, 0, 0)
 }
+
+/// Soft-target cross-entropy from generic ops, `(1/N) Σ_i Σ_c −t_ic · log softmax(z_i)_c`,
+/// matching [`crate::soft_cross_entropy`] (which skips `t = 0` terms; here they add `0 · log p`,
+/// the same unless a logit is infinite).
+pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(1)?.log()?)?;
+    (targets * log_probs)?.sum(1)?.mean_all()?.neg()
+}

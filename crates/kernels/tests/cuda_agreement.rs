@@ -8,7 +8,9 @@
 //!   are exact in f32 but inputs are rounded to ~4e-3 relative);
 //! * BatchNorm(+ReLU) train forward/backward and eval: 1e-4 (f32 only; statistics are summed in
 //!   a different order);
-//! * SGD update: 0 — bit-identical, by construction (same roundings, no FMA contraction).
+//! * SGD update: 0 — bit-identical, by construction (same roundings, no FMA contraction);
+//! * soft-target cross-entropy value and logits gradient: 1e-6 (both sides in f64, the same
+//!   order within a row; the forward's sum over rows is a tree on CUDA, sequential on CPU).
 
 /// Prints a skip notice on the process's stderr, which the test harness's output
 /// capture does not swallow (a `println!` would only show with `--nocapture`).
@@ -95,6 +97,20 @@ fn add_relu_running_stats_and_multi_sgd_agree_with_cpu() -> Result<()> {
     };
     #[cfg(feature = "cuda")]
     return gpu::fused_extras(&dev);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dev;
+        Ok(())
+    }
+}
+
+#[test]
+fn soft_cross_entropy_agrees_with_cpu() -> Result<()> {
+    let Some(dev) = cuda_device("soft_cross_entropy_agrees_with_cpu") else {
+        return Ok(());
+    };
+    #[cfg(feature = "cuda")]
+    return gpu::soft_cross_entropy(&dev);
     #[cfg(not(feature = "cuda"))]
     {
         let _ = dev;
@@ -420,5 +436,32 @@ mod gpu {
         }
         println!("add_relu, running statistics and multi-tensor sgd agree");
         Ok(())
+    }
+
+    /// Value and logits gradient of the fused soft cross-entropy on 300 rows (more than the
+    /// forward block's 256 threads) of 10 classes, with mixed two-label targets.
+    pub fn soft_cross_entropy(dev: &Device) -> Result<()> {
+        let (n, c) = (300, 10);
+        let z = (pseudo_random(&[n, c], 21)? * 4.0)?;
+        let labels = |seed: u64| -> Result<Tensor> {
+            let v: Vec<u32> = (0..n as u64)
+                .map(|i| ((i * 7 + seed) % c as u64) as u32)
+                .collect();
+            Tensor::from_vec(v, n, &Device::Cpu)
+        };
+        let one_hot = |y: &Tensor| -> Result<Tensor> {
+            let classes = Tensor::arange(0u32, c as u32, &Device::Cpu)?.unsqueeze(0)?;
+            y.unsqueeze(1)?.broadcast_eq(&classes)?.to_dtype(DType::F32)
+        };
+        let t = ((one_hot(&labels(3)?)? * 0.3)? + (one_hot(&labels(5)?)? * 0.7)?)?;
+        let run = |d: &Device| -> Result<Vec<Tensor>> {
+            let zv = Var::from_tensor(&z.to_device(d)?)?;
+            let loss = kernels::soft_cross_entropy(zv.as_tensor(), &t.to_device(d)?)?;
+            let g = (&loss * 2.0)?.backward()?;
+            Ok(vec![loss, g.get(zv.as_tensor()).expect("grad z").clone()])
+        };
+        let (gpu, cpu) = (run(dev)?, run(&Device::Cpu)?);
+        check("soft CE value", &gpu[0], &cpu[0], 1e-6)?;
+        check("soft CE grad", &gpu[1], &cpu[1], 1e-6)
     }
 }

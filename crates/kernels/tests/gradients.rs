@@ -458,3 +458,54 @@ fn fused_running_update_is_bit_identical_to_generic_ops() -> Result<()> {
     assert_ne!(fm.to_vec1::<f32>()?, start_mean.to_vec1::<f32>()?);
     Ok(())
 }
+
+#[test]
+fn soft_cross_entropy_matches_generic_ops() -> Result<()> {
+    // Rows: a two-label mixture, a one-hot row, a row with mass 0.6 (not a distribution), and
+    // large logits (the log-sum-exp must not overflow).
+    let t = Tensor::new(
+        &[
+            [0.25f32, 0.0, 0.75, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+            [0.1, 0.2, 0.3, 0.0],
+            [0.5, 0.5, 0.0, 0.0],
+        ],
+        &Device::Cpu,
+    )?;
+    let z0 = (pseudo_random(&[4, 4], 77)? * 3.0)?;
+    let big = Tensor::new(&[[0f32, 0.0, 0.0, 0.0]; 3], &Device::Cpu)?;
+    let big = Tensor::cat(
+        &[
+            &big,
+            &Tensor::new(&[[80f32, 79.0, -50.0, 0.0]], &Device::Cpu)?,
+        ],
+        0,
+    )?;
+    let z = Var::from_tensor(&(z0 + big)?)?;
+    let loss = kernels::soft_cross_entropy(z.as_tensor(), &t)?;
+    let loss_ref = reference::soft_cross_entropy(z.as_tensor(), &t)?;
+    assert_eq!(loss.dims(), loss_ref.dims());
+    assert_close("soft CE value", &loss, &loss_ref, 1e-6)?;
+    // An upstream factor other than 1 reaches the gradient.
+    let g = (&loss * 3.0)?.backward()?;
+    let g_ref = (&loss_ref * 3.0)?.backward()?;
+    let (a, e) = (
+        g.get(z.as_tensor()).unwrap(),
+        g_ref.get(z.as_tensor()).unwrap(),
+    );
+    assert_close("soft CE grad", a, e, 1e-6)?;
+    Ok(())
+}
+
+#[test]
+fn soft_cross_entropy_skips_zero_targets_and_rejects_bad_shapes() -> Result<()> {
+    // −∞ logit on a class of target 0: the generic ops give 0·∞ = NaN, the fused op skips it.
+    let z = Tensor::new(&[[0f32, f32::NEG_INFINITY], [1.0, 2.0]], &Device::Cpu)?;
+    let t = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &Device::Cpu)?;
+    let loss = kernels::soft_cross_entropy(&z, &t)?.to_scalar::<f32>()?;
+    let expected = 0.5 * (0.0 + (1.0 + 1f64.exp().recip()).ln()) as f32;
+    assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
+    let err = kernels::soft_cross_entropy(&z, &t.narrow(0, 0, 1)?).unwrap_err();
+    assert!(format!("{err}").contains("targets"), "{err}");
+    Ok(())
+}

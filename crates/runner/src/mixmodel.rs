@@ -23,7 +23,8 @@ impl MixModel for NetMixModel<'_> {
         // model exactly as it was (checked in tests/e2e.rs).
         let input = Var::from_tensor(&images.detach())?;
         let logits = self.net.forward_t(input.as_tensor(), false)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
+        // The fused cross-entropy op (one op forward and backward), as in training.
+        let loss = train::loss::cross_entropy(&logits, labels)?;
         let grads = loss.backward()?;
         grads
             .get(input.as_tensor())

@@ -5,6 +5,7 @@
 //! mixture `λ = 1, y_a = y_b`, for which every loss reduces to its plain form.
 
 use candle_core::{DType, Result, Tensor, D};
+use mix_ops::labels::one_hot;
 use mix_ops::{Lambda, MixedLabels};
 
 /// Which head loss a configuration uses (the config-name suffix of the reference).
@@ -20,9 +21,8 @@ pub enum HeadLoss {
 
 /// Plain cross-entropy `CE(z, y) = (1/N) Σ_i −log softmax(z_i)[y_i]` as a 0-dim tensor.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let index = labels.to_dtype(DType::U32)?.unsqueeze(1)?.contiguous()?;
-    log_probs.gather(&index, 1)?.squeeze(1)?.mean_all()?.neg()
+    let targets = one_hot(labels, logits.dim(D::Minus1)?)?.to_dtype(logits.dtype())?;
+    kernels::soft_cross_entropy(logits, &targets)
 }
 
 /// The loss of one head on (possibly mixed) labels, averaged over the batch (spec §3.4).
@@ -34,14 +34,14 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// * [`HeadLoss::CeSoft`]: `(1/N) Σ_i Σ_c −t_ic·log softmax(z_i)_c`.
 /// * [`HeadLoss::CeSigm`]: `(1/N) Σ_i Σ_c BCEWithLogits(z_ic, t_ic)`; when `y_a = y_b` the
 ///   class gets target 1.
+///
+/// Both cross-entropies are one fused op ([`kernels::soft_cross_entropy`]) on soft targets:
+/// `CeNone` is the soft cross-entropy with the targets `λ̄·onehot(y_a) + (1−λ̄)·onehot(y_b)`,
+/// the same sum regrouped (equal up to rounding), with terms of zero weight skipped as before.
 pub fn mixed_loss(logits: &Tensor, labels: &MixedLabels, loss: HeadLoss) -> Result<Tensor> {
     match loss {
-        HeadLoss::CeNone => ce_none(logits, labels),
-        HeadLoss::CeSoft => {
-            let targets = targets(logits, labels)?;
-            let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-            (targets * log_probs)?.sum(1)?.mean_all()?.neg()
-        }
+        HeadLoss::CeNone => kernels::soft_cross_entropy(logits, &ce_none_targets(logits, labels)?),
+        HeadLoss::CeSoft => kernels::soft_cross_entropy(logits, &targets(logits, labels)?),
         HeadLoss::CeSigm => {
             let targets = targets(logits, labels)?;
             // max(z, 0) − z·t + log(1 + exp(−|z|)) never exponentiates a positive number.
@@ -52,23 +52,22 @@ pub fn mixed_loss(logits: &Tensor, labels: &MixedLabels, loss: HeadLoss) -> Resu
     }
 }
 
-fn ce_none(logits: &Tensor, labels: &MixedLabels) -> Result<Tensor> {
-    match &labels.lambda {
-        // Skipping the zero-weighted term keeps plain labels at one CE (and avoids 0·inf).
-        Lambda::Scalar(l) if *l == 1.0 => cross_entropy(logits, &labels.y_a),
-        Lambda::Scalar(l) if *l == 0.0 => cross_entropy(logits, &labels.y_b),
-        Lambda::Scalar(l) => {
-            let ce_a = cross_entropy(logits, &labels.y_a)?;
-            let ce_b = cross_entropy(logits, &labels.y_b)?;
-            (ce_a * *l)? + (ce_b * (1.0 - *l))?
-        }
+/// Targets of [`HeadLoss::CeNone`]: the batch-mean λ's mixture of the two one-hot labels.
+fn ce_none_targets(logits: &Tensor, labels: &MixedLabels) -> Result<Tensor> {
+    let classes = logits.dim(D::Minus1)?;
+    let t = match &labels.lambda {
+        // Plain labels (and λ = 0) need one one-hot only.
+        Lambda::Scalar(l) if *l == 1.0 => one_hot(&labels.y_a, classes)?,
+        Lambda::Scalar(l) if *l == 0.0 => one_hot(&labels.y_b, classes)?,
+        Lambda::Scalar(_) => labels.soft_targets(classes)?,
         Lambda::PerSample(l) => {
-            let l_mean = l.to_dtype(logits.dtype())?.mean_all()?;
-            let ce_a = cross_entropy(logits, &labels.y_a)?;
-            let ce_b = cross_entropy(logits, &labels.y_b)?;
-            ce_a.mul(&l_mean)? + ce_b.mul(&(1.0 - &l_mean)?)?
+            let l_mean = l.to_dtype(DType::F32)?.mean_all()?;
+            let a = one_hot(&labels.y_a, classes)?.broadcast_mul(&l_mean)?;
+            let b = one_hot(&labels.y_b, classes)?.broadcast_mul(&(1.0 - &l_mean)?)?;
+            (a + b)?
         }
-    }
+    };
+    t.to_dtype(logits.dtype())
 }
 
 fn targets(logits: &Tensor, labels: &MixedLabels) -> Result<Tensor> {

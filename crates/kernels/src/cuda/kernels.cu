@@ -239,3 +239,53 @@ extern "C" __global__ void mixbench_add_relu_bwd_f32(const float *__restrict__ a
     g[i] = __fmul_rn(dy[i], __fadd_rn(a[i], b[i]) >= 0.0f ? 1.0f : 0.0f);
   }
 }
+
+// Soft-target cross-entropy, loss = (1/rows) sum_i sum_c t_ic (lse_i - z_ic), terms with t = 0
+// skipped; as cpu::loss, in f64. One block of a power-of-two number of threads: rows strided
+// over the threads, then a fixed-order tree reduction (deterministic).
+extern "C" __global__ void mixbench_soft_ce_f32(const float *__restrict__ z, const float *__restrict__ t,
+                                              float *__restrict__ out, uint32_t rows, uint32_t classes) {
+  __shared__ double part[256];
+  double acc = 0.0;
+  for (uint32_t i = threadIdx.x; i < rows; i += blockDim.x) {
+    const float *zr = z + (size_t)i * classes;
+    const float *tr = t + (size_t)i * classes;
+    double m = (double)zr[0];
+    for (uint32_t c = 1; c < classes; ++c) m = fmax(m, (double)zr[c]);
+    double s = 0.0;
+    for (uint32_t c = 0; c < classes; ++c) s += exp((double)zr[c] - m);
+    const double lse = m + log(s);
+    for (uint32_t c = 0; c < classes; ++c) {
+      if (tr[c] != 0.0f) acc += (double)tr[c] * (lse - (double)zr[c]);
+    }
+  }
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (uint32_t w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] = (float)(part[0] / (double)(rows > 0 ? rows : 1));
+}
+
+// Its backward: dz_ic = g / rows * (softmax(z_i)_c * sum_c t_ic - t_ic), one thread per row.
+extern "C" __global__ void mixbench_soft_ce_bwd_f32(const float *__restrict__ z, const float *__restrict__ t,
+                                                  const float *__restrict__ g, float *__restrict__ dz,
+                                                  uint32_t rows, uint32_t classes) {
+  const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= rows) return;
+  const float *zr = z + (size_t)i * classes;
+  const float *tr = t + (size_t)i * classes;
+  double m = (double)zr[0], mass = 0.0;
+  for (uint32_t c = 0; c < classes; ++c) {
+    m = fmax(m, (double)zr[c]);
+    mass += (double)tr[c];
+  }
+  double s = 0.0;
+  for (uint32_t c = 0; c < classes; ++c) s += exp((double)zr[c] - m);
+  const double lse = m + log(s);
+  const double scale = (double)g[0] / (double)rows;
+  for (uint32_t c = 0; c < classes; ++c) {
+    dz[(size_t)i * classes + c] = (float)(scale * (exp((double)zr[c] - lse) * mass - (double)tr[c]));
+  }
+}

@@ -9,6 +9,7 @@
 pub(crate) mod batch_norm;
 #[cfg(feature = "cudnn")]
 pub(crate) mod conv;
+pub(crate) mod loss;
 pub(crate) mod residual;
 pub(crate) mod sgd;
 
