@@ -117,22 +117,12 @@ impl BatchNorm2d {
             };
             kernels::batch_norm_train_update(&x, &weight, &bias, self.eps, relu, running)?
         } else {
-            let (weight, bias) = (weight.reshape((1, c, 1, 1))?, bias.reshape((1, c, 1, 1))?);
-            let rm = self
-                .running_mean()
-                .to_dtype(x.dtype())?
-                .reshape((1, c, 1, 1))?;
-            let rv = self
-                .running_var()
-                .to_dtype(x.dtype())?
-                .reshape((1, c, 1, 1))?;
-            let scale = (rv + self.eps)?.sqrt()?.recip()?.broadcast_mul(&weight)?;
-            let shift = bias.broadcast_sub(&rm.broadcast_mul(&scale)?)?;
-            let y = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+            let rm = self.running_mean().to_dtype(x.dtype())?;
+            let rv = self.running_var().to_dtype(x.dtype())?;
             if relu {
-                y.relu()?
+                kernels::batch_norm_relu_eval(&x, &rm, &rv, &weight, &bias, self.eps)?
             } else {
-                y
+                kernels::batch_norm_eval(&x, &rm, &rv, &weight, &bias, self.eps)?
             }
         };
         y.to_dtype(in_dtype)

@@ -3,8 +3,8 @@
 
 use crate::cpu::{self, batch_norm::BnGeom};
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp3, DType, Device, InplaceOp1, Layout, Result, Shape,
-    Storage, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp1, Layout, Result,
+    Shape, Storage, Tensor,
 };
 
 /// Views `x [N, C, ...]` as `[N, C, plane]`.
@@ -177,7 +177,14 @@ fn batch_norm_train_impl(
 }
 
 /// Evaluation-mode BatchNorm: `(x - running_mean) / sqrt(running_var + eps) * weight + bias`
-/// with per-channel `[C]` tensors, as one broadcast multiply-add (differentiable in all inputs).
+/// with per-channel `[C]` tensors, differentiable in `x`, `weight` and `bias`.
+///
+/// f32 on the CPU (or on one CUDA device with feature `cuda`), with running statistics that
+/// need no gradient: one op forward (the training forward's kernel, given the running
+/// statistics) and, on the CPU, one backward that computes only the gradients whose inputs
+/// need one (PuzzleMix's saliency pass needs `x`'s alone; candle's generic backward would also
+/// compute the others and accumulate them into fresh zeros). CUDA's backward and other devices
+/// use candle's generic ops.
 pub fn batch_norm_eval(
     x: &Tensor,
     running_mean: &Tensor,
@@ -185,6 +192,31 @@ pub fn batch_norm_eval(
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
+) -> Result<Tensor> {
+    batch_norm_eval_impl(x, running_mean, running_var, weight, bias, eps, false)
+}
+
+/// [`batch_norm_eval`] followed by ReLU, fused; its gradient is zero where the output is
+/// `<= 0`, as [`batch_norm_relu_train`]'s.
+pub fn batch_norm_relu_eval(
+    x: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    batch_norm_eval_impl(x, running_mean, running_var, weight, bias, eps, true)
+}
+
+fn batch_norm_eval_impl(
+    x: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
 ) -> Result<Tensor> {
     let geom = geometry(x.shape())?;
     for (name, t) in [
@@ -195,12 +227,222 @@ pub fn batch_norm_eval(
     ] {
         check_params(name, t, geom.channels)?;
     }
+    let stats_constant = !running_mean.track_op() && !running_var.track_op();
+    if stats_constant && fused_covers(&[x, running_mean, running_var, weight, bias]) {
+        // `[mean, var]` in one buffer, as the training forward's kernel reads its statistics.
+        let stats = Tensor::cat(&[running_mean, running_var], 0)?.contiguous()?;
+        return x.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            BnEvalOp {
+                geom,
+                eps,
+                relu,
+                stats,
+            },
+        );
+    }
     let mut bshape = vec![1usize; x.rank()];
     bshape[1] = geom.channels;
     let scale = weight.div(&(running_var + eps)?.sqrt()?)?;
     let shift = bias.sub(&running_mean.mul(&scale)?)?;
-    x.broadcast_mul(&scale.reshape(bshape.as_slice())?)?
-        .broadcast_add(&shift.reshape(bshape.as_slice())?)
+    let y = x
+        .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
+        .broadcast_add(&shift.reshape(bshape.as_slice())?)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// `(x, weight, bias) -> y` with the running statistics `[mean, var]` read out of band.
+struct BnEvalOp {
+    geom: BnGeom,
+    eps: f64,
+    relu: bool,
+    stats: Tensor,
+}
+
+impl CustomOp3 for BnEvalOp {
+    fn name(&self) -> &'static str {
+        "kernels-batch-norm-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        crate::counters::record(crate::OpKind::BnForward, 1);
+        let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
+        let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
+        let b = cpu::f32_slice(s3, l3, self.name(), "bias")?;
+        let y = with_cpu_f32(&self.stats, self.name(), "running statistics", |st| {
+            cpu::batch_norm::bn_forward(&self.geom, x, w, b, st, self.eps, self.relu)
+        })?;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::counters::record(crate::OpKind::BnForward, 1);
+        let stats = crate::cuda::tensor_ptr(&self.stats, self.name(), "running statistics")?;
+        let y = crate::cuda::batch_norm::forward(
+            &self.geom,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            stats,
+            self.eps,
+            self.relu,
+        )?;
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (need_x, need_w, need_b) = (x.track_op(), weight.track_op(), bias.track_op());
+        let c = self.geom.channels;
+        if !matches!(x.device(), Device::Cpu) {
+            // Generic ops: dy·[y > 0]·scale, Σ dy·x̂, Σ dy over all but the channel axis.
+            let mut bshape = vec![1usize; x.rank()];
+            bshape[1] = c;
+            let (mean, var) = (self.stats.narrow(0, 0, c)?, self.stats.narrow(0, c, c)?);
+            let inv_std = (var + self.eps)?
+                .sqrt()?
+                .recip()?
+                .reshape(bshape.as_slice())?;
+            let dy = if self.relu {
+                (grad_res * res.gt(0.0)?.to_dtype(DType::F32)?)?
+            } else {
+                grad_res.clone()
+            };
+            let sum_but_channels = |t: &Tensor| -> Result<Tensor> {
+                let t = t.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+                t.sum(1)
+            };
+            let gx = if need_x {
+                let scale = weight.reshape(bshape.as_slice())?.broadcast_mul(&inv_std)?;
+                Some(dy.broadcast_mul(&scale)?)
+            } else {
+                None
+            };
+            let gw = if need_w {
+                let xhat = x
+                    .broadcast_sub(&mean.reshape(bshape.as_slice())?)?
+                    .broadcast_mul(&inv_std)?;
+                Some(sum_but_channels(&(&dy * xhat)?)?)
+            } else {
+                None
+            };
+            let gb = if need_b {
+                Some(sum_but_channels(&dy)?)
+            } else {
+                None
+            };
+            return Ok((gx, gw, gb));
+        }
+        if !(need_x || need_w || need_b) {
+            return Ok((None, None, None));
+        }
+        let op = BnEvalBackwardOp {
+            geom: self.geom,
+            eps: self.eps,
+            relu: self.relu,
+            need_x,
+            need_params: need_w || need_b,
+            weight: weight.clone(),
+            bias: bias.clone(),
+            stats: self.stats.clone(),
+        };
+        let packed = x.apply_op2_no_bwd(&grad_res.contiguous()?, &op)?;
+        let n = if need_x { x.elem_count() } else { 0 };
+        let mut views = 0;
+        let gx = if need_x {
+            views += 2;
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let gw = if need_w {
+            views += 1;
+            Some(packed.narrow(0, n, c)?)
+        } else {
+            None
+        };
+        let gb = if need_b {
+            views += 1;
+            Some(packed.narrow(0, n + c, c)?)
+        } else {
+            None
+        };
+        crate::counters::record_views(views);
+        Ok((gx, gw, gb))
+    }
+}
+
+/// CPU `(x, grad_y) -> [grad_x (if needed), grad_weight (C), grad_bias (C) (if needed)]` of
+/// [`BnEvalOp`], with weight, bias and running statistics read out of band.
+struct BnEvalBackwardOp {
+    geom: BnGeom,
+    eps: f64,
+    relu: bool,
+    need_x: bool,
+    need_params: bool,
+    weight: Tensor,
+    bias: Tensor,
+    stats: Tensor,
+}
+
+impl CustomOp2 for BnEvalBackwardOp {
+    fn name(&self) -> &'static str {
+        "kernels-batch-norm-eval-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
+        let dy = cpu::f32_slice(s2, l2, self.name(), "output gradient")?;
+        let packed = with_cpu_f32(&self.weight, self.name(), "weight", |w| {
+            with_cpu_f32(&self.bias, self.name(), "bias", |b| {
+                with_cpu_f32(&self.stats, self.name(), "running statistics", |st| {
+                    let grads = cpu::batch_norm::EvalGrads {
+                        x: self.need_x,
+                        params: self.need_params,
+                    };
+                    cpu::batch_norm::bn_eval_backward(
+                        &self.geom, x, w, b, st, dy, self.eps, self.relu, grads,
+                    )
+                })
+            })
+        })???;
+        let len = packed.len();
+        Ok((CpuStorage::F32(packed), Shape::from(len)))
+    }
 }
 
 /// `x -> [mean (C), biased var (C)]`; with `running`, also updates the running mean and

@@ -9,7 +9,8 @@
 //! * [`batch_norm_train`] / [`batch_norm_relu_train`]: training-mode BatchNorm (optionally
 //!   fused with ReLU) whose forward and whole backward are each one fused op (CPU and CUDA).
 //! * [`add_relu`]: residual `relu(a + b)`, one op forward and one backward (CPU and CUDA).
-//! * [`batch_norm_eval`]: evaluation-mode BatchNorm as a broadcast affine.
+//! * [`batch_norm_eval`] / [`batch_norm_relu_eval`]: evaluation-mode BatchNorm (optionally
+//!   fused with ReLU), one op forward; on CPU one backward computing only the needed gradients.
 //! * [`soft_cross_entropy`]: the mixed-label (soft-target) cross-entropy of a batch, one op
 //!   forward and one backward (CPU and CUDA).
 //! * [`sgd_update`] / [`sgd_update_multi`]: the SGD-with-momentum update in place, of one
@@ -34,7 +35,8 @@ mod settings;
 mod sgd;
 
 pub use batch_norm::{
-    batch_norm_eval, batch_norm_relu_train, batch_norm_train, batch_norm_train_update, RunningStats,
+    batch_norm_eval, batch_norm_relu_eval, batch_norm_relu_train, batch_norm_train,
+    batch_norm_train_update, RunningStats,
 };
 pub use conv::{conv2d, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};

@@ -6,7 +6,7 @@
 //! Tolerances (max |cuda − cpu| / max |cpu| per tensor):
 //! * convolutions: f32 1e-4, tf32 5e-3, bf16 3e-2 (bf16 has an 8-bit mantissa; its products
 //!   are exact in f32 but inputs are rounded to ~4e-3 relative);
-//! * BatchNorm(+ReLU) train forward/backward and eval: 1e-4 (f32 only; statistics are summed in
+//! * BatchNorm(+ReLU) train forward/backward and eval forward/backward: 1e-4 (f32 only; statistics are summed in
 //!   a different order);
 //! * SGD update: 0 — bit-identical, by construction (same roundings, no FMA contraction);
 //! * soft-target cross-entropy value and logits gradient: 1e-6 (both sides in f64, the same
@@ -279,18 +279,43 @@ mod gpu {
                     let (y, mean, var) = f(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps)?;
                     let g = (&y * r.to_device(d)?)?.sum_all()?.backward()?;
                     let get = |v: &Var| g.get(v.as_tensor()).expect("grad").clone();
-                    let ev = kernels::batch_norm_eval(
-                        xv.as_tensor(),
-                        &mean,
-                        &var,
-                        wv.as_tensor(),
-                        bv.as_tensor(),
-                        eps,
-                    )?;
-                    Ok(vec![y, mean, var, get(&xv), get(&wv), get(&bv), ev])
+                    // Eval mode (CUDA: fused forward, generic-op backward; CPU: fused both).
+                    let eval = if relu {
+                        kernels::batch_norm_relu_eval
+                    } else {
+                        kernels::batch_norm_eval
+                    };
+                    let (mean, var) = (mean.detach(), var.detach());
+                    let (xt, wt, bt) = (xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
+                    let ev = eval(xt, &mean, &var, wt, bt, eps)?;
+                    let ge = (&ev * r.to_device(d)?)?.sum_all()?.backward()?;
+                    let get_e = |v: &Var| ge.get(v.as_tensor()).expect("eval grad").clone();
+                    Ok(vec![
+                        y,
+                        mean,
+                        var,
+                        get(&xv),
+                        get(&wv),
+                        get(&bv),
+                        ev,
+                        get_e(&xv),
+                        get_e(&wv),
+                        get_e(&bv),
+                    ])
                 };
                 let (gpu, cpu) = (run(dev)?, run(&Device::Cpu)?);
-                let names = ["y", "mean", "var", "dx", "dweight", "dbias", "eval y"];
+                let names = [
+                    "y",
+                    "mean",
+                    "var",
+                    "dx",
+                    "dweight",
+                    "dbias",
+                    "eval y",
+                    "eval dx",
+                    "eval dweight",
+                    "eval dbias",
+                ];
                 for ((name, g), c) in names.iter().zip(&gpu).zip(&cpu) {
                     check(&format!("bn {dims:?} relu={relu} {name}"), g, c, 1e-4)?;
                 }

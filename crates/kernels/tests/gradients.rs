@@ -509,3 +509,50 @@ fn soft_cross_entropy_skips_zero_targets_and_rejects_bad_shapes() -> Result<()> 
     assert!(format!("{err}").contains("targets"), "{err}");
     Ok(())
 }
+
+#[test]
+fn batch_norm_eval_fused_matches_generic_ops_and_skips_unneeded_gradients() -> Result<()> {
+    for (i, dims) in [vec![3usize, 4, 5, 7], vec![2, 3, 4, 4]]
+        .into_iter()
+        .enumerate()
+    {
+        let c = dims[1];
+        let seed = 2000 + 10 * i as u64;
+        let x = Var::from_tensor(&pseudo_random(&dims, seed)?.affine(2.0, 0.5)?)?;
+        let w = Var::from_tensor(&(pseudo_random(&[c], seed + 1)? + 1.5)?)?;
+        let b = Var::from_tensor(&pseudo_random(&[c], seed + 2)?)?;
+        let rm = pseudo_random(&[c], seed + 3)?;
+        let rv = (pseudo_random(&[c], seed + 4)?.abs()? + 0.5)?;
+        // Running statistics that track gradients take the generic ops: the reference.
+        let (rm_var, rv_var) = (Var::from_tensor(&rm)?, Var::from_tensor(&rv)?);
+        let probe = pseudo_random(&dims, seed + 5)?;
+        for relu in [false, true] {
+            let eval = if relu {
+                kernels::batch_norm_relu_eval
+            } else {
+                kernels::batch_norm_eval
+            };
+            let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let y = eval(xt, &rm, &rv, wt, bt, 1e-5)?;
+            let y_ref = eval(xt, rm_var.as_tensor(), rv_var.as_tensor(), wt, bt, 1e-5)?;
+            let what = format!("bn eval {dims:?} relu={relu}");
+            assert_close(&format!("{what} y"), &y, &y_ref, 1e-6)?;
+            let g = (&y * &probe)?.sum_all()?.backward()?;
+            let g_ref = (&y_ref * &probe)?.sum_all()?.backward()?;
+            for (name, v) in [("grad x", &x), ("grad w", &w), ("grad b", &b)] {
+                let (a, e) = (g.get(v).expect("fused"), g_ref.get(v).expect("generic"));
+                assert_close(&format!("{what} {name}"), a, e, 1e-5)?;
+            }
+            // Detached weight and bias (PuzzleMix's saliency pass): only the input's gradient.
+            let y = eval(xt, &rm, &rv, &wt.detach(), &bt.detach(), 1e-5)?;
+            let g_x = (&y * &probe)?.sum_all()?.backward()?;
+            assert_close(
+                &format!("{what} grad x alone"),
+                g_x.get(xt).expect("input gradient"),
+                g_ref.get(xt).expect("generic"),
+                1e-5,
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -277,3 +277,73 @@ pub(crate) fn bn_backward(
     out.extend(sums.iter().map(|s| s.0 as f32));
     out
 }
+
+/// Which gradients [`bn_eval_backward`] computes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EvalGrads {
+    /// The input's.
+    pub x: bool,
+    /// The weight's and the bias's.
+    pub params: bool,
+}
+
+/// Backward of [`bn_forward`] with fixed (running) statistics `stats`: `grad_x = dy · scale`
+/// (`dy` masked by the fused ReLU), `d weight = Σ dy · x̂`, `d bias = Σ dy`. Returns
+/// `grad_x` (if `grads.x`) followed by `[d weight (C), d bias (C)]` (if `grads.params`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_eval_backward(
+    g: &BnGeom,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    stats: &[f32],
+    grad_y: &[f32],
+    eps: f64,
+    relu: bool,
+    grads: EvalGrads,
+) -> Vec<f32> {
+    let c = g.channels;
+    let (mean, var) = (&stats[..c], &stats[c..2 * c]);
+    let (scale, shift) = affine_coefficients(weight, bias, mean, var, eps);
+    let plane = g.plane.max(1);
+    let spare = if grads.params { 2 * c } else { 0 };
+    let mut out = if grads.x {
+        super::par_new_vec(x.len(), spare, plane, |i, gp| {
+            let ch = i % c;
+            let (xp, dp) = (
+                &x[i * plane..][..gp.len()],
+                &grad_y[i * plane..][..gp.len()],
+            );
+            let (s, t) = (scale[ch], shift[ch]);
+            let relu = relu.then_some((s, t));
+            super::with_avx2(|| {
+                for j in 0..gp.len() {
+                    gp[j].write(masked(xp[j], dp[j], relu) * s);
+                }
+            })
+        })
+    } else {
+        Vec::with_capacity(spare)
+    };
+    if grads.params {
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let is = 1.0 / (var[ch] as f64 + eps).sqrt();
+                let relu = relu.then_some((scale[ch], shift[ch]));
+                super::with_avx2(|| {
+                    let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
+                    for (xp, dp) in g.channel_planes(x, ch).zip(g.channel_planes(grad_y, ch)) {
+                        let (a, b) = masked_sums(xp, dp, mean[ch], relu);
+                        sum_dy += a;
+                        sum_dy_xc += b;
+                    }
+                    (sum_dy, sum_dy_xc * is)
+                })
+            })
+            .collect();
+        out.extend(sums.iter().map(|s| s.1 as f32));
+        out.extend(sums.iter().map(|s| s.0 as f32));
+    }
+    out
+}
