@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 use crate::conv::{Conv2d, ConvSpec};
 use crate::init::ParamRegistry;
 use crate::norm::BatchNorm2d;
+use crate::tape::{BlockTape, GradSink, LayerTape};
 
 fn conv(
     in_channels: usize,
@@ -154,6 +155,82 @@ impl Bottleneck {
     }
 }
 
+/// A block's main path as `(conv, bn, relu after the bn)` layers, in order.
+type Layers<'a> = Vec<(&'a Conv2d, &'a BatchNorm2d, bool)>;
+
+/// Training forward of a block outside candle's autograd, keeping what its backward needs.
+fn block_forward_taped(
+    layers: &Layers<'_>,
+    downsample: &Option<Downsample>,
+    x: &Tensor,
+) -> Result<(Tensor, BlockTape)> {
+    let mut h = x.clone();
+    let mut saved = Vec::with_capacity(layers.len());
+    for (conv, bn, relu) in layers {
+        let pre_bn = conv.forward_untracked(&h)?;
+        let (y, stats) = bn.forward_train_untracked(&pre_bn, *relu)?;
+        saved.push(LayerTape {
+            input: h,
+            pre_bn,
+            stats,
+        });
+        h = y;
+    }
+    let (shortcut, shortcut_tape) = match downsample {
+        Some(ds) => {
+            let pre_bn = ds.conv.forward_untracked(x)?;
+            let (y, stats) = ds.bn.forward_train_untracked(&pre_bn, false)?;
+            let tape = LayerTape {
+                input: x.clone(),
+                pre_bn,
+                stats,
+            };
+            (y, Some(tape))
+        }
+        None => (x.clone(), None),
+    };
+    let out = kernels::add_relu(&h, &shortcut)?;
+    Ok((
+        out,
+        BlockTape {
+            layers: saved,
+            shortcut: shortcut_tape,
+            residual: (h, shortcut),
+        },
+    ))
+}
+
+/// Backward of [`block_forward_taped`]: parameter gradients into `sink`, returns the input's.
+fn block_backward(
+    layers: &Layers<'_>,
+    downsample: &Option<Downsample>,
+    tape: &BlockTape,
+    grad_out: &Tensor,
+    sink: &mut GradSink,
+) -> Result<Tensor> {
+    let (main, shortcut) = (&tape.residual.0, &tape.residual.1);
+    let grad_sum = kernels::add_relu_backward(main, shortcut, grad_out)?;
+    let mut g = grad_sum.clone();
+    for ((conv, bn, relu), saved) in layers.iter().zip(&tape.layers).rev() {
+        let grad_pre_bn = bn.backward(&saved.pre_bn, &saved.stats, &g, *relu, sink)?;
+        g = conv
+            .backward(&saved.input, &grad_pre_bn, true, sink)?
+            .expect("input gradient requested");
+    }
+    let grad_shortcut = match (downsample, &tape.shortcut) {
+        (Some(ds), Some(saved)) => {
+            let grad_pre_bn =
+                ds.bn
+                    .backward(&saved.pre_bn, &saved.stats, &grad_sum, false, sink)?;
+            ds.conv
+                .backward(&saved.input, &grad_pre_bn, true, sink)?
+                .expect("input gradient requested")
+        }
+        _ => grad_sum,
+    };
+    g + grad_shortcut
+}
+
 /// Either kind of residual block.
 #[derive(Debug, Clone)]
 pub enum Block {
@@ -170,6 +247,42 @@ impl Block {
             Block::Basic(b) => b.forward_t(x, train),
             Block::Bottleneck(b) => b.forward_t(x, train),
         }
+    }
+
+    fn layers(&self) -> (Layers<'_>, &Option<Downsample>) {
+        match self {
+            Block::Basic(b) => (
+                vec![(&b.conv1, &b.bn1, true), (&b.conv2, &b.bn2, false)],
+                &b.downsample,
+            ),
+            Block::Bottleneck(b) => (
+                vec![
+                    (&b.conv1, &b.bn1, true),
+                    (&b.conv2, &b.bn2, true),
+                    (&b.conv3, &b.bn3, false),
+                ],
+                &b.downsample,
+            ),
+        }
+    }
+
+    /// Training forward outside candle's autograd (`crate::tape`), with what its backward
+    /// needs; the same ops and values as `forward_t(x, true)`.
+    pub(crate) fn forward_taped(&self, x: &Tensor) -> Result<(Tensor, BlockTape)> {
+        let (layers, downsample) = self.layers();
+        block_forward_taped(&layers, downsample, x)
+    }
+
+    /// Backward of [`Self::forward_taped`]: parameter gradients into `sink`, returns the
+    /// input's gradient.
+    pub(crate) fn backward(
+        &self,
+        tape: &BlockTape,
+        grad_out: &Tensor,
+        sink: &mut GradSink,
+    ) -> Result<Tensor> {
+        let (layers, downsample) = self.layers();
+        block_backward(&layers, downsample, tape, grad_out, sink)
     }
 }
 
@@ -249,6 +362,11 @@ impl Stage {
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.out_channels
+    }
+
+    /// The blocks, in order.
+    pub(crate) fn blocks(&self) -> &[Block] {
+        &self.blocks
     }
 
     /// Runs the blocks in order.

@@ -6,10 +6,11 @@ use mix_ops::mixup::mixup_blend;
 use mix_ops::FeatureMix;
 use serde::{Deserialize, Serialize};
 
-use crate::blocks::Stage;
+use crate::blocks::{Block, Stage};
 use crate::conv::{Conv2d, ConvSpec};
 use crate::init::{InitScheme, ParamKind, ParamRegistry, ParamSpec};
 use crate::norm::BatchNorm2d;
+use crate::tape::{self, LayerTape, TapeGrads};
 
 /// Which residual network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -305,6 +306,54 @@ impl CifarResNet {
     /// Logits.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_from(&self.forward_until(x, 4, train)?, 4, train)
+    }
+
+    /// Training-mode logits, the same values as `forward_mix(x, true, mix)`, with the
+    /// backbone's backward run by the backbone ([`crate::tape`]) when it can: no feature mix,
+    /// trained weights, and tensors the fused ops cover. Then the second value holds the
+    /// backbone parameters' gradients once candle's `backward` has run; add them to its
+    /// `GradStore` with [`TapeGrads::add_to`] (the head's are in the `GradStore` already).
+    /// Otherwise it is `None` and candle's autograd carries every gradient.
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        mix: Option<&FeatureMix>,
+    ) -> Result<(Tensor, Option<TapeGrads>)> {
+        let anchor = self.conv1.weight();
+        if mix.is_some() || !anchor.track_op() || !kernels::fused_ops_cover(x) {
+            return Ok((self.forward_mix(x, true, mix)?, None));
+        }
+        let need_input = x.track_op();
+        let stem_pre = self.conv1.forward_untracked(x)?;
+        let (mut h, stem_stats) = self.bn1.forward_train_untracked(&stem_pre, true)?;
+        let stem = LayerTape {
+            input: x.detach(),
+            pre_bn: stem_pre,
+            stats: stem_stats,
+        };
+        let mut tapes = Vec::new();
+        for block in self.layers.iter().flat_map(|s| s.blocks()) {
+            let (y, tape) = block.forward_taped(&h)?;
+            tapes.push(tape);
+            h = y;
+        }
+        let grads = TapeGrads::default();
+        let (net, out) = (self.clone(), grads.clone());
+        let backward = move |grad: &Tensor| {
+            tape::collect(&out, |sink| {
+                let mut g = grad.clone();
+                let blocks: Vec<&Block> = net.layers.iter().flat_map(|s| s.blocks()).collect();
+                for (block, tape) in blocks.iter().zip(&tapes).rev() {
+                    g = block.backward(tape, &g, sink)?;
+                }
+                let g = net
+                    .bn1
+                    .backward(&stem.pre_bn, &stem.stats, &g, true, sink)?;
+                net.conv1.backward(&stem.input, &g, need_input, sink)
+            })
+        };
+        let features = tape::attach(x, anchor, h, Box::new(backward))?;
+        Ok((self.fc.forward(&features)?, Some(grads)))
     }
 }
 

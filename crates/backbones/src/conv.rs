@@ -12,6 +12,8 @@ use crate::init::{ParamKind, ParamRegistry};
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
+    /// `weight.detach()`, made once: same storage (updates in place reach it), no graph.
+    weight_untracked: Tensor,
     stride: usize,
     padding: usize,
     groups: usize,
@@ -57,6 +59,7 @@ impl Conv2d {
         let shape = (out_channels, in_channels / groups, kernel, kernel);
         let weight = reg.get(&vb, shape, "weight", kind)?;
         Ok(Self {
+            weight_untracked: weight.detach(),
             weight,
             stride: spec.stride,
             padding: spec.padding,
@@ -75,14 +78,44 @@ impl Conv2d {
         // input gradient is a naive transposed convolution) and runs every group
         // in one call; on CUDA (feature `cudnn`) it runs cuDNN forward/backward-data/
         // backward-filter; elsewhere it falls back to candle's conv2d.
-        kernels::conv2d(
+        kernels::conv2d(x, &self.weight, self.params())
+    }
+
+    /// The convolution as [`Self::forward`], outside candle's autograd (weight detached): a
+    /// step of the taped training forward (`crate::tape`).
+    pub(crate) fn forward_untracked(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::conv2d(&x.detach(), &self.weight_untracked, self.params())
+    }
+
+    /// Backward of [`Self::forward_untracked`] at input `x`: pushes the weight's gradient to
+    /// `sink` and returns the input's if `need_input`.
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        grad_out: &Tensor,
+        need_input: bool,
+        sink: &mut crate::tape::GradSink,
+    ) -> Result<Option<Tensor>> {
+        let need_w = self.weight.track_op();
+        let (gx, gw) = kernels::conv2d_backward(
             x,
-            &self.weight,
-            kernels::ConvParams {
-                stride: self.stride,
-                padding: self.padding,
-                groups: self.groups,
-            },
-        )
+            &self.weight_untracked,
+            grad_out,
+            self.params(),
+            need_input,
+            need_w,
+        )?;
+        if let Some(gw) = gw {
+            sink.push(&self.weight, gw);
+        }
+        Ok(gx)
+    }
+
+    fn params(&self) -> kernels::ConvParams {
+        kernels::ConvParams {
+            stride: self.stride,
+            padding: self.padding,
+            groups: self.groups,
+        }
     }
 }

@@ -41,6 +41,7 @@ pub mod conv;
 pub mod frozen;
 pub mod init;
 pub mod norm;
+pub mod tape;
 
 pub use attention::{AttentionNet, ImageNetResNet18, CIFAR_ATTENTION_INPUT};
 pub use cifar::{Arch, CifarResNet, CifarResNetConfig, ClsHead};
@@ -50,6 +51,7 @@ pub use init::{InitScheme, ParamKind, ParamRegistry, ParamSpec};
 /// determinism without a direct dependency).
 pub use kernels;
 pub use norm::BatchNorm2d;
+pub use tape::TapeGrads;
 
 use candle_nn::VarMap;
 

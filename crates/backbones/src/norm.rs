@@ -23,6 +23,8 @@ pub const BN_MOMENTUM: f64 = 0.1;
 pub struct BatchNorm2d {
     weight: Tensor,
     bias: Tensor,
+    /// `(weight, bias)` detached once: same storage (updates in place reach them), no graph.
+    untracked: (Tensor, Tensor),
     running_mean: Var,
     running_var: Var,
     channels: usize,
@@ -48,6 +50,7 @@ impl BatchNorm2d {
         // storage), so in-place updates land in the map; for a checkpoint-backed
         // builder they become private copies.
         Ok(Self {
+            untracked: (weight.detach(), bias.detach()),
             weight,
             bias,
             running_mean: Var::from_tensor(&running_mean)?,
@@ -126,5 +129,59 @@ impl BatchNorm2d {
             }
         };
         y.to_dtype(in_dtype)
+    }
+
+    /// Training-mode BatchNorm(+ReLU) outside candle's autograd, updating the running
+    /// statistics as [`Self::forward_t`]: a step of the taped training forward
+    /// (`crate::tape`). Returns `y` and the batch statistics its backward needs.
+    pub(crate) fn forward_train_untracked(
+        &self,
+        x: &Tensor,
+        relu: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (n, _, h, w) = x.dims4()?;
+        if n * h * w < 2 {
+            candle_core::bail!(
+                "batch norm in training mode needs more than one value per channel, got input {:?}",
+                x.dims()
+            );
+        }
+        let running = kernels::RunningStats {
+            mean: self.running_mean.as_tensor(),
+            var: self.running_var.as_tensor(),
+            momentum: self.momentum,
+        };
+        kernels::batch_norm_train_saving(
+            &x.detach(),
+            &self.untracked.0,
+            &self.untracked.1,
+            self.eps,
+            relu,
+            running,
+        )
+    }
+
+    /// Backward of [`Self::forward_train_untracked`] at input `x` with statistics `stats`:
+    /// pushes the weight's and bias's gradients to `sink`, returns the input's.
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        stats: &Tensor,
+        grad_y: &Tensor,
+        relu: bool,
+        sink: &mut crate::tape::GradSink,
+    ) -> Result<Tensor> {
+        let (gx, gw, gb) = kernels::batch_norm_train_backward(
+            x,
+            &self.untracked.0,
+            &self.untracked.1,
+            stats,
+            grad_y,
+            self.eps,
+            relu,
+        )?;
+        sink.push(&self.weight, gw);
+        sink.push(&self.bias, gb);
+        Ok(gx)
     }
 }

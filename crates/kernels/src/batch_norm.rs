@@ -176,6 +176,67 @@ fn batch_norm_train_impl(
     Ok((y, stats.narrow(0, 0, c)?, stats.narrow(0, c, c)?))
 }
 
+/// [`batch_norm_train_update`] for a caller that runs its own backward pass: returns `y` and
+/// the packed batch statistics `[mean (C), biased var (C)]` that
+/// [`batch_norm_train_backward`] takes. Only where the fused ops cover the tensors
+/// ([`fused_ops_cover`]); an error elsewhere.
+pub fn batch_norm_train_saving(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+    running: RunningStats<'_>,
+) -> Result<(Tensor, Tensor)> {
+    if !fused_covers(&[x, weight, bias]) {
+        bail!("kernels::batch_norm_train_saving: f32 on the CPU or one CUDA device only");
+    }
+    let (y, stats, _) = batch_norm_train_impl(x, weight, bias, eps, relu, Some(running))?;
+    Ok((y, stats))
+}
+
+/// Gradients `(x, weight, bias)` of [`batch_norm_train_saving`] (`relu` as there) given the
+/// output gradient `grad_y`: the same fused op candle's autograd runs for it.
+pub fn batch_norm_train_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stats: &Tensor,
+    grad_y: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let geom = geometry(x.shape())?;
+    if !fused_covers(&[x, weight, bias, stats, grad_y]) {
+        bail!("kernels::batch_norm_train_backward: f32 on the CPU or one CUDA device only");
+    }
+    let op = BnBackwardOp {
+        geom,
+        eps,
+        relu,
+        weight: weight.contiguous()?,
+        bias: bias.contiguous()?,
+    };
+    let packed =
+        x.contiguous()?
+            .apply_op3_no_bwd(&grad_y.contiguous()?, &stats.contiguous()?, &op)?;
+    let (n, c) = (x.elem_count(), geom.channels);
+    crate::counters::record_views(4);
+    Ok((
+        packed.narrow(0, 0, n)?.reshape(x.shape())?,
+        packed.narrow(0, n, c)?,
+        packed.narrow(0, n + c, c)?,
+    ))
+}
+
+/// Whether the fused ops (convolution, BatchNorm, residual, loss) run natively on `t`: f32 on
+/// the CPU, or f32 on CUDA in a build with feature `cuda`. A caller running its own backward
+/// pass with [`conv2d_backward`](crate::conv2d_backward), [`batch_norm_train_backward`] and
+/// [`add_relu_backward`](crate::add_relu_backward) needs this.
+pub fn fused_ops_cover(t: &Tensor) -> bool {
+    fused_covers(&[t])
+}
+
 /// Evaluation-mode BatchNorm: `(x - running_mean) / sqrt(running_var + eps) * weight + bias`
 /// with per-channel `[C]` tensors, differentiable in `x`, `weight` and `bias`.
 ///
@@ -596,20 +657,9 @@ impl CustomOp3 for BnTrainOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = BnBackwardOp {
-            geom: self.geom,
-            eps: self.eps,
-            relu: self.relu,
-            weight: weight.clone(),
-            bias: bias.clone(),
-        };
-        let packed = x.apply_op3_no_bwd(&grad_res.contiguous()?, &self.stats, &op)?;
-        let (n, c) = (x.elem_count(), self.geom.channels);
-        let grad_x = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let grad_w = packed.narrow(0, n, c)?;
-        let grad_b = packed.narrow(0, n + c, c)?;
-        crate::counters::record_views(4);
-        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+        let (gx, gw, gb) =
+            batch_norm_train_backward(x, weight, bias, &self.stats, grad_res, self.eps, self.relu)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
     }
 }
 

@@ -155,37 +155,104 @@ impl CustomOp2 for Conv2dOp {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Inputs that no gradient can reach (e.g. the image batch) skip their GEMMs.
-        let need_x = x.track_op();
-        let need_w = w.track_op();
-        if !need_x && !need_w {
-            return Ok((None, None));
-        }
-        let op = Conv2dBackwardOp {
-            geom: self.geom,
+        backward_op(self.geom, x, w, grad_res, x.track_op(), w.track_op())
+    }
+}
+
+/// Runs [`Conv2dBackwardOp`] and unpacks its result into gradients shaped like `x` and `w`.
+fn backward_op(
+    geom: ConvGeom,
+    x: &Tensor,
+    w: &Tensor,
+    grad_out: &Tensor,
+    need_x: bool,
+    need_w: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    if !need_x && !need_w {
+        return Ok((None, None));
+    }
+    let op = Conv2dBackwardOp {
+        geom,
+        need_x,
+        need_w,
+    };
+    let packed = x.apply_op3_no_bwd(w, &grad_out.contiguous()?, &op)?;
+    crate::counters::record_views(2 * (need_x as u64 + need_w as u64));
+    let mut offset = 0;
+    let grad_x = if need_x {
+        let n = x.elem_count();
+        offset = n;
+        Some(packed.narrow(0, 0, n)?.reshape(x.shape())?)
+    } else {
+        None
+    };
+    let grad_w = if need_w {
+        Some(
+            packed
+                .narrow(0, offset, w.elem_count())?
+                .reshape(w.shape())?,
+        )
+    } else {
+        None
+    };
+    Ok((grad_x, grad_w))
+}
+
+/// The gradients of [`conv2d`]`(x, w, cfg)` given the output gradient `grad_out`, for a
+/// caller that runs its own backward pass (`need_x` / `need_w` select which): the same op and
+/// arithmetic (precision included) as the backward candle's autograd runs for [`conv2d`].
+/// Other devices and dtypes differentiate candle's `conv2d` on a private graph.
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    grad_out: &Tensor,
+    cfg: ConvParams,
+    need_x: bool,
+    need_w: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let geom = geometry(x.shape(), w.shape(), cfg)?;
+    let f32_args = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    let on_cpu = matches!(x.device(), Device::Cpu) && matches!(w.device(), Device::Cpu);
+    if on_cpu && f32_args {
+        return backward_op(
+            geom,
+            &x.contiguous()?,
+            &w.contiguous()?,
+            grad_out,
             need_x,
             need_w,
-        };
-        let packed = x.apply_op3_no_bwd(w, &grad_res.contiguous()?, &op)?;
-        crate::counters::record_views(2 * (need_x as u64 + need_w as u64));
-        let mut offset = 0;
-        let grad_x = if need_x {
-            let n = x.elem_count();
-            offset = n;
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?)
-        } else {
-            None
-        };
-        let grad_w = if need_w {
-            Some(
-                packed
-                    .narrow(0, offset, w.elem_count())?
-                    .reshape(w.shape())?,
-            )
-        } else {
-            None
-        };
-        Ok((grad_x, grad_w))
+        );
     }
+    #[cfg(feature = "cudnn")]
+    if f32_args && x.device().is_cuda() && x.device().same_device(w.device()) {
+        if crate::precision() == crate::Precision::Bf16 {
+            // As the autocast of `conv2d`: bf16 operands, gradients cast back to f32.
+            let xb = x.to_dtype(DType::BF16)?.contiguous()?;
+            let wb = w.to_dtype(DType::BF16)?.contiguous()?;
+            let gb = grad_out.to_dtype(DType::BF16)?;
+            let (gx, gw) = backward_op(geom, &xb, &wb, &gb, need_x, need_w)?;
+            let to_f32 = |t: Option<Tensor>| t.map(|t| t.to_dtype(DType::F32)).transpose();
+            return Ok((to_f32(gx)?, to_f32(gw)?));
+        }
+        return backward_op(
+            geom,
+            &x.contiguous()?,
+            &w.contiguous()?,
+            grad_out,
+            need_x,
+            need_w,
+        );
+    }
+    let (xv, wv) = (
+        candle_core::Var::from_tensor(&x.detach())?,
+        candle_core::Var::from_tensor(&w.detach())?,
+    );
+    let y = xv
+        .as_tensor()
+        .conv2d(wv.as_tensor(), cfg.padding, cfg.stride, 1, cfg.groups)?;
+    let grads = (y * grad_out.detach())?.sum_all()?.backward()?;
+    let pick = |v: &candle_core::Var, need: bool| need.then(|| grads.get(v.as_tensor()).cloned());
+    Ok((pick(&xv, need_x).flatten(), pick(&wv, need_w).flatten()))
 }
 
 /// `(x, w, grad_out) -> [grad_x (flat, if needed), grad_w (flat, if needed)]`.

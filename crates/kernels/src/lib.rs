@@ -16,6 +16,10 @@
 //! * [`sgd_update`] / [`sgd_update_multi`]: the SGD-with-momentum update in place, of one
 //!   parameter or of many (one multi-tensor launch on CUDA).
 //!
+//! Each op's backward is also a function (`conv2d_backward`, `batch_norm_train_backward`,
+//! `add_relu_backward`), for callers that run their own backward pass (the backbones' taped
+//! training forward), with `fused_ops_cover` telling where they run natively.
+//!
 //! Device code is kept apart: module `cpu` holds the CPU kernels on plain slices, module `cuda`
 //! (feature `cuda`) the CUDA launches; the op plumbing in the top-level modules is shared.
 //! On devices and dtypes that an op does not cover, every function falls back to candle's
@@ -36,13 +40,14 @@ mod sgd;
 
 pub use batch_norm::{
     batch_norm_eval, batch_norm_relu_eval, batch_norm_relu_train, batch_norm_train,
-    batch_norm_train_update, RunningStats,
+    batch_norm_train_backward, batch_norm_train_saving, batch_norm_train_update, fused_ops_cover,
+    RunningStats,
 };
-pub use conv::{conv2d, ConvParams};
+pub use conv::{conv2d, conv2d_backward, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
 pub use loss::soft_cross_entropy;
 pub use memory::keep_freed_memory;
-pub use residual::add_relu;
+pub use residual::{add_relu, add_relu_backward};
 pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};
 pub use sgd::{sgd_update, sgd_update_multi, SgdParam, SgdStep};
 

@@ -84,11 +84,31 @@ impl CustomOp2 for AddReluOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = a.apply_op3_no_bwd(b, &grad_res.contiguous()?, &AddReluBackwardOp)?;
+        let g = add_relu_backward(a, b, grad_res)?;
         let ga = a.track_op().then(|| g.clone());
         let gb = b.track_op().then_some(g);
         Ok((ga, gb))
     }
+}
+
+/// The gradient of both inputs of [`add_relu`]`(a, b)` given the output gradient `grad`
+/// (`grad · [a + b >= 0]`), for a caller that runs its own backward pass: the same op candle's
+/// autograd runs for [`add_relu`] (generic ops where that op does not run).
+pub fn add_relu_backward(a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let f32_args = [a, b, grad].iter().all(|t| t.dtype() == DType::F32);
+    let on_cpu = [a, b, grad]
+        .iter()
+        .all(|t| matches!(t.device(), Device::Cpu));
+    let on_cuda = cfg!(feature = "cuda")
+        && [a, b, grad]
+            .iter()
+            .all(|t| t.device().is_cuda() && t.device().same_device(a.device()));
+    if !(f32_args && (on_cpu || on_cuda)) {
+        let mask = (a + b)?.ge(0.0)?.to_dtype(grad.dtype())?;
+        return grad * mask;
+    }
+    a.contiguous()?
+        .apply_op3_no_bwd(&b.contiguous()?, &grad.contiguous()?, &AddReluBackwardOp)
 }
 
 /// `(a, b, grad_y) -> grad_y · [a + b >= 0]`, the gradient of both inputs.

@@ -65,6 +65,10 @@ pub struct BenchArgs {
     /// docs/performance.md, "Counting ops").
     #[arg(long)]
     pub count_ops: bool,
+    /// Run the backbone's backward through candle's autograd (`forward_mix`) instead of the
+    /// taped forward the runner trains with (`forward_train`), for before/after comparisons.
+    #[arg(long)]
+    pub autograd: bool,
 }
 
 /// Entry point of `runner bench`.
@@ -92,6 +96,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "batch": args.batch,
         "base_width": args.base_width,
         "threads": rayon_threads(),
+        "backbone_backward": if args.autograd { "candle autograd" } else { "taped" },
     });
 
     let (x, y) = synthetic_batch(args.batch, &device)?;
@@ -100,7 +105,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         for mode in &args.step_modes {
             counts.insert(
                 mode.clone(),
-                count_train_step(&cfg, mode, &x, &y, args.steps, &device)?,
+                count_train_step(&cfg, mode, (&x, &y), args.steps, &device, !args.autograd)?,
             );
         }
         report["count_ops"] = Value::Object(counts);
@@ -113,7 +118,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let StepTime {
             step_ms: ms,
             phase_ms,
-        } = time_train_step(&cfg, mode, &x, &y, args.steps, &device)?;
+        } = time_train_step(&cfg, mode, (&x, &y), args.steps, &device, !args.autograd)?;
         if mode == "vanilla" {
             vanilla_ms = Some(ms);
         }
@@ -232,10 +237,10 @@ impl HandCraftedStep {
 fn time_train_step(
     cfg: &RunConfig,
     mode: &str,
-    x: &Tensor,
-    y: &Tensor,
+    (x, y): (&Tensor, &Tensor),
     steps: usize,
     device: &Device,
+    taped: bool,
 ) -> Result<StepTime> {
     let cfg = &mode_config(cfg, mode);
     if setup::LEARNED_MODES.contains(&mode) {
@@ -273,10 +278,13 @@ fn time_train_step(
         };
         let mixed = method.mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?;
         mark(0);
-        let logits = net.forward_mix(&mixed.images, true, mixed.feature_mix.as_ref())?;
+        let (logits, tape) = forward(&net, &mixed, taped)?;
         let loss = train::loss::mixed_loss(&logits, &mixed.labels, loss_kind)?;
         mark(1);
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        if let Some(tape) = tape {
+            tape.add_to(&mut grads)?;
+        }
         mark(2);
         sgd.step(&grads, 0.1)?;
         mark(3);
@@ -307,6 +315,21 @@ fn time_train_step(
     Ok(StepTime {
         step_ms: train::metrics::median(&times),
         phase_ms,
+    })
+}
+
+/// The training forward of a bench step: taped (as the runner trains) or through candle's
+/// autograd (`--autograd`).
+fn forward(
+    net: &backbones::CifarResNet,
+    mixed: &mix_ops::Mixed,
+    taped: bool,
+) -> Result<(Tensor, Option<backbones::TapeGrads>)> {
+    let mix = mixed.feature_mix.as_ref();
+    Ok(if taped {
+        net.forward_train(&mixed.images, mix)?
+    } else {
+        (net.forward_mix(&mixed.images, true, mix)?, None)
     })
 }
 
@@ -444,10 +467,10 @@ fn digest(tensors: &[(String, Tensor)], losses: &[f32]) -> Result<String> {
 fn count_train_step(
     cfg: &RunConfig,
     mode: &str,
-    x: &Tensor,
-    y: &Tensor,
+    (x, y): (&Tensor, &Tensor),
     steps: usize,
     device: &Device,
+    taped: bool,
 ) -> Result<Value> {
     let cfg = &mode_config(cfg, mode);
     if setup::LEARNED_MODES.contains(&mode) {
@@ -481,7 +504,7 @@ fn count_train_step(
         };
         let mixed = method.mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?;
         end_phase("mix", &mut mark)?;
-        let logits = net.forward_mix(&mixed.images, true, mixed.feature_mix.as_ref())?;
+        let (logits, tape) = forward(&net, &mixed, taped)?;
         end_phase("forward", &mut mark)?;
         let loss = train::loss::mixed_loss(&logits, &mixed.labels, loss_kind)?;
         end_phase("loss", &mut mark)?;
@@ -490,7 +513,10 @@ fn count_train_step(
         } else {
             Value::Null
         };
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        if let Some(tape) = tape {
+            tape.add_to(&mut grads)?;
+        }
         end_phase("backward", &mut mark)?;
         let grad_entries = grads.get_ids().count();
         sgd.step(&grads, 0.1)?;

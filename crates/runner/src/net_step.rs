@@ -84,12 +84,14 @@ impl StepModel for NetStep {
         };
         let mut total: Option<Tensor> = None;
         let mut logs = Vec::new();
+        let mut tapes = Vec::new();
         for (r, idx) in picks.into_iter().enumerate() {
             let mut ctx = MixContext::with_model(&mut *rng, &mix_model);
             let mixed = self.methods[idx].mix(x, y, &mut ctx)?;
-            let logits = self
+            let (logits, tape) = self
                 .net
-                .forward_mix(&mixed.images, true, mixed.feature_mix.as_ref())?;
+                .forward_train(&mixed.images, mixed.feature_mix.as_ref())?;
+            tapes.extend(tape);
             let loss = (train::loss::mixed_loss(&logits, &mixed.labels, self.loss)? * scale)?;
             total = Some(match total {
                 None => loss,
@@ -112,6 +114,7 @@ impl StepModel for NetStep {
         Ok(StepOutput {
             loss: total.expect("at least one repeat"),
             logs,
+            tapes,
         })
     }
 

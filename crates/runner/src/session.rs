@@ -43,6 +43,20 @@ pub struct StepOutput {
     pub loss: Tensor,
     /// Detached scalar batch means (e.g. `acc`, `acc_mix`, AutoMix's loss terms).
     pub logs: Vec<(&'static str, Tensor)>,
+    /// Gradients of taped backbone forwards (`CifarResNet::forward_train`), which the
+    /// backbone computes when `backward` reaches it: [`StepOutput::gradients`] adds them.
+    pub tapes: Vec<backbones::TapeGrads>,
+}
+
+impl StepOutput {
+    /// Every gradient of the loss: candle's `backward` plus the taped backbones' parameters.
+    pub fn gradients(&self) -> Result<candle_core::backprop::GradStore> {
+        let mut grads = self.loss.backward()?;
+        for tape in &self.tapes {
+            tape.add_to(&mut grads)?;
+        }
+        Ok(grads)
+    }
 }
 
 /// The per-step work of one kind of model; everything around it is [`train`].
@@ -403,7 +417,7 @@ impl Run {
                 total,
             };
             let out = model.step(&x, &y, &mut self.mix_rng, at)?;
-            let grads = out.loss.backward()?;
+            let grads = out.gradients()?;
             model.optimizer().step(&grads, lr)?;
             model.after_update(at)?;
             meter.add(it + 1, &out, batch.len)?;
