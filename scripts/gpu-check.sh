@@ -4,7 +4,8 @@
 #   1. the CUDA agreement tests (kernels/tests/cuda_agreement.rs) and the 20-step ResNet-18
 #      CPU-vs-CUDA trajectory (backbones/tests/cuda_trajectory.rs) with MIXBENCH_REQUIRE_GPU=1;
 #   2. `runner bench --device cuda:0` for ResNet-18 and ResNeXt-50, batch 100, vanilla and
-#      MixUp steps, in f32, tf32 and bf16;
+#      MixUp steps, in f32, tf32 and bf16, and ResNet-18 f32 once more with `--autograd`
+#      (the backbone's backward through candle's autograd instead of the taped forward);
 #   3. the PyTorch reference (`bench/reference.py bench`, f32 and bf16) when torch imports;
 #   4. a 1-epoch ResNet-18 MixUp run on real CIFAR-10 (when data is available).
 #
@@ -117,6 +118,13 @@ if ! skip bench && [[ -x $runner ]]; then
                 || echo "{\"error\": \"exit $?\"}" >"$OUT/bench-$arch-$prec.json"
         done
     done
+    # The same ResNet-18 step with the backbone's backward through candle's autograd instead
+    # of the tape: what the taped forward gains on the GPU.
+    log "bench resnet18 f32 autograd"
+    timeout 240 "$runner" bench --device cuda:0 --arch resnet18 --batch 100 --steps "$STEPS" \
+        --step-modes vanilla,mixup --mix-modes mixup --precision f32 --autograd \
+        >"$OUT/bench-resnet18-f32-autograd.json" 2>"$OUT/bench-resnet18-f32-autograd.log" \
+        || echo "{\"error\": \"exit $?\"}" >"$OUT/bench-resnet18-f32-autograd.json"
 fi
 
 # 3. PyTorch reference on the same GPU.
