@@ -319,9 +319,19 @@ impl CifarResNet {
         x: &Tensor,
         mix: Option<&FeatureMix>,
     ) -> Result<(Tensor, Option<TapeGrads>)> {
-        let anchor = self.conv1.weight();
-        if mix.is_some() || !anchor.track_op() || !kernels::fused_ops_cover(x) {
+        if mix.is_some() {
             return Ok((self.forward_mix(x, true, mix)?, None));
+        }
+        let (features, tape) = self.features_train(x)?;
+        Ok((self.fc.forward(&features)?, tape))
+    }
+
+    /// Training-mode `layer4` features, the same values as `features(x, true)`, taped as
+    /// [`Self::forward_train`] when it can (trained weights, tensors the fused ops cover).
+    pub fn features_train(&self, x: &Tensor) -> Result<(Tensor, Option<TapeGrads>)> {
+        let anchor = self.conv1.weight();
+        if !anchor.track_op() || !kernels::fused_ops_cover(x) {
+            return Ok((self.features(x, true)?, None));
         }
         let need_input = x.track_op();
         let stem_pre = self.conv1.forward_untracked(x)?;
@@ -353,7 +363,7 @@ impl CifarResNet {
             })
         };
         let features = tape::attach(x, anchor, h, Box::new(backward))?;
-        Ok((self.fc.forward(&features)?, Some(grads)))
+        Ok((features, Some(grads)))
     }
 }
 
