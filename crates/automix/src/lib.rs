@@ -4,7 +4,8 @@
 //! * [`AutoMixModel`] holds the q side (`Enc_q` + `Head_one_q` + `Head_mix_q`, trained by SGD),
 //!   the k side (same layout, EMA copy, never receives gradients) and the [`MixBlock`].
 //! * [`AutoMixModel::train_step`] runs the four forwards of §5.12.5 and returns the total loss;
-//!   the runner does `backward`, the SGD step over [`AutoMixModel::optimizer_groups`], and then
+//!   the runner takes `StepOutput::gradients` (candle's `backward` plus the q encoder's taped
+//!   gradients), runs the SGD step over [`AutoMixModel::optimizer_groups`], and then
 //!   [`AutoMixModel::momentum_update`] with [`AutoMixModel::momentum_at`].
 //! * [`AutoMixModel::eval_logits`] gives the four predictors of §5.12.7.
 //!
@@ -22,7 +23,7 @@
 //! let y = Tensor::new(&[0u32, 1, 2, 3], &dev)?;
 //! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
 //! let out = model.train_step(&x, &y, &mut rng)?;
-//! sgd.step(&out.loss.backward()?, 0.1)?;
+//! sgd.step(&out.gradients()?, 0.1)?;
 //! model.momentum_update(model.momentum_at(0, 100))?;
 //! assert_eq!(model.eval_logits(&x)?.len(), 4);
 //! # Ok(())

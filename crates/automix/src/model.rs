@@ -1,7 +1,8 @@
 //! The AutoMix / SAMix model: q encoder and heads (SGD), k encoder and heads (EMA only),
 //! MixBlock, and the per-step procedure of §5.12.5.
 
-use backbones::{is_buffer, CifarResNet, CifarResNetConfig, ClsHead, ParamRegistry};
+use backbones::{is_buffer, CifarResNet, CifarResNetConfig, ClsHead, ParamRegistry, TapeGrads};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use mix_ops::sample::{beta_lambda, perm_tensor, permutation};
@@ -78,7 +79,7 @@ pub struct OptimizerGroup {
 #[derive(Debug, Clone)]
 pub struct StepOutput {
     /// Total loss `w_mq·L_mix_q + w_oq·L_one_q + w_mk·L_mix_k + L_mask` (0-dim, with graph):
-    /// call `backward()` on it. Its gradient reaches the q encoder/heads only through the two
+    /// differentiate it with [`StepOutput::gradients`]. Its gradient reaches the q encoder/heads only through the two
     /// q terms and the MixBlock only through `L_mix_k` and `L_mask`; the k side gets none.
     pub loss: Tensor,
     /// The q-side part `w_mq·L_mix_q + w_oq·L_one_q` (0-dim, with graph).
@@ -97,9 +98,29 @@ pub struct StepOutput {
     pub mask_adjusted: bool,
     /// Whether the `lam_margin` rule replaced the backbone mask by the constant λ_bb.
     pub lam_margin_applied: bool,
+    /// The q encoder's parameter gradients: its two training forwards are taped
+    /// (`CifarResNet::features_train`), so their gradients arrive here when a backward reaches
+    /// them. [`StepOutput::gradients`] adds them to candle's.
+    pub tapes: Vec<TapeGrads>,
 }
 
 impl StepOutput {
+    /// Every gradient of [`StepOutput::loss`]: candle's `backward` plus the q encoder's taped
+    /// parameter gradients.
+    pub fn gradients(&self) -> Result<GradStore> {
+        self.gradients_of(&self.loss)
+    }
+
+    /// [`StepOutput::gradients`] of one part of the loss (`loss_q`, `loss_mixblock`). A taped
+    /// forward backs up once, so each step's graph takes one backward through the q encoder.
+    pub fn gradients_of(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        for tape in &self.tapes {
+            tape.add_to(&mut grads)?;
+        }
+        Ok(grads)
+    }
+
     /// The logged values as host scalars (one device sync).
     pub fn log_values(&self) -> Result<Vec<(&'static str, f64)>> {
         let mut out = Vec::with_capacity(self.logs.len() + 1);
@@ -371,10 +392,11 @@ impl AutoMixModel {
         };
         let loss_mix_k = mixed_loss(&logits_mix_k, &labels_mb, k_loss)?;
 
-        let feats_q = self.q.net.features(images, true)?;
+        // The q encoder's two training forwards run their backward themselves (taped).
+        let (feats_q, tape_one) = self.q.net.features_train(images)?;
         let logits_one_q = self.q.net.head().forward(&feats_q)?;
         let loss_one_q = mixed_loss(&logits_one_q, &MixedLabels::plain(labels), HeadLoss::CeNone)?;
-        let feats_q_bb = self.q.net.features(&x_bb, true)?;
+        let (feats_q_bb, tape_mix) = self.q.net.features_train(&x_bb)?;
         let logits_mix_q = self.q.head_mix.forward(&feats_q_bb)?;
         let loss_mix_q = mixed_loss(&logits_mix_q, &labels_bb, HeadLoss::CeNone)?;
 
@@ -403,6 +425,7 @@ impl AutoMixModel {
             lambda_bb,
             mask_adjusted,
             lam_margin_applied,
+            tapes: tape_one.into_iter().chain(tape_mix).collect(),
         })
     }
 

@@ -85,7 +85,7 @@ fn k_side_starts_as_copy_and_changes_only_by_ema() {
         let (x, y) = batch(6, 1);
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let out = model.train_step(&x, &y, &mut rng).unwrap();
-        let grads = out.loss.backward().unwrap();
+        let grads = out.gradients().unwrap();
         for (name, v) in model.k_vars() {
             assert!(grads.get(v.as_tensor()).is_none(), "gradient for {name}");
         }
@@ -131,11 +131,11 @@ fn mixblock_gradient_comes_only_from_mix_k_and_mask_loss() {
         .train_step(&x, &y, &mut ChaCha8Rng::seed_from_u64(5))
         .unwrap();
     // q terms reach only q.
-    let g = out.loss_q.backward().unwrap();
+    let g = out.gradients_of(&out.loss_q).unwrap();
     assert!(mb.iter().all(|(_, v)| g.get(v.as_tensor()).is_none()));
     assert!(q.iter().all(|(_, v)| g.get(v.as_tensor()).is_some()));
     // MixBlock terms reach only the MixBlock.
-    let g = out.loss_mixblock.backward().unwrap();
+    let g = out.gradients_of(&out.loss_mixblock).unwrap();
     assert!(q.iter().all(|(_, v)| g.get(v.as_tensor()).is_none()));
     let nonzero = |g: &candle_core::backprop::GradStore| {
         mb.iter()
@@ -165,7 +165,7 @@ fn mixblock_gradient_comes_only_from_mix_k_and_mask_loss() {
         let out = model
             .train_step(&x, &y, &mut ChaCha8Rng::seed_from_u64(5))
             .unwrap();
-        let g = out.loss.backward().unwrap();
+        let g = out.gradients().unwrap();
         let count = mb
             .iter()
             .filter(|(_, v)| {
@@ -222,7 +222,7 @@ fn eval_has_four_heads_and_changes_nothing() {
     let out = model
         .train_step(&x, &y, &mut ChaCha8Rng::seed_from_u64(0))
         .unwrap();
-    sgd.step(&out.loss.backward().unwrap(), 0.1).unwrap();
+    sgd.step(&out.gradients().unwrap(), 0.1).unwrap();
     model.momentum_update(0.5).unwrap();
 
     let before = all_state(&model);
@@ -264,7 +264,7 @@ fn checkpoint_round_trip_restores_every_head() {
     let out = a
         .train_step(&x, &y, &mut ChaCha8Rng::seed_from_u64(0))
         .unwrap();
-    sgd.step(&out.loss.backward().unwrap(), 0.1).unwrap();
+    sgd.step(&out.gradients().unwrap(), 0.1).unwrap();
     a.momentum_update(0.9).unwrap();
 
     let saved: HashMap<String, Tensor> = all_state(&a).into_iter().collect();
@@ -306,7 +306,7 @@ fn few_steps_train_and_stay_finite() {
                 }
             }
             one_q.push(values["loss_one_q"]);
-            let grads = out.loss.backward().unwrap();
+            let grads = out.gradients().unwrap();
             sgd.step(&grads, 0.1).unwrap();
             model.momentum_update(model.momentum_at(it, total)).unwrap();
         }

@@ -118,7 +118,7 @@ impl StepModel for AutoMixStep {
         Ok(StepOutput {
             loss: out.loss,
             logs: out.logs,
-            tapes: Vec::new(),
+            tapes: out.tapes,
         })
     }
 

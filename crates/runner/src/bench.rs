@@ -355,7 +355,7 @@ fn time_automix_step(
         sync(device)?;
         let t = Instant::now();
         let out = model.train_step(x, y, &mut rng)?;
-        let grads = out.loss.backward()?;
+        let grads = out.gradients()?;
         sgd.step(&grads, 0.1)?;
         model.momentum_update(model.momentum_at(i, 1000))?;
         let _ = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
