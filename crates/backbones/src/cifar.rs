@@ -351,10 +351,13 @@ impl CifarResNet {
         let (net, out) = (self.clone(), grads.clone());
         let backward = move |grad: &Tensor| {
             tape::collect(&out, |sink| {
+                let mut tapes = tapes;
                 let mut g = grad.clone();
                 let blocks: Vec<&Block> = net.layers.iter().flat_map(|s| s.blocks()).collect();
-                for (block, tape) in blocks.iter().zip(&tapes).rev() {
-                    g = block.backward(tape, &g, sink)?;
+                for block in blocks.iter().rev() {
+                    // Each block's saved activations are freed as soon as its backward is done.
+                    let tape = tapes.pop().expect("one tape per block");
+                    g = block.backward(&tape, &g, sink)?;
                 }
                 let g = net
                     .bn1
