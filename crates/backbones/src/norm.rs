@@ -180,13 +180,8 @@ impl BatchNorm2d {
             self.eps,
             relu,
         )?;
-        // Both are views of the buffer that holds the input gradient too; kept as they are,
-        // they would keep that activation-sized buffer alive until the optimizer step (a 67 %
-        // higher peak RSS for ResNeXt-50). One small copy frees it.
-        let c = self.channels;
-        let params = Tensor::cat(&[&gw, &gb], 0)?;
-        sink.push(&self.weight, params.narrow(0, 0, c)?);
-        sink.push(&self.bias, params.narrow(0, c, c)?);
+        sink.push(&self.weight, gw);
+        sink.push(&self.bias, gb);
         Ok(gx)
     }
 }

@@ -196,7 +196,9 @@ pub fn batch_norm_train_saving(
 }
 
 /// Gradients `(x, weight, bias)` of [`batch_norm_train_saving`] (`relu` as there) given the
-/// output gradient `grad_y`: the same fused op candle's autograd runs for it.
+/// output gradient `grad_y`: the same fused op candle's autograd runs for it. The weight and
+/// bias gradients share a small buffer of their own (one `[2C]` copy), so keeping them does
+/// not keep the input gradient's buffer alive.
 pub fn batch_norm_train_backward(
     x: &Tensor,
     weight: &Tensor,
@@ -206,6 +208,25 @@ pub fn batch_norm_train_backward(
     eps: f64,
     relu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let (gx, packed) = backward_packed(x, weight, bias, stats, grad_y, eps, relu)?;
+    let (n, c) = (x.elem_count(), weight.elem_count());
+    // `force_contiguous` copies just the slice (`copy` would clone the whole buffer).
+    let params = packed.narrow(0, n, 2 * c)?.force_contiguous()?;
+    crate::counters::record_views(3);
+    Ok((gx, params.narrow(0, 0, c)?, params.narrow(0, c, c)?))
+}
+
+/// The fused backward op: `grad_x` (a view) and the whole packed result
+/// `[grad_x, grad_weight, grad_bias]`.
+fn backward_packed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stats: &Tensor,
+    grad_y: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor)> {
     let geom = geometry(x.shape())?;
     if !fused_covers(&[x, weight, bias, stats, grad_y]) {
         bail!("kernels::batch_norm_train_backward: f32 on the CPU or one CUDA device only");
@@ -220,13 +241,9 @@ pub fn batch_norm_train_backward(
     let packed =
         x.contiguous()?
             .apply_op3_no_bwd(&grad_y.contiguous()?, &stats.contiguous()?, &op)?;
-    let (n, c) = (x.elem_count(), geom.channels);
-    crate::counters::record_views(4);
-    Ok((
-        packed.narrow(0, 0, n)?.reshape(x.shape())?,
-        packed.narrow(0, n, c)?,
-        packed.narrow(0, n + c, c)?,
-    ))
+    crate::counters::record_views(2);
+    let gx = packed.narrow(0, 0, x.elem_count())?.reshape(x.shape())?;
+    Ok((gx, packed))
 }
 
 /// Whether the fused ops (convolution, BatchNorm, residual, loss) run natively on `t`: f32 on
@@ -657,9 +674,16 @@ impl CustomOp3 for BnTrainOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (gx, gw, gb) =
-            batch_norm_train_backward(x, weight, bias, &self.stats, grad_res, self.eps, self.relu)?;
-        Ok((Some(gx), Some(gw), Some(gb)))
+        // candle adds each gradient onto fresh zeros, so views of the packed result are fine.
+        let (gx, packed) =
+            backward_packed(x, weight, bias, &self.stats, grad_res, self.eps, self.relu)?;
+        let (n, c) = (x.elem_count(), self.geom.channels);
+        crate::counters::record_views(2);
+        Ok((
+            Some(gx),
+            Some(packed.narrow(0, n, c)?),
+            Some(packed.narrow(0, n + c, c)?),
+        ))
     }
 }
 

@@ -177,24 +177,13 @@ fn backward_op(
         need_w,
     };
     let packed = x.apply_op3_no_bwd(w, &grad_out.contiguous()?, &op)?;
-    crate::counters::record_views(2 * (need_x as u64 + need_w as u64));
-    let mut offset = 0;
-    let grad_x = if need_x {
-        let n = x.elem_count();
-        offset = n;
-        Some(packed.narrow(0, 0, n)?.reshape(x.shape())?)
-    } else {
-        None
-    };
-    let grad_w = if need_w {
-        Some(
-            packed
-                .narrow(0, offset, w.elem_count())?
-                .reshape(w.shape())?,
-        )
-    } else {
-        None
-    };
+    if !(need_x && need_w) {
+        return Ok((need_x.then(|| packed.clone()), need_w.then_some(packed)));
+    }
+    crate::counters::record_views(4);
+    let n = x.elem_count();
+    let grad_x = Some(packed.narrow(0, 0, n)?.reshape(x.shape())?);
+    let grad_w = Some(packed.narrow(0, n, w.elem_count())?.reshape(w.shape())?);
     Ok((grad_x, grad_w))
 }
 
@@ -263,6 +252,17 @@ struct Conv2dBackwardOp {
 }
 
 impl Conv2dBackwardOp {
+    /// A single gradient comes out in its own shape (no views to make); both, flat and packed.
+    fn output_shape(&self, x: &Shape, w: &Shape) -> Shape {
+        match (self.need_x, self.need_w) {
+            (true, false) => x.clone(),
+            (false, true) => w.clone(),
+            _ => Shape::from(
+                self.need_x as usize * x.elem_count() + self.need_w as usize * w.elem_count(),
+            ),
+        }
+    }
+
     /// One cuDNN call per needed gradient (backward-data, backward-filter).
     fn count(&self) {
         let launches = self.need_x as u64 + self.need_w as u64;
@@ -289,8 +289,8 @@ impl CustomOp3 for Conv2dBackwardOp {
         let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
         let dy = cpu::f32_slice(s3, l3, self.name(), "output gradient")?;
         let packed = cpu::conv::conv2d_backward(&self.geom, x, w, dy, self.need_x, self.need_w);
-        let len = packed.len();
-        Ok((CpuStorage::F32(packed), Shape::from(len)))
+        let shape = self.output_shape(l1.shape(), l2.shape());
+        Ok((CpuStorage::F32(packed), shape))
     }
 
     #[cfg(feature = "cudnn")]
@@ -307,15 +307,6 @@ impl CustomOp3 for Conv2dBackwardOp {
         self.count();
         let out =
             crate::cuda::conv::backward(g, (s1, l1), (s2, l2), (s3, l3), self.need_x, self.need_w)?;
-        let len = if self.need_x {
-            l1.shape().elem_count()
-        } else {
-            0
-        } + if self.need_w {
-            l2.shape().elem_count()
-        } else {
-            0
-        };
-        Ok((out, Shape::from(len)))
+        Ok((out, self.output_shape(l1.shape(), l2.shape())))
     }
 }
