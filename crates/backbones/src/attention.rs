@@ -73,7 +73,7 @@ impl ImageNetResNet18 {
         })
     }
 
-    /// Loads a torchvision-named safetensors file strictly (see [`load_strict`]
+    /// Loads a torchvision-named safetensors file strictly (see `load_strict`
     /// for the key rules). The stem width is read from `conv1.weight`, so the
     /// standard file gives the 64-wide network. `fc.*` keys are ignored.
     pub fn load(

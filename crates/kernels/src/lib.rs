@@ -23,7 +23,7 @@
 //! Device code is kept apart: module `cpu` holds the CPU kernels on plain slices, module `cuda`
 //! (feature `cuda`) the CUDA launches; the op plumbing in the top-level modules is shared.
 //! On devices and dtypes that an op does not cover, every function falls back to candle's
-//! generic ops ([`reference`]), so callers never need to branch.
+//! generic ops ([`reference`](mod@reference)), so callers never need to branch.
 
 mod batch_norm;
 mod conv;

@@ -59,7 +59,7 @@ impl StepOutput {
     }
 }
 
-/// The per-step work of one kind of model; everything around it is [`train`].
+/// The per-step work of one kind of model; everything around it is [`train`](fn@train).
 pub trait StepModel {
     /// The checkpointed variable groups, by tensor-name prefix (`model.`, `mixblock.`, …).
     fn varmaps(&self) -> Vec<(&'static str, &VarMap)>;

@@ -27,7 +27,7 @@ use crate::error::{TrainError, TrainResult};
 /// Key of the JSON metadata in the safetensors `__metadata__` map.
 pub const META_KEY: &str = "mixbench";
 /// Key of the checksum in the safetensors `__metadata__` map: `sha256:<64 hex digits>`, see
-/// [`checkpoint_checksum`].
+/// `checkpoint_checksum`.
 pub const CHECKSUM_KEY: &str = "mixbench.checksum";
 /// Name of the pointer file that holds the file name of the newest epoch checkpoint.
 pub const LATEST_POINTER: &str = "latest";
