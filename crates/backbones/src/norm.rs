@@ -90,7 +90,7 @@ impl BatchNorm2d {
     }
 
     fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
+        let (_, c, _, _) = x.dims4()?;
         if c != self.channels {
             candle_core::bail!("batch norm expects {} channels, got {c}", self.channels);
         }
@@ -103,13 +103,7 @@ impl BatchNorm2d {
         let weight = self.weight.to_dtype(x.dtype())?;
         let bias = self.bias.to_dtype(x.dtype())?;
         let y = if train {
-            let count = n * h * w;
-            if count < 2 {
-                candle_core::bail!(
-                    "batch norm in training mode needs more than one value per channel, got input {:?}",
-                    x.dims()
-                );
-            }
+            check_batch_values(&x)?;
             // Fused ops on CPU and CUDA (generic ops elsewhere): the batch-statistics op also
             // updates the running statistics in place, with PyTorch's rule
             // (`running ← (1 − momentum)·running + momentum·batch`, unbiased variance).
@@ -139,13 +133,7 @@ impl BatchNorm2d {
         x: &Tensor,
         relu: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let (n, _, h, w) = x.dims4()?;
-        if n * h * w < 2 {
-            candle_core::bail!(
-                "batch norm in training mode needs more than one value per channel, got input {:?}",
-                x.dims()
-            );
-        }
+        check_batch_values(x)?;
         let running = kernels::RunningStats {
             mean: self.running_mean.as_tensor(),
             var: self.running_var.as_tensor(),
@@ -184,4 +172,16 @@ impl BatchNorm2d {
         sink.push(&self.bias, gb);
         Ok(gx)
     }
+}
+
+/// Batch statistics need more than one value per channel.
+fn check_batch_values(x: &Tensor) -> Result<()> {
+    let (n, _, h, w) = x.dims4()?;
+    if n * h * w < 2 {
+        candle_core::bail!(
+            "batch norm in training mode needs more than one value per channel, got input {:?}",
+            x.dims()
+        );
+    }
+    Ok(())
 }

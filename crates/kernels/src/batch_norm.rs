@@ -2,6 +2,7 @@
 //! in `cuda::batch_norm`), evaluation mode as a broadcast affine.
 
 use crate::cpu::{self, batch_norm::BnGeom};
+use crate::fused_covers;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, InplaceOp1, Layout, Result,
     Shape, Storage, Tensor,
@@ -28,20 +29,6 @@ fn check_params(name: &str, t: &Tensor, channels: usize) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Whether the fused ops cover these tensors: f32 on the CPU, or (feature `cuda`) f32 on one
-/// CUDA device.
-fn fused_covers(tensors: &[&Tensor]) -> bool {
-    let f32_args = tensors.iter().all(|t| t.dtype() == DType::F32);
-    let on_cpu = tensors.iter().all(|t| matches!(t.device(), Device::Cpu));
-    #[cfg(feature = "cuda")]
-    let on_cuda = tensors
-        .iter()
-        .all(|t| t.device().is_cuda() && t.device().same_device(tensors[0].device()));
-    #[cfg(not(feature = "cuda"))]
-    let on_cuda = false;
-    f32_args && (on_cpu || on_cuda)
 }
 
 /// Running statistics that a training-mode BatchNorm call updates in place with PyTorch's rule:
@@ -162,11 +149,12 @@ fn batch_norm_train_impl(
     let y = x.apply_op3(
         &weight,
         &bias,
-        BnTrainOp {
+        BnNormOp {
             geom,
             eps,
             relu,
             stats: stats.clone(),
+            eval: false,
         },
     )?;
     if running.is_some() {
@@ -312,11 +300,12 @@ fn batch_norm_eval_impl(
         return x.contiguous()?.apply_op3(
             &weight.contiguous()?,
             &bias.contiguous()?,
-            BnEvalOp {
+            BnNormOp {
                 geom,
                 eps,
                 relu,
                 stats,
+                eval: true,
             },
         );
     }
@@ -334,152 +323,8 @@ fn batch_norm_eval_impl(
     }
 }
 
-/// `(x, weight, bias) -> y` with the running statistics `[mean, var]` read out of band.
-struct BnEvalOp {
-    geom: BnGeom,
-    eps: f64,
-    relu: bool,
-    stats: Tensor,
-}
-
-impl CustomOp3 for BnEvalOp {
-    fn name(&self) -> &'static str {
-        "kernels-batch-norm-eval"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        crate::counters::record(crate::OpKind::BnForward, 1);
-        let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
-        let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
-        let b = cpu::f32_slice(s3, l3, self.name(), "bias")?;
-        let y = with_cpu_f32(&self.stats, self.name(), "running statistics", |st| {
-            cpu::batch_norm::bn_forward(&self.geom, x, w, b, st, self.eps, self.relu)
-        })?;
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::counters::record(crate::OpKind::BnForward, 1);
-        let stats = crate::cuda::tensor_ptr(&self.stats, self.name(), "running statistics")?;
-        let y = crate::cuda::batch_norm::forward(
-            &self.geom,
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
-            stats,
-            self.eps,
-            self.relu,
-        )?;
-        Ok((y, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (need_x, need_w, need_b) = (x.track_op(), weight.track_op(), bias.track_op());
-        let c = self.geom.channels;
-        if !matches!(x.device(), Device::Cpu) {
-            // Generic ops: dy·[y > 0]·scale, Σ dy·x̂, Σ dy over all but the channel axis.
-            let mut bshape = vec![1usize; x.rank()];
-            bshape[1] = c;
-            let (mean, var) = (self.stats.narrow(0, 0, c)?, self.stats.narrow(0, c, c)?);
-            let inv_std = (var + self.eps)?
-                .sqrt()?
-                .recip()?
-                .reshape(bshape.as_slice())?;
-            let dy = if self.relu {
-                (grad_res * res.gt(0.0)?.to_dtype(DType::F32)?)?
-            } else {
-                grad_res.clone()
-            };
-            let sum_but_channels = |t: &Tensor| -> Result<Tensor> {
-                let t = t.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
-                t.sum(1)
-            };
-            let gx = if need_x {
-                let scale = weight.reshape(bshape.as_slice())?.broadcast_mul(&inv_std)?;
-                Some(dy.broadcast_mul(&scale)?)
-            } else {
-                None
-            };
-            let gw = if need_w {
-                let xhat = x
-                    .broadcast_sub(&mean.reshape(bshape.as_slice())?)?
-                    .broadcast_mul(&inv_std)?;
-                Some(sum_but_channels(&(&dy * xhat)?)?)
-            } else {
-                None
-            };
-            let gb = if need_b {
-                Some(sum_but_channels(&dy)?)
-            } else {
-                None
-            };
-            return Ok((gx, gw, gb));
-        }
-        if !(need_x || need_w || need_b) {
-            return Ok((None, None, None));
-        }
-        let op = BnEvalBackwardOp {
-            geom: self.geom,
-            eps: self.eps,
-            relu: self.relu,
-            need_x,
-            need_params: need_w || need_b,
-            weight: weight.clone(),
-            bias: bias.clone(),
-            stats: self.stats.clone(),
-        };
-        let packed = x.apply_op2_no_bwd(&grad_res.contiguous()?, &op)?;
-        let n = if need_x { x.elem_count() } else { 0 };
-        let mut views = 0;
-        let gx = if need_x {
-            views += 2;
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?)
-        } else {
-            None
-        };
-        let gw = if need_w {
-            views += 1;
-            Some(packed.narrow(0, n, c)?)
-        } else {
-            None
-        };
-        let gb = if need_b {
-            views += 1;
-            Some(packed.narrow(0, n + c, c)?)
-        } else {
-            None
-        };
-        crate::counters::record_views(views);
-        Ok((gx, gw, gb))
-    }
-}
-
 /// CPU `(x, grad_y) -> [grad_x (if needed), grad_weight (C), grad_bias (C) (if needed)]` of
-/// [`BnEvalOp`], with weight, bias and running statistics read out of band.
+/// [`BnNormOp`] in eval mode, with weight, bias and running statistics read out of band.
 struct BnEvalBackwardOp {
     geom: BnGeom,
     eps: f64,
@@ -609,18 +454,24 @@ fn with_cpu_f32<R>(t: &Tensor, op: &str, arg: &str, f: impl FnOnce(&[f32]) -> R)
     }
 }
 
-/// `(x, weight, bias) -> y`, with the batch statistics `[mean, var]` read out of band;
-/// backward in one fused op.
-struct BnTrainOp {
+/// `(x, weight, bias) -> y`, with the statistics `[mean, var]` read out of band: the batch's
+/// (training; backward in one fused op) or the running ones (`eval`; the statistics are
+/// constants, see [`BnNormOp::eval_backward`]).
+struct BnNormOp {
     geom: BnGeom,
     eps: f64,
     relu: bool,
     stats: Tensor,
+    eval: bool,
 }
 
-impl CustomOp3 for BnTrainOp {
+impl CustomOp3 for BnNormOp {
     fn name(&self) -> &'static str {
-        "kernels-batch-norm-train"
+        if self.eval {
+            "kernels-batch-norm-eval"
+        } else {
+            "kernels-batch-norm-train"
+        }
     }
 
     fn cpu_fwd(
@@ -671,9 +522,12 @@ impl CustomOp3 for BnTrainOp {
         x: &Tensor,
         weight: &Tensor,
         bias: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.eval {
+            return self.eval_backward(x, weight, bias, res, grad_res);
+        }
         // candle adds each gradient onto fresh zeros, so views of the packed result are fine.
         let (gx, packed) =
             backward_packed(x, weight, bias, &self.stats, grad_res, self.eps, self.relu)?;
@@ -684,6 +538,96 @@ impl CustomOp3 for BnTrainOp {
             Some(packed.narrow(0, n, c)?),
             Some(packed.narrow(0, n + c, c)?),
         ))
+    }
+}
+
+impl BnNormOp {
+    /// Backward of the eval-mode normalisation (fixed statistics).
+    fn eval_backward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (need_x, need_w, need_b) = (x.track_op(), weight.track_op(), bias.track_op());
+        let c = self.geom.channels;
+        if !matches!(x.device(), Device::Cpu) {
+            // Generic ops: dy·[y > 0]·scale, Σ dy·x̂, Σ dy over all but the channel axis.
+            let mut bshape = vec![1usize; x.rank()];
+            bshape[1] = c;
+            let (mean, var) = (self.stats.narrow(0, 0, c)?, self.stats.narrow(0, c, c)?);
+            let inv_std = (var + self.eps)?
+                .sqrt()?
+                .recip()?
+                .reshape(bshape.as_slice())?;
+            let dy = if self.relu {
+                (grad_res * res.gt(0.0)?.to_dtype(DType::F32)?)?
+            } else {
+                grad_res.clone()
+            };
+            let sum_but_channels = |t: &Tensor| -> Result<Tensor> {
+                let t = t.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+                t.sum(1)
+            };
+            let gx = if need_x {
+                let scale = weight.reshape(bshape.as_slice())?.broadcast_mul(&inv_std)?;
+                Some(dy.broadcast_mul(&scale)?)
+            } else {
+                None
+            };
+            let gw = if need_w {
+                let xhat = x
+                    .broadcast_sub(&mean.reshape(bshape.as_slice())?)?
+                    .broadcast_mul(&inv_std)?;
+                Some(sum_but_channels(&(&dy * xhat)?)?)
+            } else {
+                None
+            };
+            let gb = if need_b {
+                Some(sum_but_channels(&dy)?)
+            } else {
+                None
+            };
+            return Ok((gx, gw, gb));
+        }
+        if !(need_x || need_w || need_b) {
+            return Ok((None, None, None));
+        }
+        let op = BnEvalBackwardOp {
+            geom: self.geom,
+            eps: self.eps,
+            relu: self.relu,
+            need_x,
+            need_params: need_w || need_b,
+            weight: weight.clone(),
+            bias: bias.clone(),
+            stats: self.stats.clone(),
+        };
+        let packed = x.apply_op2_no_bwd(&grad_res.contiguous()?, &op)?;
+        let n = if need_x { x.elem_count() } else { 0 };
+        let mut views = 0;
+        let gx = if need_x {
+            views += 2;
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let gw = if need_w {
+            views += 1;
+            Some(packed.narrow(0, n, c)?)
+        } else {
+            None
+        };
+        let gb = if need_b {
+            views += 1;
+            Some(packed.narrow(0, n + c, c)?)
+        } else {
+            None
+        };
+        crate::counters::record_views(views);
+        Ok((gx, gw, gb))
     }
 }
 

@@ -51,5 +51,18 @@ pub use residual::{add_relu, add_relu_backward};
 pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};
 pub use sgd::{sgd_update, sgd_update_multi, SgdParam, SgdStep};
 
+/// Whether the fused ops (BatchNorm, residual, loss) cover these tensors: f32 on the CPU, or
+/// (feature `cuda`) f32 on one CUDA device.
+pub(crate) fn fused_covers(tensors: &[&candle_core::Tensor]) -> bool {
+    use candle_core::{DType, Device};
+    let f32_args = tensors.iter().all(|t| t.dtype() == DType::F32);
+    let on_cpu = tensors.iter().all(|t| matches!(t.device(), Device::Cpu));
+    let on_cuda = cfg!(feature = "cuda")
+        && tensors
+            .iter()
+            .all(|t| t.device().is_cuda() && t.device().same_device(tensors[0].device()));
+    f32_args && (on_cpu || on_cuda)
+}
+
 /// Whether this build routes CUDA f32 convolutions through cuDNN (feature `cudnn`).
 pub const CUDNN_CONV: bool = cfg!(feature = "cudnn");

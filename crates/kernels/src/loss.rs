@@ -6,9 +6,7 @@
 //! a CUDA launch, for a `100 × 10` matrix.
 
 use crate::cpu;
-use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
-};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `(1/N) Σ_i Σ_c −t_ic · log softmax(z_i)_c` for logits `z` and targets `t` (both `N × C`),
 /// as a 0-dim tensor, differentiable in `logits` (and in `targets`, through the fallback).
@@ -30,12 +28,7 @@ pub fn soft_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dims()
         );
     }
-    let f32_args = logits.dtype() == DType::F32 && targets.dtype() == DType::F32;
-    let on_cpu = matches!(logits.device(), Device::Cpu) && matches!(targets.device(), Device::Cpu);
-    let on_cuda = cfg!(feature = "cuda")
-        && logits.device().is_cuda()
-        && logits.device().same_device(targets.device());
-    if !(f32_args && (on_cpu || on_cuda)) || targets.track_op() {
+    if !crate::fused_covers(&[logits, targets]) || targets.track_op() {
         return crate::reference::soft_cross_entropy(logits, targets);
     }
     logits

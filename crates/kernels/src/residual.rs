@@ -8,7 +8,7 @@
 
 use crate::cpu;
 use candle_core::Tensor;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
 
 /// Elements per parallel chunk of the CPU kernels.
 const CHUNK: usize = 1 << 14;
@@ -25,11 +25,7 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             b.dims()
         );
     }
-    let f32_args = a.dtype() == DType::F32 && b.dtype() == DType::F32;
-    let on_cpu = matches!(a.device(), Device::Cpu) && matches!(b.device(), Device::Cpu);
-    let on_cuda =
-        cfg!(feature = "cuda") && a.device().is_cuda() && a.device().same_device(b.device());
-    if !(f32_args && (on_cpu || on_cuda)) {
+    if !crate::fused_covers(&[a, b]) {
         return (a + b)?.relu();
     }
     a.contiguous()?.apply_op2(&b.contiguous()?, AddReluOp)
@@ -95,15 +91,7 @@ impl CustomOp2 for AddReluOp {
 /// (`grad · [a + b >= 0]`), for a caller that runs its own backward pass: the same op candle's
 /// autograd runs for [`add_relu`] (generic ops where that op does not run).
 pub fn add_relu_backward(a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    let f32_args = [a, b, grad].iter().all(|t| t.dtype() == DType::F32);
-    let on_cpu = [a, b, grad]
-        .iter()
-        .all(|t| matches!(t.device(), Device::Cpu));
-    let on_cuda = cfg!(feature = "cuda")
-        && [a, b, grad]
-            .iter()
-            .all(|t| t.device().is_cuda() && t.device().same_device(a.device()));
-    if !(f32_args && (on_cpu || on_cuda)) {
+    if !crate::fused_covers(&[a, b, grad]) {
         let mask = (a + b)?.ge(0.0)?.to_dtype(grad.dtype())?;
         return grad * mask;
     }

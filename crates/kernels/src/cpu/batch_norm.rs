@@ -214,6 +214,32 @@ fn masked_sums(xp: &[f32], dp: &[f32], m: f32, relu: Option<(f32, f32)>) -> (f64
     (pairwise(a), pairwise(b))
 }
 
+/// Per channel `(Σ dy, Σ dy · (x − mean))`, `dy` masked by the fused ReLU when `relu` gives
+/// its BN's `(scale, shift)`: each plane in [`masked_sums`], the planes in f64.
+fn channel_sums(
+    g: &BnGeom,
+    x: &[f32],
+    grad_y: &[f32],
+    mean: &[f32],
+    relu: Option<(&[f32], &[f32])>,
+) -> Vec<(f64, f64)> {
+    (0..g.channels)
+        .into_par_iter()
+        .map(|ch| {
+            let relu = relu.map(|(s, t)| (s[ch], t[ch]));
+            super::with_avx2(|| {
+                let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
+                for (xp, dp) in g.channel_planes(x, ch).zip(g.channel_planes(grad_y, ch)) {
+                    let (a, b) = masked_sums(xp, dp, mean[ch], relu);
+                    sum_dy += a;
+                    sum_dy_xc += b;
+                }
+                (sum_dy, sum_dy_xc)
+            })
+        })
+        .collect()
+}
+
 /// Backward of [`bn_forward`] with batch statistics. Returns `grad_x` followed by
 /// `[d weight (C), d bias (C)]`; the statistics' dependence on `x` is folded into `grad_x`.
 #[allow(clippy::too_many_arguments)]
@@ -237,20 +263,10 @@ pub(crate) fn bn_backward(
         .collect();
     // Σ dy and Σ dy·(x − mean) per channel (in LANES partial sums per plane, as `lane_sum`);
     // the latter times 1/σ is Σ dy·x̂.
-    let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let (m, is, s, t) = (mean[ch], inv_std[ch], scale[ch], shift[ch]);
-            super::with_avx2(|| {
-                let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
-                for (xp, dp) in g.channel_planes(x, ch).zip(g.channel_planes(grad_y, ch)) {
-                    let (a, b) = masked_sums(xp, dp, m, relu.then_some((s, t)));
-                    sum_dy += a;
-                    sum_dy_xc += b;
-                }
-                (sum_dy, sum_dy_xc * is as f64)
-            })
-        })
+    let sums: Vec<(f64, f64)> = channel_sums(g, x, grad_y, mean, relu.then_some((&scale, &shift)))
+        .into_iter()
+        .zip(&inv_std)
+        .map(|((sum_dy, sum_dy_xc), &is)| (sum_dy, sum_dy_xc * is as f64))
         .collect();
     let n = g.count().max(1) as f32;
     let mean_dy: Vec<f32> = sums.iter().map(|s| s.0 as f32 / n).collect();
@@ -326,22 +342,14 @@ pub(crate) fn bn_eval_backward(
         Vec::with_capacity(spare)
     };
     if grads.params {
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let is = 1.0 / (var[ch] as f64 + eps).sqrt();
-                let relu = relu.then_some((scale[ch], shift[ch]));
-                super::with_avx2(|| {
-                    let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
-                    for (xp, dp) in g.channel_planes(x, ch).zip(g.channel_planes(grad_y, ch)) {
-                        let (a, b) = masked_sums(xp, dp, mean[ch], relu);
-                        sum_dy += a;
-                        sum_dy_xc += b;
-                    }
-                    (sum_dy, sum_dy_xc * is)
+        let sums: Vec<(f64, f64)> =
+            channel_sums(g, x, grad_y, mean, relu.then_some((&scale, &shift)))
+                .into_iter()
+                .zip(var)
+                .map(|((sum_dy, sum_dy_xc), &v)| {
+                    (sum_dy, sum_dy_xc * (1.0 / (v as f64 + eps).sqrt()))
                 })
-            })
-            .collect();
+                .collect();
         out.extend(sums.iter().map(|s| s.1 as f32));
         out.extend(sums.iter().map(|s| s.0 as f32));
     }
