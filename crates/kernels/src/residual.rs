@@ -50,12 +50,15 @@ impl CustomOp2 for AddReluOp {
         let b = cpu::f32_slice(s2, l2, self.name(), "rhs")?;
         let y = cpu::par_new_vec(a.len(), 0, CHUNK, |i, y| {
             let (a, b) = (&a[i * CHUNK..][..y.len()], &b[i * CHUNK..][..y.len()]);
-            cpu::with_avx2(|| {
-                for j in 0..y.len() {
-                    // candle: add, then relu as `v.max(0f32)`.
-                    y[j].write((a[j] + b[j]).max(0f32));
-                }
-            })
+            cpu::with_avx2(
+                #[inline(always)]
+                || {
+                    for j in 0..y.len() {
+                        // candle: add, then relu as `v.max(0f32)`.
+                        y[j].write((a[j] + b[j]).max(0f32));
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -127,12 +130,15 @@ impl CustomOp3 for AddReluBackwardOp {
                 &b[at..][..g.len()],
                 &dy[at..][..g.len()],
             );
-            cpu::with_avx2(|| {
-                for j in 0..g.len() {
-                    // candle: grad * (arg >= 0) as f32.
-                    g[j].write(dy[j] * if a[j] + b[j] >= 0.0 { 1f32 } else { 0f32 });
-                }
-            })
+            cpu::with_avx2(
+                #[inline(always)]
+                || {
+                    for j in 0..g.len() {
+                        // candle: grad * (arg >= 0) as f32.
+                        g[j].write(dy[j] * if a[j] + b[j] >= 0.0 { 1f32 } else { 0f32 });
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(g), l1.shape().clone()))
     }

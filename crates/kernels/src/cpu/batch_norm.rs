@@ -71,20 +71,23 @@ pub(crate) fn bn_stats(g: &BnGeom, x: &[f32]) -> Vec<f32> {
     let per_channel: Vec<(f32, f32)> = (0..g.channels)
         .into_par_iter()
         .map(|c| {
-            super::with_avx2(|| {
-                let sum: f64 = g.channel_planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
-                let m = (sum / count) as f32;
-                let sq: f64 = g
-                    .channel_planes(x, c)
-                    .map(|p| {
-                        lane_sum(p, |v| {
-                            let d = v - m;
-                            d * d
+            super::with_avx2(
+                #[inline(always)]
+                || {
+                    let sum: f64 = g.channel_planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
+                    let m = (sum / count) as f32;
+                    let sq: f64 = g
+                        .channel_planes(x, c)
+                        .map(|p| {
+                            lane_sum(p, |v| {
+                                let d = v - m;
+                                d * d
+                            })
                         })
-                    })
-                    .sum();
-                (m, (sq / count) as f32)
-            })
+                        .sum();
+                    (m, (sq / count) as f32)
+                },
+            )
         })
         .collect();
     let mut packed = vec![0f32; 2 * g.channels];
@@ -133,17 +136,20 @@ pub(crate) fn bn_forward(
     super::par_new_vec(x.len(), 0, g.plane.max(1), |i, yp| {
         let xp = &x[i * g.plane..][..yp.len()];
         let (s, t) = (scale[i % c], shift[i % c]);
-        super::with_avx2(|| {
-            if relu {
-                for (o, &v) in yp.iter_mut().zip(xp) {
-                    o.write((v * s + t).max(0.0));
+        super::with_avx2(
+            #[inline(always)]
+            || {
+                if relu {
+                    for (o, &v) in yp.iter_mut().zip(xp) {
+                        o.write((v * s + t).max(0.0));
+                    }
+                } else {
+                    for (o, &v) in yp.iter_mut().zip(xp) {
+                        o.write(v * s + t);
+                    }
                 }
-            } else {
-                for (o, &v) in yp.iter_mut().zip(xp) {
-                    o.write(v * s + t);
-                }
-            }
-        })
+            },
+        )
     })
 }
 
@@ -227,15 +233,18 @@ fn channel_sums(
         .into_par_iter()
         .map(|ch| {
             let relu = relu.map(|(s, t)| (s[ch], t[ch]));
-            super::with_avx2(|| {
-                let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
-                for (xp, dp) in g.channel_planes(x, ch).zip(g.channel_planes(grad_y, ch)) {
-                    let (a, b) = masked_sums(xp, dp, mean[ch], relu);
-                    sum_dy += a;
-                    sum_dy_xc += b;
-                }
-                (sum_dy, sum_dy_xc)
-            })
+            super::with_avx2(
+                #[inline(always)]
+                || {
+                    let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
+                    for (xp, dp) in g.channel_planes(x, ch).zip(g.channel_planes(grad_y, ch)) {
+                        let (a, b) = masked_sums(xp, dp, mean[ch], relu);
+                        sum_dy += a;
+                        sum_dy_xc += b;
+                    }
+                    (sum_dy, sum_dy_xc)
+                },
+            )
         })
         .collect()
 }
@@ -281,13 +290,16 @@ pub(crate) fn bn_backward(
         let (m, is, k) = (mean[ch], inv_std[ch], weight[ch] * inv_std[ch]);
         let (mdy, mdyx) = (mean_dy[ch], mean_dy_xhat[ch]);
         let relu = relu.then_some((scale[ch], shift[ch]));
-        super::with_avx2(|| {
-            for j in 0..gp.len() {
-                let (xv, d) = (xp[j], masked(xp[j], dp[j], relu));
-                let xhat = (xv - m) * is;
-                gp[j].write(k * (d - mdy - xhat * mdyx));
-            }
-        })
+        super::with_avx2(
+            #[inline(always)]
+            || {
+                for j in 0..gp.len() {
+                    let (xv, d) = (xp[j], masked(xp[j], dp[j], relu));
+                    let xhat = (xv - m) * is;
+                    gp[j].write(k * (d - mdy - xhat * mdyx));
+                }
+            },
+        )
     });
     out.extend(sums.iter().map(|s| s.1 as f32));
     out.extend(sums.iter().map(|s| s.0 as f32));
@@ -332,11 +344,14 @@ pub(crate) fn bn_eval_backward(
             );
             let (s, t) = (scale[ch], shift[ch]);
             let relu = relu.then_some((s, t));
-            super::with_avx2(|| {
-                for j in 0..gp.len() {
-                    gp[j].write(masked(xp[j], dp[j], relu) * s);
-                }
-            })
+            super::with_avx2(
+                #[inline(always)]
+                || {
+                    for j in 0..gp.len() {
+                        gp[j].write(masked(xp[j], dp[j], relu) * s);
+                    }
+                },
+            )
         })
     } else {
         Vec::with_capacity(spare)

@@ -31,8 +31,10 @@ pub(crate) fn f32_slice<'a>(
 /// Runs `f` in a function compiled for AVX2 and FMA when the CPU has them, else as is.
 ///
 /// The crate is built for baseline x86-64 (SSE2) so that one binary runs everywhere; element-wise
-/// loops inlined into `f` (mark their functions `#[inline(always)]`) get 8-wide vectors this way.
-/// Results are unchanged: Rust never contracts `a * b + c` into an FMA on its own.
+/// loops inlined into `f` get 8-wide vectors this way. Mark the closure itself
+/// `#[inline(always)]` as well as the functions it calls: a closure that LLVM chose not to inline
+/// compiles for the baseline and silently runs 4-wide SSE (`perf` showed the Winograd input
+/// transform doing so once it grew). Results are unchanged: Rust never contracts `a * b + c` into an FMA on its own.
 #[inline(always)]
 pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
