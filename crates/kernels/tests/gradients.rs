@@ -90,6 +90,9 @@ const CONV_CASES: &[ConvCase] = &[
     case(4, 16, 8, (8, 6), 3, 1, 1, 1),
     case(9, 8, 8, (2, 2), 3, 1, 1, 1),
     case(1, 8, 8, (5, 5), 3, 1, 1, 1),
+    // ≥ 32 channels and planes ≥ 8 a side: Winograd F(4x4, 3x3) (a multiple of 4 and not).
+    case(2, 32, 40, (8, 8), 3, 1, 1, 1),
+    case(1, 32, 32, (10, 9), 3, 1, 1, 1),
     // One image: the GEMMs themselves run multithreaded.
     case(1, 4, 6, (7, 7), 3, 2, 1, 1),
 ];

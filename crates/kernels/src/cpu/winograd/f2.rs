@@ -1,0 +1,476 @@
+//! Winograd F(2×2, 3×3): each 2×2 block of outputs ("tile") from a 4×4 block of the input,
+//! 16 transform positions. The transforms use only ±1 and ½, so the rounding error stays
+//! within a few ulps of the direct convolution's. Used where the channel counts are too small
+//! for [`super::f4`]'s heavier transforms to pay off.
+
+use super::{give_back, plane_stride, take_buffer, tile_grid, Tile};
+use crate::cpu::conv::ConvGeom;
+use rayon::prelude::*;
+
+/// The F(2×2, 3×3) variant.
+pub(crate) struct F2;
+
+impl Tile for F2 {
+    const OUT: usize = 2;
+    const XI: usize = 16;
+    const FORWARD_TILES: usize = 512;
+    const BACKWARD_TILES: usize = 1024;
+
+    fn transform_weight(k_out: usize, c_in: usize, weight: &[f32]) -> Vec<f32> {
+        transform_weight(k_out, c_in, weight)
+    }
+    fn transform_input(
+        g: &ConvGeom,
+        x: &[f32],
+        images: usize,
+        v: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        transform_input(g, x, images, v, scratch)
+    }
+    fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+        transform_output(g, m, images, out)
+    }
+    fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+        transform_grad_out(g, dy, images, z)
+    }
+    fn weight_grad_from_transformed(k_out: usize, c_in: usize, du: &[f32], grad_w: &mut [f32]) {
+        weight_grad_from_transformed(k_out, c_in, du, grad_w)
+    }
+}
+
+/// `dst = a + b` element-wise (equal lengths; written so it vectorises).
+#[inline(always)]
+fn add(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((d, a), b) in dst.iter_mut().zip(a).zip(b) {
+        *d = a + b;
+    }
+}
+
+/// `dst = a - b` element-wise.
+#[inline(always)]
+fn sub(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((d, a), b) in dst.iter_mut().zip(a).zip(b) {
+        *d = a - b;
+    }
+}
+
+/// `dst = -a` element-wise.
+#[inline(always)]
+fn neg(dst: &mut [f32], a: &[f32]) {
+    for (d, a) in dst.iter_mut().zip(a) {
+        *d = -a;
+    }
+}
+
+/// `first[m] = src[2m]`, `second[m] = src[2m + 1]` for every whole pair of `src`.
+/// Blocks of 8 pairs as fixed-size arrays, which compile to two loads and a few shuffles
+/// (the element-wise loop stayed scalar: a third of a 32×32 transform's time).
+#[inline(always)]
+fn split_pairs(src: &[f32], first: &mut [f32], second: &mut [f32]) {
+    let n = src.len() / 2;
+    let (first, second) = (&mut first[..n], &mut second[..n]);
+    let blocks = n / 8;
+    for ((s, a), b) in src
+        .chunks_exact(16)
+        .zip(first.chunks_exact_mut(8))
+        .zip(second.chunks_exact_mut(8))
+    {
+        let s: &[f32; 16] = s.try_into().unwrap();
+        let a: &mut [f32; 8] = a.try_into().unwrap();
+        let b: &mut [f32; 8] = b.try_into().unwrap();
+        *a = std::array::from_fn(|k| s[2 * k]);
+        *b = std::array::from_fn(|k| s[2 * k + 1]);
+    }
+    for m in blocks * 8..n {
+        first[m] = src[2 * m];
+        second[m] = src[2 * m + 1];
+    }
+}
+
+/// `dst[2m] = first[m]`, `dst[2m + 1] = second[m]` for every whole pair of `dst`
+/// (the inverse of [`split_pairs`], in the same fixed-size blocks).
+#[inline(always)]
+fn join_pairs(first: &[f32], second: &[f32], dst: &mut [f32]) {
+    let n = dst.len() / 2;
+    let (first, second) = (&first[..n], &second[..n]);
+    let blocks = n / 8;
+    for ((d, a), b) in dst
+        .chunks_exact_mut(16)
+        .zip(first.chunks_exact(8))
+        .zip(second.chunks_exact(8))
+    {
+        let d: &mut [f32; 16] = d.try_into().unwrap();
+        let a: &[f32; 8] = a.try_into().unwrap();
+        let b: &[f32; 8] = b.try_into().unwrap();
+        *d = std::array::from_fn(|k| if k % 2 == 0 { a[k / 2] } else { b[k / 2] });
+    }
+    for m in blocks * 8..n {
+        dst[2 * m] = first[m];
+        dst[2 * m + 1] = second[m];
+    }
+}
+
+/// `U[ξ][k][c] = (G g[k][c] Gᵀ)[ξ]` for a `[K, C, 3, 3]` kernel.
+fn transform_weight(k_out: usize, c_in: usize, weight: &[f32]) -> Vec<f32> {
+    let mut u = vec![0f32; 16 * k_out * c_in];
+    u.par_chunks_mut(16 * c_in)
+        .enumerate()
+        .for_each(|(k, u_k)| {
+            for c in 0..c_in {
+                let g = &weight[(k * c_in + c) * 9..][..9];
+                // G g: 4×3, rows g0, (g0+g1+g2)/2, (g0-g1+g2)/2, g2.
+                let mut gg = [[0f32; 3]; 4];
+                for j in 0..3 {
+                    let (a, b, d) = (g[j], g[3 + j], g[6 + j]);
+                    gg[0][j] = a;
+                    gg[1][j] = 0.5 * (a + b + d);
+                    gg[2][j] = 0.5 * (a - b + d);
+                    gg[3][j] = d;
+                }
+                for (i, row) in gg.iter().enumerate() {
+                    let (a, b, d) = (row[0], row[1], row[2]);
+                    let vals = [a, 0.5 * (a + b + d), 0.5 * (a - b + d), d];
+                    for (j, v) in vals.into_iter().enumerate() {
+                        u_k[(i * 4 + j) * c_in + c] = v;
+                    }
+                }
+            }
+        });
+    u
+}
+
+/// `V[ξ][c][t] = (Bᵀ d B)[ξ]` for every tile `t` of `images` images of `x` (NCHW), into `v`
+/// (16 planes of `C · T` floats, `T = images · tiles`, [`plane_stride`] apart).
+fn transform_input(g: &ConvGeom, x: &[f32], images: usize, v: &mut [f32], scratch: &mut Vec<f32>) {
+    crate::cpu::with_avx2(
+        #[inline(always)]
+        || transform_input_impl(g, x, images, v, scratch),
+    )
+}
+
+/// One channel at a time, over the tiles of all the chunk's images at once: wide planes
+/// (≥ 8 tiles a row) row by row straight from a zero-padded, even/odd-split copy of the plane;
+/// narrow ones through a gather of each tile's 16 inputs into 16 `T`-long rows, so the
+/// arithmetic still runs in full vectors (a 4×4 plane's tile rows are 2 tiles long).
+#[inline(always)]
+fn transform_input_impl(
+    g: &ConvGeom,
+    x: &[f32],
+    images: usize,
+    v: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (_, tw, _) = tile_grid(g, 2);
+    if tw >= 8 {
+        transform_input_wide(g, x, images, v, scratch)
+    } else {
+        transform_input_narrow(g, x, images, v, scratch)
+    }
+}
+
+/// Bᵀ on the rows of one tile row: row `i` of `Bᵀ d` for the padded rows `d0..d3`
+/// (`d0-d2, d1+d2, d2-d1, d1-d3`).
+#[inline(always)]
+fn input_rows(i: usize, dst: &mut [f32], d: [&[f32]; 4]) {
+    match i {
+        0 => sub(dst, d[0], d[2]),
+        1 => add(dst, d[1], d[2]),
+        2 => sub(dst, d[2], d[1]),
+        _ => sub(dst, d[1], d[3]),
+    }
+}
+
+/// [`transform_input_impl`] for planes with at least 8 tiles a row.
+#[inline(always)]
+fn transform_input_wide(
+    g: &ConvGeom,
+    x: &[f32],
+    images: usize,
+    v: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (th, tw, tiles) = tile_grid(g, 2);
+    let t_total = images * tiles;
+    // Zero-padded plane: rows -1..=2·th, columns -1..=2·tw, as `tw + 1` evens then `tw + 1`
+    // odds, so column j of every tile in a tile row is one contiguous run (e, o, e+1, o+1).
+    let (ph, half) = (2 * th + 2, tw + 1);
+    let row_len = 2 * half;
+    scratch.clear();
+    scratch.resize(ph * row_len + row_len, 0.0);
+    let (pad, row) = scratch.split_at_mut(ph * row_len);
+    let plane = g.h * g.w;
+    let xi_stride = plane_stride(g.c_in * t_total);
+    for c in 0..g.c_in {
+        for b in 0..images {
+            let src = &x[(b * g.c_in + c) * plane..][..plane];
+            for y in 0..g.h {
+                let (even, odd) = pad[(y + 1) * row_len..][..row_len].split_at_mut(half);
+                let line = &src[y * g.w..][..g.w];
+                // Padded column x + 1: even x lands in the odd half and vice versa.
+                if g.w % 2 == 1 {
+                    odd[g.w / 2] = line[g.w - 1];
+                }
+                split_pairs(line, odd, &mut even[1..]);
+            }
+            for ty in 0..th {
+                let at = c * t_total + b * tiles + ty * tw;
+                let d: [&[f32]; 4] =
+                    std::array::from_fn(|r| &pad[(2 * ty + r) * row_len..][..row_len]);
+                for i in 0..4 {
+                    input_rows(i, row, d);
+                    let (e, o) = row.split_at(half);
+                    let out = |j: usize| (i * 4 + j) * xi_stride + at;
+                    // … then B on the columns: c0-c2, c1+c2, c2-c1, c1-c3.
+                    sub(&mut v[out(0)..][..tw], &e[..tw], &e[1..]);
+                    add(&mut v[out(1)..][..tw], &o[..tw], &e[1..]);
+                    sub(&mut v[out(2)..][..tw], &e[1..], &o[..tw]);
+                    sub(&mut v[out(3)..][..tw], &o[..tw], &o[1..]);
+                }
+            }
+        }
+    }
+}
+
+/// [`transform_input_impl`] for planes with fewer than 8 tiles a row: each tile's 16 inputs
+/// are gathered element by element (runs of 2–6 floats: `memmove` calls cost more than the
+/// copies) into 16 `T`-long rows, then combined row-wise.
+#[inline(always)]
+fn transform_input_narrow(
+    g: &ConvGeom,
+    x: &[f32],
+    images: usize,
+    v: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (th, tw, tiles) = tile_grid(g, 2);
+    let t_total = images * tiles;
+    // Zero-padded plane, row-major: rows -1..=2·th, columns -1..=2·tw.
+    let (ph, pw) = (2 * th + 2, 2 * tw + 2);
+    scratch.clear();
+    scratch.resize(ph * pw + 20 * t_total, 0.0);
+    let (pad, rest) = scratch.split_at_mut(ph * pw);
+    let (gathered, rows) = rest.split_at_mut(16 * t_total);
+    let plane = g.h * g.w;
+    let xi_stride = plane_stride(g.c_in * t_total);
+    for c in 0..g.c_in {
+        for b in 0..images {
+            let src = &x[(b * g.c_in + c) * plane..][..plane];
+            for y in 0..g.h {
+                pad[(y + 1) * pw + 1..][..g.w].copy_from_slice(&src[y * g.w..][..g.w]);
+            }
+            for ty in 0..th {
+                let at = b * tiles + ty * tw;
+                for tx in 0..tw {
+                    for r in 0..4 {
+                        let line = &pad[(2 * ty + r) * pw + 2 * tx..][..4];
+                        for (j, &value) in line.iter().enumerate() {
+                            gathered[(r * 4 + j) * t_total + at + tx] = value;
+                        }
+                    }
+                }
+            }
+        }
+        let d = |r: usize, j: usize| &gathered[(r * 4 + j) * t_total..][..t_total];
+        for i in 0..4 {
+            for j in 0..4 {
+                let dst = &mut rows[j * t_total..][..t_total];
+                input_rows(i, dst, [d(0, j), d(1, j), d(2, j), d(3, j)]);
+            }
+            // … then B on the columns.
+            let t = |j: usize| &rows[j * t_total..][..t_total];
+            let out = |j: usize| (i * 4 + j) * xi_stride + c * t_total;
+            sub(&mut v[out(0)..][..t_total], t(0), t(2));
+            add(&mut v[out(1)..][..t_total], t(1), t(2));
+            sub(&mut v[out(2)..][..t_total], t(2), t(1));
+            sub(&mut v[out(3)..][..t_total], t(1), t(3));
+        }
+    }
+}
+
+/// `Y = Aᵀ M A` per tile, from `m` (16 planes of `K · T`) into `images` NCHW output images.
+fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+    crate::cpu::with_avx2(
+        #[inline(always)]
+        || transform_output_impl(g, m, images, out),
+    )
+}
+
+/// One output channel at a time over all the chunk's tiles (see [`transform_input_impl`]).
+#[inline(always)]
+fn transform_output_impl(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+    let (th, tw, tiles) = tile_grid(g, 2);
+    let t_total = images * tiles;
+    let (ho, wo) = (g.h_out, g.w_out);
+    let xi_stride = plane_stride(g.c_out * t_total);
+    let mut buf = take_buffer(12 * t_total);
+    let (s, y) = buf[..12 * t_total].split_at_mut(8 * t_total);
+    for k in 0..g.c_out {
+        let mm = |i: usize, j: usize| &m[(i * 4 + j) * xi_stride + k * t_total..][..t_total];
+        // Aᵀ M on the rows: s0 = m0+m1+m2, s1 = m1-m2-m3 (for each column j).
+        for j in 0..4 {
+            let (s0, s1) = s[2 * j * t_total..(2 * j + 2) * t_total].split_at_mut(t_total);
+            for (((s0, s1), (m0, m1)), (m2, m3)) in s0
+                .iter_mut()
+                .zip(s1.iter_mut())
+                .zip(mm(0, j).iter().zip(mm(1, j)))
+                .zip(mm(2, j).iter().zip(mm(3, j)))
+            {
+                *s0 = m0 + m1 + m2;
+                *s1 = m1 - m2 - m3;
+            }
+        }
+        // … then A on the columns: y[i][0] = c0+c1+c2, y[i][1] = c1-c2-c3.
+        for i in 0..2 {
+            let col = |j: usize| &s[(2 * j + i) * t_total..][..t_total];
+            let (c0, c1, c2, c3) = (col(0), col(1), col(2), col(3));
+            let (y0, y1) = y[2 * i * t_total..(2 * i + 2) * t_total].split_at_mut(t_total);
+            for (((y0, y1), (c0, c1)), (c2, c3)) in y0
+                .iter_mut()
+                .zip(y1.iter_mut())
+                .zip(c0.iter().zip(c1))
+                .zip(c2.iter().zip(c3))
+            {
+                *y0 = c0 + c1 + c2;
+                *y1 = c1 - c2 - c3;
+            }
+        }
+        for b in 0..images {
+            let dst = &mut out[(b * g.c_out + k) * ho * wo..][..ho * wo];
+            for ty in 0..th {
+                let at = b * tiles + ty * tw;
+                for i in 0..2 {
+                    let row_y = 2 * ty + i;
+                    if row_y >= ho {
+                        continue;
+                    }
+                    let y_even = &y[2 * i * t_total + at..][..tw];
+                    let y_odd = &y[(2 * i + 1) * t_total + at..][..tw];
+                    let row = &mut dst[row_y * wo..][..wo];
+                    if wo % 2 == 1 {
+                        row[wo - 1] = y_even[wo / 2];
+                    }
+                    join_pairs(y_even, y_odd, row);
+                }
+            }
+        }
+    }
+    give_back(buf);
+}
+
+/// `Z[ξ][k][t] = (A ∂Y Aᵀ)[ξ]` for every tile of `images` NCHW output-gradient images.
+fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+    crate::cpu::with_avx2(
+        #[inline(always)]
+        || transform_grad_out_impl(g, dy, images, z),
+    )
+}
+
+/// One output channel at a time over all the chunk's tiles (see [`transform_input_impl`]).
+#[inline(always)]
+fn transform_grad_out_impl(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+    let (th, tw, tiles) = tile_grid(g, 2);
+    let t_total = images * tiles;
+    let (ho, wo) = (g.h_out, g.w_out);
+    let xi_stride = plane_stride(g.c_out * t_total);
+    let mut buf = take_buffer(12 * t_total);
+    // d[2·r + parity]: tile row r, even or odd column, over all tiles; then the rows of A ∂Y.
+    let (d, a) = buf[..12 * t_total].split_at_mut(4 * t_total);
+    // Rows and columns beyond an odd-sized plane stay zero.
+    d.fill(0.0);
+    for k in 0..g.c_out {
+        for b in 0..images {
+            let src = &dy[(b * g.c_out + k) * ho * wo..][..ho * wo];
+            for ty in 0..th {
+                let at = b * tiles + ty * tw;
+                for r in 0..2 {
+                    let y = 2 * ty + r;
+                    if y >= ho {
+                        continue;
+                    }
+                    let (even, odd) =
+                        d[2 * r * t_total..(2 * r + 2) * t_total].split_at_mut(t_total);
+                    let (even, odd) = (&mut even[at..][..tw], &mut odd[at..][..tw]);
+                    let line = &src[y * wo..][..wo];
+                    if wo % 2 == 1 {
+                        even[wo / 2] = line[wo - 1];
+                    }
+                    split_pairs(line, even, odd);
+                }
+            }
+        }
+        // A ∂Y on the rows: d0, d0+d1, d0-d1, -d1 (for even and odd columns p).
+        let dd = |r: usize, p: usize| &d[(2 * r + p) * t_total..][..t_total];
+        for p in 0..2 {
+            a[p * t_total..][..t_total].copy_from_slice(dd(0, p));
+            add(&mut a[(2 + p) * t_total..][..t_total], dd(0, p), dd(1, p));
+            sub(&mut a[(4 + p) * t_total..][..t_total], dd(0, p), dd(1, p));
+            neg(&mut a[(6 + p) * t_total..][..t_total], dd(1, p));
+        }
+        // … then Aᵀ on the columns: c0, c0+c1, c0-c1, -c1.
+        for i in 0..4 {
+            let (c0, c1) = (
+                &a[2 * i * t_total..][..t_total],
+                &a[(2 * i + 1) * t_total..][..t_total],
+            );
+            let out = |j: usize| (i * 4 + j) * xi_stride + k * t_total;
+            z[out(0)..][..t_total].copy_from_slice(c0);
+            add(&mut z[out(1)..][..t_total], c0, c1);
+            sub(&mut z[out(2)..][..t_total], c0, c1);
+            neg(&mut z[out(3)..][..t_total], c1);
+        }
+    }
+    give_back(buf);
+}
+
+/// `∂g[k][c] = Gᵀ ∂U[k][c] G` for every channel pair, from `du` (`16 · K · C`).
+fn weight_grad_from_transformed(k_out: usize, c_in: usize, du: &[f32], grad_w: &mut [f32]) {
+    grad_w[..k_out * c_in * 9]
+        .par_chunks_mut(c_in * 9)
+        .enumerate()
+        .for_each(|(k, grad_k)| {
+            for c in 0..c_in {
+                let at = |xi: usize| du[(k * 16 + xi) * c_in + c];
+                // Gᵀ u: rows u0 + (u1+u2)/2, (u1-u2)/2, (u1+u2)/2 + u3.
+                let q: [[f32; 4]; 3] = [
+                    std::array::from_fn(|j| at(j) + 0.5 * (at(4 + j) + at(8 + j))),
+                    std::array::from_fn(|j| 0.5 * (at(4 + j) - at(8 + j))),
+                    std::array::from_fn(|j| 0.5 * (at(4 + j) + at(8 + j)) + at(12 + j)),
+                ];
+                let dst = &mut grad_k[c * 9..][..9];
+                for (r, d) in q.iter().zip(dst.chunks_exact_mut(3)) {
+                    d[0] = r[0] + 0.5 * (r[1] + r[2]);
+                    d[1] = 0.5 * (r[1] - r[2]);
+                    d[2] = 0.5 * (r[1] + r[2]) + r[3];
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pair_split_and_join_are_inverse_deinterleaves() {
+        for len in 0..40 {
+            let src: Vec<f32> = (0..len).map(|i| i as f32).collect();
+            let (mut first, mut second) = (vec![-1.0; len / 2 + 1], vec![-1.0; len / 2 + 1]);
+            split_pairs(&src, &mut first, &mut second);
+            for m in 0..len / 2 {
+                assert_eq!(
+                    (first[m], second[m]),
+                    (src[2 * m], src[2 * m + 1]),
+                    "len {len}"
+                );
+            }
+            assert_eq!((first[len / 2], second[len / 2]), (-1.0, -1.0), "len {len}");
+            let mut joined = vec![-1.0; len];
+            join_pairs(&first, &second, &mut joined);
+            assert_eq!(joined[..len / 2 * 2], src[..len / 2 * 2], "len {len}");
+            if len % 2 == 1 {
+                assert_eq!(joined[len - 1], -1.0, "len {len}");
+            }
+        }
+    }
+}
