@@ -15,13 +15,14 @@
 //!
 //! This module holds what both tile sizes share (the chunked drivers, buffer pool, variant
 //! choice); the transforms live in [`f2`] and [`f4`] behind [`Tile`]. F(2×2, 3×3)'s transforms
-//! use only ±1 and ½ (a few ulps from the direct convolution); F(4×4, 3×3)'s use 2, 4, 5, 8 and
-//! ⅙, ¹⁄₂₄, and lose about one more decimal digit (error up to ≈ 5e-6 of the largest output at
-//! 64 channels instead of ≈ 3e-7, see the tests), in exchange for 1.78× fewer multiply-adds than F(2×2, 3×3). It is used
-//! where both channel counts are at least [`F4_MIN_CHANNELS`] and the plane has at least
-//! [`F4_MIN_SIDE`] pixels a side; the switch `MIXBENCH_CPU_CONV` picks `f2` or `im2col`
-//! everywhere for comparisons. Work is split over chunks of whole images with a fixed
-//! thread-count-only split, so results are bit-reproducible, as resuming relies on.
+//! use only ±1 and ½ (a few ulps from the direct convolution); F(4×4, 3×3)'s use 2, 4, 5, 8, ⅙
+//! and ¹⁄₂₄ and lose about one more decimal digit (error up to ≈ 5e-6 of the largest output at
+//! 64 channels instead of ≈ 3e-7, see the tests), in exchange for 1.78× fewer multiply-adds
+//! than F(2×2, 3×3). F(4×4, 3×3) is used where both channel counts are at least
+//! [`F4_MIN_CHANNELS`] and the plane is at least [`F4_MIN_SIDE`] pixels a side; the switch
+//! `MIXBENCH_CPU_CONV` picks `f2` or `im2col` everywhere, for comparisons. Work is split over
+//! chunks of whole images with a fixed thread-count-only split, so results are bit-reproducible,
+//! as resuming relies on.
 
 mod f2;
 mod f4;
