@@ -9,7 +9,9 @@ parameter (§3.1), cosine learning rate per epoch (§3.2), batch 100 (§1.5).
   # (a) train-step throughput and peak memory, one JSON object:
   python3 bench/reference.py bench --arch resnet18 --mix mixup --device cpu --batch 32
   python3 bench/reference.py bench --arch resnext50 --device cuda --dtype bf16
-  # (b) accuracy reference: one JSON line per epoch with the test top-1:
+  # (b) per-layer convolution times on the shapes of crates/kernels/examples/conv_layers.rs:
+  python3 bench/reference.py conv-layers --base-width 64 --threads 2
+  # (c) accuracy reference: one JSON line per epoch with the test top-1:
   python3 bench/reference.py train --data /work/cifar10 --epochs 200 --device cuda
 """
 
@@ -291,6 +293,68 @@ def cmd_bench(args):
     )
 
 
+def cmd_conv_layers(args):
+    """Forward and forward+backward of nn.Conv2d on the distinct convolution shapes of a CIFAR
+    ResNet-18 (the table of crates/kernels/examples/conv_layers.rs, same order and counts),
+    best of --reps after one warm-up; prints one JSON object in that example's format."""
+    w, batch = args.base_width, args.batch
+    # (name, c_in, c_out, input side, kernel, stride, count in the network)
+    layers = [
+        ("stem", 3, w, 32, 3, 1, 1),
+        ("s1_3x3", w, w, 32, 3, 1, 4),
+        ("s2_3x3_s2", w, 2 * w, 32, 3, 2, 1),
+        ("s2_3x3", 2 * w, 2 * w, 16, 3, 1, 3),
+        ("s2_1x1_s2", w, 2 * w, 32, 1, 2, 1),
+        ("s3_3x3_s2", 2 * w, 4 * w, 16, 3, 2, 1),
+        ("s3_3x3", 4 * w, 4 * w, 8, 3, 1, 3),
+        ("s3_1x1_s2", 2 * w, 4 * w, 16, 1, 2, 1),
+        ("s4_3x3_s2", 4 * w, 8 * w, 8, 3, 2, 1),
+        ("s4_3x3", 8 * w, 8 * w, 4, 3, 1, 3),
+        ("s4_1x1_s2", 4 * w, 8 * w, 8, 1, 2, 1),
+    ]
+
+    def best_ms(f):
+        f()
+        best = float("inf")
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - start)
+        return best * 1e3
+
+    rows, total_fwd, total_fwd_bwd = [], 0.0, 0.0
+    for name, c_in, c_out, side, k, stride, count in layers:
+        conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False)
+        # The stem's input is the image: no input gradient, as in training.
+        x = torch.randn(batch, c_in, side, side, requires_grad=name != "stem")
+
+        def fwd():
+            with torch.no_grad():
+                conv(x)
+
+        def fwd_bwd():
+            conv(x).sum().backward()
+
+        f, fb = best_ms(fwd), best_ms(fwd_bwd)
+        total_fwd += f * count
+        total_fwd_bwd += fb * count
+        rows.append({"layer": name, "count": count, "fwd_ms": round(f, 2), "fwd_bwd_ms": round(fb, 2)})
+    print(
+        json.dumps(
+            {
+                "impl": "pytorch",
+                "width": w,
+                "batch": batch,
+                "threads": torch.get_num_threads(),
+                "layers": rows,
+                "net_conv_fwd_ms": round(total_fwd),
+                "net_conv_fwd_bwd_ms": round(total_fwd_bwd),
+                "torch": torch.__version__,
+            }
+        )
+    )
+
+
 @torch.no_grad()
 def evaluate(model, images, labels, device, dtype, batch=100):
     model.eval()
@@ -367,10 +431,15 @@ def main():
     t.add_argument("--data", required=True, help="directory with the CIFAR-10 .bin files")
     t.add_argument("--epochs", type=int, default=200)
     t.add_argument("--limit", type=int, default=0, help="use only the first N train images")
+    c = sub.add_parser("conv-layers")
+    c.add_argument("--base-width", type=int, default=64, help="stem width (64: the benchmark)")
+    c.add_argument("--batch", type=int, default=100)
+    c.add_argument("--reps", type=int, default=3)
+    c.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cmd_bench(args) if args.cmd == "bench" else cmd_train(args)
+    {"bench": cmd_bench, "train": cmd_train, "conv-layers": cmd_conv_layers}[args.cmd](args)
 
 
 if __name__ == "__main__":
