@@ -127,7 +127,14 @@ fn choice() -> Choice {
     *CHOICE.get_or_init(|| match std::env::var("MIXBENCH_CPU_CONV").as_deref() {
         Ok("im2col") => Choice::Off,
         Ok("f2") => Choice::F2Only,
-        _ => Choice::Auto,
+        Ok("auto") | Err(_) => Choice::Auto,
+        Ok(other) => {
+            // A typo must not pass silently for the setting a comparison was meant to use.
+            eprintln!(
+                "warning: MIXBENCH_CPU_CONV={other:?} is not one of auto, f2, im2col; using auto"
+            );
+            Choice::Auto
+        }
     })
 }
 
