@@ -646,7 +646,7 @@ pub fn missing_attention_weights(opts: &GenOptions, base: &Path) -> Option<Strin
     })
 }
 
-/// What [`write`] did besides writing.
+/// What [`write()`] did besides writing.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct WriteReport {
     /// Files of the previous generation that this one no longer writes, deleted
