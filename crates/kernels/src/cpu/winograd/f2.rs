@@ -111,7 +111,7 @@ fn join_pairs(first: &[f32], second: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// `U[ξ][k][c] = (G g[k][c] Gᵀ)[ξ]` for a `[K, C, 3, 3]` kernel.
+/// `U[k][ξ][c] = (G g[k][c] Gᵀ)[ξ]` for a `[K, C, 3, 3]` kernel (see [`Tile::transform_weight`]).
 fn transform_weight(k_out: usize, c_in: usize, weight: &[f32]) -> Vec<f32> {
     let mut u = vec![0f32; 16 * k_out * c_in];
     u.par_chunks_mut(16 * c_in)
@@ -423,7 +423,7 @@ fn transform_grad_out_impl(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32
     give_back(buf);
 }
 
-/// `∂g[k][c] = Gᵀ ∂U[k][c] G` for every channel pair, from `du` (`16 · K · C`).
+/// `∂g[k][c] = Gᵀ ∂U[k][c] G` for every channel pair, from `du` (`[K][16][C]`, as `U`).
 fn weight_grad_from_transformed(k_out: usize, c_in: usize, du: &[f32], grad_w: &mut [f32]) {
     grad_w[..k_out * c_in * 9]
         .par_chunks_mut(c_in * 9)
