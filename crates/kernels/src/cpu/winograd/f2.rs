@@ -19,6 +19,7 @@ impl Tile for F2 {
     fn transform_weight(k_out: usize, c_in: usize, weight: &[f32]) -> Vec<f32> {
         transform_weight(k_out, c_in, weight)
     }
+    #[inline(always)]
     fn transform_input(
         g: &ConvGeom,
         x: &[f32],
@@ -28,9 +29,11 @@ impl Tile for F2 {
     ) {
         transform_input(g, x, images, v, scratch)
     }
+    #[inline(always)]
     fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
         transform_output(g, m, images, out)
     }
+    #[inline(always)]
     fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
         transform_grad_out(g, dy, images, z)
     }
@@ -142,25 +145,8 @@ fn transform_weight(k_out: usize, c_in: usize, weight: &[f32]) -> Vec<f32> {
 
 /// `V[ξ][c][t] = (Bᵀ d B)[ξ]` for every tile `t` of `images` images of `x` (NCHW), into `v`
 /// (16 planes of `C · T` floats, `T = images · tiles`, [`plane_stride`] apart).
-fn transform_input(g: &ConvGeom, x: &[f32], images: usize, v: &mut [f32], scratch: &mut Vec<f32>) {
-    crate::cpu::with_avx2(
-        #[inline(always)]
-        || transform_input_impl(g, x, images, v, scratch),
-    )
-}
-
-/// One channel at a time, over the tiles of all the chunk's images at once: wide planes
-/// (≥ 8 tiles a row) row by row straight from a zero-padded, even/odd-split copy of the plane;
-/// narrow ones through a gather of each tile's 16 inputs into 16 `T`-long rows, so the
-/// arithmetic still runs in full vectors (a 4×4 plane's tile rows are 2 tiles long).
 #[inline(always)]
-fn transform_input_impl(
-    g: &ConvGeom,
-    x: &[f32],
-    images: usize,
-    v: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
+fn transform_input(g: &ConvGeom, x: &[f32], images: usize, v: &mut [f32], scratch: &mut Vec<f32>) {
     let (_, tw, _) = tile_grid(g, 2);
     if tw >= 8 {
         transform_input_wide(g, x, images, v, scratch)
@@ -181,7 +167,7 @@ fn input_rows(i: usize, dst: &mut [f32], d: [&[f32]; 4]) {
     }
 }
 
-/// [`transform_input_impl`] for planes with at least 8 tiles a row.
+/// [`transform_input`] for planes with at least 8 tiles a row.
 #[inline(always)]
 fn transform_input_wide(
     g: &ConvGeom,
@@ -232,7 +218,7 @@ fn transform_input_wide(
     }
 }
 
-/// [`transform_input_impl`] for planes with fewer than 8 tiles a row: each tile's 16 inputs
+/// [`transform_input`] for planes with fewer than 8 tiles a row: each tile's 16 inputs
 /// are gathered element by element (runs of 2–6 floats: `memmove` calls cost more than the
 /// copies) into 16 `T`-long rows, then combined row-wise.
 #[inline(always)]
@@ -289,16 +275,8 @@ fn transform_input_narrow(
 }
 
 /// `Y = Aᵀ M A` per tile, from `m` (16 planes of `K · T`) into `images` NCHW output images.
-fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
-    crate::cpu::with_avx2(
-        #[inline(always)]
-        || transform_output_impl(g, m, images, out),
-    )
-}
-
-/// One output channel at a time over all the chunk's tiles (see [`transform_input_impl`]).
 #[inline(always)]
-fn transform_output_impl(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
     let (th, tw, tiles) = tile_grid(g, 2);
     let t_total = images * tiles;
     let (ho, wo) = (g.h_out, g.w_out);
@@ -359,16 +337,8 @@ fn transform_output_impl(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]
 }
 
 /// `Z[ξ][k][t] = (A ∂Y Aᵀ)[ξ]` for every tile of `images` NCHW output-gradient images.
-fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
-    crate::cpu::with_avx2(
-        #[inline(always)]
-        || transform_grad_out_impl(g, dy, images, z),
-    )
-}
-
-/// One output channel at a time over all the chunk's tiles (see [`transform_input_impl`]).
 #[inline(always)]
-fn transform_grad_out_impl(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
     let (th, tw, tiles) = tile_grid(g, 2);
     let t_total = images * tiles;
     let (ho, wo) = (g.h_out, g.w_out);

@@ -50,6 +50,7 @@ impl Tile for F4 {
         u
     }
 
+    #[inline(always)]
     fn transform_input(
         g: &ConvGeom,
         x: &[f32],
@@ -57,24 +58,17 @@ impl Tile for F4 {
         v: &mut [f32],
         scratch: &mut Vec<f32>,
     ) {
-        crate::cpu::with_avx2(
-            #[inline(always)]
-            || transform_input(g, x, images, v, scratch),
-        )
+        transform_input(g, x, images, v, scratch)
     }
 
+    #[inline(always)]
     fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
-        crate::cpu::with_avx2(
-            #[inline(always)]
-            || transform_output(g, m, images, out),
-        )
+        transform_output(g, m, images, out)
     }
 
+    #[inline(always)]
     fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
-        crate::cpu::with_avx2(
-            #[inline(always)]
-            || transform_grad_out(g, dy, images, z),
-        )
+        transform_grad_out(g, dy, images, z)
     }
 
     fn weight_grad_from_transformed(k_out: usize, c_in: usize, du: &[f32], grad_w: &mut [f32]) {

@@ -29,7 +29,7 @@ mod f4;
 
 use super::conv::ConvGeom;
 use super::matmul::{matmul, MatRef};
-use super::{chunks_per_run, split_images, sum_in_order, Schedule};
+use super::{chunks_per_run, split_images, sum_in_order, with_avx2, Schedule};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -44,6 +44,9 @@ pub(crate) const F4_MIN_SIDE: usize = 8;
 
 /// One Winograd tile size: its transforms and chunk sizes. `T` below is the number of tiles
 /// in a chunk of images; transformed buffers hold `XI` planes [`plane_stride`] apart.
+///
+/// The drivers run the three per-tile transforms inside `cpu::with_avx2`, so implementations
+/// mark them (and what they call) `#[inline(always)]` to be compiled for AVX2 there.
 pub(crate) trait Tile {
     /// Outputs per tile side (`m`).
     const OUT: usize;
@@ -215,12 +218,10 @@ fn forward_with<T: Tile>(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32
                 &mut v_buf[..T::XI * plane_stride(g.c_in * t)],
                 &mut m_buf[..T::XI * plane_stride(g.c_out * t)],
             );
-            T::transform_input(
-                g,
-                &x[first * image_in..][..images * image_in],
-                images,
-                v,
-                &mut scratch,
+            let x_chunk = &x[first * image_in..][..images * image_in];
+            with_avx2(
+                #[inline(always)]
+                || T::transform_input(g, x_chunk, images, v, &mut scratch),
             );
             for xi in 0..T::XI {
                 matmul(
@@ -235,7 +236,10 @@ fn forward_with<T: Tile>(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32
                     parallelism,
                 );
             }
-            T::transform_output(g, m, images, out_chunk);
+            with_avx2(
+                #[inline(always)]
+                || T::transform_output(g, m, images, out_chunk),
+            );
             give_back(v_buf);
             give_back(m_buf);
             give_back(scratch);
@@ -270,15 +274,16 @@ fn weight_grad_with<T: Tile>(g: &ConvGeom, x: &[f32], grad_out: &[f32], grad_w: 
                     &mut v_buf[..T::XI * plane_stride(g.c_in * t)],
                     &mut z_buf[..T::XI * plane_stride(g.c_out * t)],
                 );
-                T::transform_input(
-                    g,
-                    &x[first * image_in..][..images * image_in],
-                    images,
-                    v,
-                    &mut scratch,
+                let x_chunk = &x[first * image_in..][..images * image_in];
+                with_avx2(
+                    #[inline(always)]
+                    || T::transform_input(g, x_chunk, images, v, &mut scratch),
                 );
                 let dy = &grad_out[first * image_out..][..images * image_out];
-                T::transform_grad_out(g, dy, images, z);
+                with_avx2(
+                    #[inline(always)]
+                    || T::transform_grad_out(g, dy, images, z),
+                );
                 for xi in 0..T::XI {
                     matmul(
                         g.c_out,
