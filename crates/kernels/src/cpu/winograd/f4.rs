@@ -41,10 +41,11 @@ impl Tile for F4 {
         let mut u = vec![0f32; Self::XI * k_out * c_in];
         u.par_chunks_mut(Self::XI * c_in)
             .enumerate()
-            .for_each(|(k, u_k)| {
+            .for_each_init(Vec::new, |buf, (k, u_k)| {
+                let g_k = &weight[k * c_in * 9..][..c_in * 9];
                 crate::cpu::with_avx2(
                     #[inline(always)]
-                    || transform_weight_row(c_in, &weight[k * c_in * 9..][..c_in * 9], u_k),
+                    || transform_weight_row(c_in, g_k, u_k, buf),
                 )
             });
         u
@@ -75,11 +76,11 @@ impl Tile for F4 {
         grad_w[..k_out * c_in * 9]
             .par_chunks_mut(c_in * 9)
             .enumerate()
-            .for_each(|(k, grad_k)| {
+            .for_each_init(Vec::new, |buf, (k, grad_k)| {
                 let du_k = &du[k * Self::XI * c_in..][..Self::XI * c_in];
                 crate::cpu::with_avx2(
                     #[inline(always)]
-                    || weight_grad_row(c_in, du_k, grad_k),
+                    || weight_grad_row(c_in, du_k, grad_k, buf),
                 )
             });
     }
@@ -96,10 +97,11 @@ fn combine3(out: &mut [f64], terms: [(f64, &[f64]); 3]) {
 }
 
 /// `U[ξ][c]` of one output channel from its `[C, 3, 3]` kernel `g`, in f64 over all `c` at
-/// once: `G g` (6×3), then `(G g) Gᵀ` (6×6).
+/// once: `G g` (6×3), then `(G g) Gᵀ` (6×6). `buf`: the thread's scratch, every part of which
+/// is written before it is read.
 #[inline(always)]
-fn transform_weight_row(c_in: usize, g: &[f32], u_k: &mut [f32]) {
-    let mut buf = vec![0f64; (9 + 18 + 1) * c_in];
+fn transform_weight_row(c_in: usize, g: &[f32], u_k: &mut [f32], buf: &mut Vec<f64>) {
+    buf.resize((9 + 18 + 1) * c_in, 0.0);
     let (rows, rest) = buf.split_at_mut(9 * c_in);
     let (gg, out) = rest.split_at_mut(18 * c_in);
     for (c, kernel) in g.chunks_exact(9).enumerate() {
@@ -129,10 +131,10 @@ fn transform_weight_row(c_in: usize, g: &[f32], u_k: &mut [f32]) {
 }
 
 /// `∂g[c]` (`[C, 3, 3]`) of one output channel from its `∂U[ξ][c]`, in f64 over all `c` at
-/// once: `Gᵀ ∂U` (3×6), then `(Gᵀ ∂U) G` (3×3).
+/// once: `Gᵀ ∂U` (3×6), then `(Gᵀ ∂U) G` (3×3). `buf`: as for [`transform_weight_row`].
 #[inline(always)]
-fn weight_grad_row(c_in: usize, du_k: &[f32], grad_k: &mut [f32]) {
-    let mut buf = vec![0f64; (SIDE * SIDE + 3 * SIDE + 1) * c_in];
+fn weight_grad_row(c_in: usize, du_k: &[f32], grad_k: &mut [f32], buf: &mut Vec<f64>) {
+    buf.resize((SIDE * SIDE + 3 * SIDE + 1) * c_in, 0.0);
     let (rows, rest) = buf.split_at_mut(SIDE * SIDE * c_in);
     let (q, out) = rest.split_at_mut(3 * SIDE * c_in);
     for (d, &v) in rows.iter_mut().zip(du_k) {
