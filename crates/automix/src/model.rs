@@ -382,8 +382,10 @@ impl AutoMixModel {
         let labels_mb = MixedLabels::permuted(labels, &perm_mb, lambda_mb)?;
         let labels_bb = MixedLabels::permuted(labels, &perm_bb, lambda_bb)?;
 
-        // L_mix_k: k weights are detached, so the gradient reaches only the MixBlock.
-        let feats_k_mb = self.k.net.features(&x_mb, true)?;
+        // L_mix_k: k weights are detached, so the gradient reaches only the MixBlock; the
+        // taped forward's backward computes the input gradient alone (its weight-gradient
+        // collection stays empty).
+        let (feats_k_mb, _no_grads) = self.k.net.features_train(&x_mb)?;
         let logits_mix_k = self.k.head_mix.forward(&feats_k_mb)?;
         let k_loss = match self.cfg.variant {
             Variant::AutoMix => HeadLoss::CeNone,

@@ -158,17 +158,19 @@ impl Bottleneck {
 /// A block's main path as `(conv, bn, relu after the bn)` layers, in order.
 type Layers<'a> = Vec<(&'a Conv2d, &'a BatchNorm2d, bool)>;
 
-/// Training forward of a block outside candle's autograd, keeping what its backward needs.
+/// Forward of a block outside candle's autograd (BatchNorm in training mode if `train`, else
+/// in evaluation mode), keeping what its backward needs.
 fn block_forward_taped(
     layers: &Layers<'_>,
     downsample: &Option<Downsample>,
     x: &Tensor,
+    train: bool,
 ) -> Result<(Tensor, BlockTape)> {
     let mut h = x.clone();
     let mut saved = Vec::with_capacity(layers.len());
     for (conv, bn, relu) in layers {
         let pre_bn = conv.forward_untracked(&h)?;
-        let (y, stats) = bn.forward_train_untracked(&pre_bn, *relu)?;
+        let (y, stats) = bn.forward_taped(&pre_bn, *relu, train)?;
         saved.push(LayerTape {
             input: h,
             pre_bn,
@@ -179,7 +181,7 @@ fn block_forward_taped(
     let (shortcut, shortcut_tape) = match downsample {
         Some(ds) => {
             let pre_bn = ds.conv.forward_untracked(x)?;
-            let (y, stats) = ds.bn.forward_train_untracked(&pre_bn, false)?;
+            let (y, stats) = ds.bn.forward_taped(&pre_bn, false, train)?;
             let tape = LayerTape {
                 input: x.clone(),
                 pre_bn,
@@ -200,19 +202,21 @@ fn block_forward_taped(
     ))
 }
 
-/// Backward of [`block_forward_taped`]: parameter gradients into `sink`, returns the input's.
+/// Backward of [`block_forward_taped`] (same `train`): parameter gradients into `sink`,
+/// returns the input's.
 fn block_backward(
     layers: &Layers<'_>,
     downsample: &Option<Downsample>,
     tape: &BlockTape,
     grad_out: &Tensor,
+    train: bool,
     sink: &mut GradSink,
 ) -> Result<Tensor> {
     let (main, shortcut) = (&tape.residual.0, &tape.residual.1);
     let grad_sum = kernels::add_relu_backward(main, shortcut, grad_out)?;
     let mut g = grad_sum.clone();
     for ((conv, bn, relu), saved) in layers.iter().zip(&tape.layers).rev() {
-        let grad_pre_bn = bn.backward(&saved.pre_bn, &saved.stats, &g, *relu, sink)?;
+        let grad_pre_bn = bn.backward_taped(&saved.pre_bn, &saved.stats, &g, *relu, train, sink)?;
         g = conv
             .backward(&saved.input, &grad_pre_bn, true, sink)?
             .expect("input gradient requested");
@@ -221,7 +225,7 @@ fn block_backward(
         (Some(ds), Some(saved)) => {
             let grad_pre_bn =
                 ds.bn
-                    .backward(&saved.pre_bn, &saved.stats, &grad_sum, false, sink)?;
+                    .backward_taped(&saved.pre_bn, &saved.stats, &grad_sum, false, train, sink)?;
             ds.conv
                 .backward(&saved.input, &grad_pre_bn, true, sink)?
                 .expect("input gradient requested")
@@ -266,23 +270,24 @@ impl Block {
         }
     }
 
-    /// Training forward outside candle's autograd (`crate::tape`), with what its backward
-    /// needs; the same ops and values as `forward_t(x, true)`.
-    pub(crate) fn forward_taped(&self, x: &Tensor) -> Result<(Tensor, BlockTape)> {
+    /// Forward outside candle's autograd (`crate::tape`), with what its backward needs; the
+    /// same ops and values as `forward_t(x, train)`.
+    pub(crate) fn forward_taped(&self, x: &Tensor, train: bool) -> Result<(Tensor, BlockTape)> {
         let (layers, downsample) = self.layers();
-        block_forward_taped(&layers, downsample, x)
+        block_forward_taped(&layers, downsample, x, train)
     }
 
-    /// Backward of [`Self::forward_taped`]: parameter gradients into `sink`, returns the
-    /// input's gradient.
+    /// Backward of [`Self::forward_taped`] (same `train`): parameter gradients into `sink`,
+    /// returns the input's gradient.
     pub(crate) fn backward(
         &self,
         tape: &BlockTape,
         grad_out: &Tensor,
+        train: bool,
         sink: &mut GradSink,
     ) -> Result<Tensor> {
         let (layers, downsample) = self.layers();
-        block_backward(&layers, downsample, tape, grad_out, sink)
+        block_backward(&layers, downsample, tape, grad_out, train, sink)
     }
 }
 

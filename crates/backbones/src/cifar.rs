@@ -309,8 +309,8 @@ impl CifarResNet {
     }
 
     /// Training-mode logits, the same values as `forward_mix(x, true, mix)`, with the
-    /// backbone's backward run by the backbone ([`crate::tape`]) when it can: no feature mix,
-    /// trained weights, and tensors the fused ops cover. Then the second value holds the
+    /// backbone's backward run by the backbone ([`crate::tape`]) when it can: no feature mix
+    /// and the conditions of [`Self::features_train`]. Then the second value holds the
     /// backbone parameters' gradients once candle's `backward` has run; add them to its
     /// `GradStore` with [`TapeGrads::add_to`] (the head's are in the `GradStore` already).
     /// Otherwise it is `None` and candle's autograd carries every gradient.
@@ -327,15 +327,39 @@ impl CifarResNet {
     }
 
     /// Training-mode `layer4` features, the same values as `features(x, true)`, taped as
-    /// [`Self::forward_train`] when it can (trained weights, tensors the fused ops cover).
+    /// [`Self::forward_train`] when it can: tensors the fused ops cover, and trained weights or
+    /// an input that needs a gradient (a frozen network, as AutoMix's momentum encoder, then
+    /// computes only the input's). Otherwise candle's autograd.
     pub fn features_train(&self, x: &Tensor) -> Result<(Tensor, Option<TapeGrads>)> {
-        let anchor = self.conv1.weight();
-        if !anchor.track_op() || !kernels::fused_ops_cover(x) {
+        let needs_backward = self.conv1.weight().track_op() || x.track_op();
+        if !needs_backward || !kernels::fused_ops_cover(x) {
             return Ok((self.features(x, true)?, None));
         }
+        let (features, grads) = self.features_taped(x, true)?;
+        Ok((features, Some(grads)))
+    }
+
+    /// Evaluation-mode logits, the same values as `forward_t(x, false)`. For a frozen network
+    /// (built over [`crate::DetachedVarMap`]) and an input that needs a gradient, the backbone's
+    /// backward is taped ([`crate::tape`]) and computes the input's gradient alone: PuzzleMix's
+    /// saliency pass. Otherwise candle's autograd.
+    pub fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+        let frozen = !self.conv1.weight().track_op();
+        if !(frozen && x.track_op() && kernels::fused_ops_cover(x)) {
+            return self.forward_t(x, false);
+        }
+        let (features, _no_grads) = self.features_taped(x, false)?;
+        self.fc.forward(&features)
+    }
+
+    /// `layer4` features computed outside candle's autograd (BatchNorm in training mode if
+    /// `train`), attached to `x`'s graph through one node whose backward replays the blocks in
+    /// reverse; the backbone's parameter gradients arrive in the returned [`TapeGrads`].
+    fn features_taped(&self, x: &Tensor, train: bool) -> Result<(Tensor, TapeGrads)> {
+        let anchor = self.conv1.weight();
         let need_input = x.track_op();
         let stem_pre = self.conv1.forward_untracked(x)?;
-        let (mut h, stem_stats) = self.bn1.forward_train_untracked(&stem_pre, true)?;
+        let (mut h, stem_stats) = self.bn1.forward_taped(&stem_pre, true, train)?;
         let stem = LayerTape {
             input: x.detach(),
             pre_bn: stem_pre,
@@ -343,7 +367,7 @@ impl CifarResNet {
         };
         let mut tapes = Vec::new();
         for block in self.layers.iter().flat_map(|s| s.blocks()) {
-            let (y, tape) = block.forward_taped(&h)?;
+            let (y, tape) = block.forward_taped(&h, train)?;
             tapes.push(tape);
             h = y;
         }
@@ -357,16 +381,16 @@ impl CifarResNet {
                 for block in blocks.iter().rev() {
                     // Each block's saved activations are freed as soon as its backward is done.
                     let tape = tapes.pop().expect("one tape per block");
-                    g = block.backward(&tape, &g, sink)?;
+                    g = block.backward(&tape, &g, train, sink)?;
                 }
                 let g = net
                     .bn1
-                    .backward(&stem.pre_bn, &stem.stats, &g, true, sink)?;
+                    .backward_taped(&stem.pre_bn, &stem.stats, &g, true, train, sink)?;
                 net.conv1.backward(&stem.input, &g, need_input, sink)
             })
         };
         let features = tape::attach(x, anchor, h, Box::new(backward))?;
-        Ok((features, Some(grads)))
+        Ok((features, grads))
     }
 }
 

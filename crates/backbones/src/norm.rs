@@ -172,6 +172,80 @@ impl BatchNorm2d {
         sink.push(&self.bias, gb);
         Ok(gx)
     }
+
+    /// A step of a taped forward (`crate::tape`): [`Self::forward_train_untracked`] if
+    /// `train`, else [`Self::forward_eval_untracked`]. Returns `y` and the statistics the
+    /// matching [`Self::backward_taped`] reads.
+    pub(crate) fn forward_taped(
+        &self,
+        x: &Tensor,
+        relu: bool,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        if train {
+            self.forward_train_untracked(x, relu)
+        } else {
+            self.forward_eval_untracked(x, relu)
+        }
+    }
+
+    /// Backward of [`Self::forward_taped`] (same `relu` and `train`): parameter gradients
+    /// into `sink` (training mode only), returns the input's.
+    pub(crate) fn backward_taped(
+        &self,
+        x: &Tensor,
+        stats: &Tensor,
+        grad_y: &Tensor,
+        relu: bool,
+        train: bool,
+        sink: &mut crate::tape::GradSink,
+    ) -> Result<Tensor> {
+        if train {
+            self.backward(x, stats, grad_y, relu, sink)
+        } else {
+            self.backward_eval_input(x, stats, grad_y, relu)
+        }
+    }
+
+    /// Evaluation-mode BatchNorm(+ReLU) outside candle's autograd, the same values as
+    /// [`Self::forward_t`]`(x, false)`: a step of the taped saliency forward (`crate::tape`).
+    /// Returns `y` and the packed running statistics `[mean, var]` its backward reads (a copy,
+    /// so a later update of the running statistics cannot change the backward).
+    pub(crate) fn forward_eval_untracked(
+        &self,
+        x: &Tensor,
+        relu: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (rm, rv) = (self.running_mean(), self.running_var());
+        let x = x.detach();
+        let (w, b) = (&self.untracked.0, &self.untracked.1);
+        let y = if relu {
+            kernels::batch_norm_relu_eval(&x, &rm, &rv, w, b, self.eps)?
+        } else {
+            kernels::batch_norm_eval(&x, &rm, &rv, w, b, self.eps)?
+        };
+        let stats = Tensor::cat(&[&rm, &rv], 0)?;
+        Ok((y, stats))
+    }
+
+    /// Input gradient of [`Self::forward_eval_untracked`] at input `x` with statistics
+    /// `stats`. Computes no parameter gradient, so it refuses a BatchNorm whose weight is
+    /// trained (its gradient would be silently lost).
+    pub(crate) fn backward_eval_input(
+        &self,
+        x: &Tensor,
+        stats: &Tensor,
+        grad_y: &Tensor,
+        relu: bool,
+    ) -> Result<Tensor> {
+        if self.weight.track_op() || self.bias.track_op() {
+            candle_core::bail!(
+                "the eval-mode taped backward computes input gradients only; this BatchNorm's parameters are trained"
+            );
+        }
+        let (w, b) = (&self.untracked.0, &self.untracked.1);
+        kernels::batch_norm_eval_backward_input(x, stats, w, b, grad_y, self.eps, relu)
+    }
 }
 
 /// Batch statistics need more than one value per channel.

@@ -8,6 +8,12 @@
 //! backward replays the blocks in reverse with `kernels`' backward functions. Parameter
 //! gradients go into a [`TapeGrads`], which the caller adds to candle's `GradStore`; the
 //! values are those of candle's autograd, bit for bit (`tests/tape.rs`).
+//!
+//! A frozen network (weights from [`crate::DetachedVarMap`]) tapes too when its input needs a
+//! gradient, and then computes that alone: in training mode (AutoMix's momentum encoder on the
+//! MixBlock's mixed images) and in evaluation mode (PuzzleMix's saliency pass,
+//! [`crate::CifarResNet::forward_eval`], whose BatchNorm backward is the input-only
+//! `kernels::batch_norm_eval_backward_input`).
 
 use std::sync::{Arc, Mutex};
 
@@ -90,8 +96,8 @@ pub(crate) struct BlockTape {
 type Backward = Box<dyn FnOnce(&Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 
 /// `value` (computed outside the graph) as a node of `x`'s graph, with `anchor` (a trained
-/// variable) as second input so that `backward` reaches the node even when `x` needs no
-/// gradient. The node's backward runs `backward` once.
+/// variable, or a frozen one when `x` needs a gradient) as second input so that `backward`
+/// reaches the node even when `x` needs no gradient. The node's backward runs `backward` once.
 pub(crate) fn attach(
     x: &Tensor,
     anchor: &Tensor,

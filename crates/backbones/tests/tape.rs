@@ -2,20 +2,24 @@
 //! same network: same logits, same running statistics, and every parameter gradient equal bit
 //! for bit (both run the same ops; only who adds the contributions differs, and `0 + a = a`).
 
-use backbones::{is_buffer, Arch, CifarResNet, CifarResNetConfig, InitScheme};
+use backbones::{is_buffer, Arch, CifarResNet, CifarResNetConfig, DetachedVarMap, InitScheme};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use mix_ops::FeatureMix;
 
-fn build(arch: Arch, base_width: usize, blocks: [usize; 4]) -> Result<(VarMap, CifarResNet)> {
-    let cfg = CifarResNetConfig {
+fn config(arch: Arch, base_width: usize, blocks: [usize; 4]) -> CifarResNetConfig {
+    CifarResNetConfig {
         arch,
         base_width,
         stage_blocks: Some(blocks),
         num_classes: 10,
         init: InitScheme::Benchmark,
-    };
+    }
+}
+
+fn build(arch: Arch, base_width: usize, blocks: [usize; 4]) -> Result<(VarMap, CifarResNet)> {
+    let cfg = config(arch, base_width, blocks);
     let varmap = VarMap::new();
     let net = CifarResNet::new(
         cfg,
@@ -156,5 +160,128 @@ fn a_taped_forward_backs_up_once() -> Result<()> {
     loss.backward()?;
     let err = loss.backward().unwrap_err();
     assert!(format!("{err}").contains("twice"), "{err}");
+    Ok(())
+}
+
+/// The network over detached views of `varmap`'s weights (as PuzzleMix's saliency pass and
+/// AutoMix's momentum encoder use it).
+fn frozen_view(
+    varmap: &VarMap,
+    arch: Arch,
+    base_width: usize,
+    blocks: [usize; 4],
+) -> Result<CifarResNet> {
+    let vb = DetachedVarMap::new(varmap.clone()).into_var_builder(DType::F32, &Device::Cpu);
+    CifarResNet::new(config(arch, base_width, blocks), vb)
+}
+
+fn restore_buffers(varmap: &VarMap, saved: &[(String, Vec<u32>)]) -> Result<()> {
+    for (name, v) in varmap.data().lock().unwrap().iter() {
+        if let Some((_, b)) = saved.iter().find(|(n, _)| n == name) {
+            let vals: Vec<f32> = b.iter().map(|u| f32::from_bits(*u)).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// A frozen network's taped forward (training mode: `features_train`, evaluation mode:
+/// `forward_eval`) gives the input the same gradient as candle's autograd, bit for bit, the
+/// same logits and running statistics, and no parameter any gradient.
+fn check_frozen(arch: Arch, base_width: usize, blocks: [usize; 4], train: bool) -> Result<()> {
+    let what = format!("{arch:?} width {base_width} blocks {blocks:?} train={train}");
+    let (varmap, _) = build(arch, base_width, blocks)?;
+    let frozen = frozen_view(&varmap, arch, base_width, blocks)?;
+    // Non-trivial running statistics, as after some training.
+    frozen.forward_t(
+        &Tensor::randn(0.5f32, 2.0, (6, 3, 16, 16), &Device::Cpu)?,
+        true,
+    )?;
+    let x0 = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &Device::Cpu)?;
+    let probe = Tensor::randn(0f32, 1.0, (4, 10), &Device::Cpu)?;
+    let input = Var::from_tensor(&x0)?;
+    let x = input.as_tensor();
+    let before = buffers(&varmap)?;
+
+    let logits_a = frozen.forward_t(x, train)?;
+    let grads_a = (&logits_a * &probe)?.sum_all()?.backward()?;
+    let after_a = buffers(&varmap)?;
+    restore_buffers(&varmap, &before)?;
+
+    let (logits_b, taped) = if train {
+        let (features, taped) = frozen.features_train(x)?;
+        let taped = taped.expect("a frozen network tapes when its input needs a gradient");
+        (frozen.head().forward(&features)?, Some(taped))
+    } else {
+        (frozen.forward_eval(x)?, None)
+    };
+    let loss_b = (&logits_b * &probe)?.sum_all()?;
+    let grads_b = loss_b.backward()?;
+    // Only a taped forward refuses a second backward: the tape did run.
+    let again = loss_b.backward().map(|_| ()).unwrap_err();
+    assert!(format!("{again}").contains("twice"), "{what}: {again}");
+    if let Some(taped) = taped {
+        assert!(
+            taped.is_empty(),
+            "{what}: a frozen network collects no weight gradient"
+        );
+    }
+    assert_eq!(bits(&logits_a)?, bits(&logits_b)?, "{what}: logits");
+    assert_eq!(after_a, buffers(&varmap)?, "{what}: running statistics");
+    if !train {
+        assert_eq!(
+            before, after_a,
+            "{what}: eval mode leaves the statistics alone"
+        );
+    }
+    let a = grads_a.get(x).expect("autograd input gradient");
+    let b = grads_b.get(x).expect("taped input gradient");
+    assert_eq!(bits(a)?, bits(b)?, "{what}: input gradient");
+    let data = varmap.data().lock().unwrap();
+    for (name, v) in data.iter() {
+        assert!(
+            grads_b.get(v.as_tensor()).is_none(),
+            "{what}: {name} got a gradient"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn frozen_resnet18_tapes_the_input_gradient_alone() -> Result<()> {
+    for train in [true, false] {
+        check_frozen(Arch::ResNet18, 8, [2, 1, 1, 1], train)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn frozen_resnext50_tapes_the_input_gradient_alone() -> Result<()> {
+    for train in [true, false] {
+        check_frozen(Arch::ResNeXt50, 16, [1, 1, 1, 1], train)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn eval_forward_of_a_trained_network_keeps_autograd() -> Result<()> {
+    // Trained weights: no tape (it would lose their gradients); candle's autograd gives them.
+    let (varmap, net) = build(Arch::ResNet18, 4, [1, 1, 1, 1])?;
+    let input = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &Device::Cpu)?)?;
+    let logits = net.forward_eval(input.as_tensor())?;
+    assert_eq!(
+        bits(&logits)?,
+        bits(&net.forward_t(input.as_tensor(), false)?)?
+    );
+    let grads = logits.sum_all()?.backward()?;
+    assert!(grads.get(input.as_tensor()).is_some());
+    let data = varmap.data().lock().unwrap();
+    let trained = data.iter().filter(|(n, _)| !is_buffer(n));
+    for (name, v) in trained {
+        assert!(
+            grads.get(v.as_tensor()).is_some(),
+            "{name} lost its gradient"
+        );
+    }
     Ok(())
 }

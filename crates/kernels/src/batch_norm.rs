@@ -234,6 +234,84 @@ fn backward_packed(
     Ok((gx, packed))
 }
 
+/// Input gradient of eval-mode BatchNorm (+ReLU if `relu`) at input `x`, with the running
+/// statistics packed as `stats = [running_mean (C), running_var (C)]`, for a caller that runs
+/// its own backward pass and needs no parameter gradient (PuzzleMix's saliency pass through a
+/// frozen network): `grad_x = grad_y · [y > 0] · weight / sqrt(running_var + eps)`.
+///
+/// On the CPU (f32) one op that reads `x` once to rebuild the ReLU mask; elsewhere candle's
+/// generic ops ([`batch_norm_eval_backward_input_generic`]'s formula, the same on any device).
+pub fn batch_norm_eval_backward_input(
+    x: &Tensor,
+    stats: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    grad_y: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    let geom = geometry(x.shape())?;
+    check_params("weight", weight, geom.channels)?;
+    check_params("bias", bias, geom.channels)?;
+    check_params("stats", stats, 2 * geom.channels)?;
+    if grad_y.shape() != x.shape() {
+        bail!(
+            "kernels::batch_norm_eval_backward_input: grad_y {:?} does not match x {:?}",
+            grad_y.dims(),
+            x.dims()
+        );
+    }
+    let on_cpu = matches!(x.device(), Device::Cpu);
+    if !(on_cpu && fused_covers(&[x, stats, weight, bias, grad_y])) {
+        return batch_norm_eval_backward_input_generic(x, stats, weight, bias, grad_y, eps, relu);
+    }
+    let op = BnEvalBackwardOp {
+        geom,
+        eps,
+        relu,
+        need_x: true,
+        need_params: false,
+        weight: weight.contiguous()?,
+        bias: bias.contiguous()?,
+        stats: stats.contiguous()?,
+    };
+    let packed = x
+        .contiguous()?
+        .apply_op2_no_bwd(&grad_y.contiguous()?, &op)?;
+    crate::counters::record_views(1);
+    packed.reshape(x.shape())
+}
+
+/// [`batch_norm_eval_backward_input`] from candle's generic ops, on any device and dtype (the
+/// CPU op's twin; `tests` compares the two).
+#[doc(hidden)]
+pub fn batch_norm_eval_backward_input_generic(
+    x: &Tensor,
+    stats: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    grad_y: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    let c = weight.elem_count();
+    let mut bshape = vec![1usize; x.rank()];
+    bshape[1] = c;
+    let (mean, var) = (stats.narrow(0, 0, c)?, stats.narrow(0, c, c)?);
+    let scale = weight.detach().div(&(var + eps)?.sqrt()?)?;
+    let dy = if relu {
+        let shift = bias.detach().sub(&mean.mul(&scale)?)?;
+        let y = x
+            .detach()
+            .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
+            .broadcast_add(&shift.reshape(bshape.as_slice())?)?;
+        (grad_y.detach() * y.gt(0.0)?.to_dtype(grad_y.dtype())?)?
+    } else {
+        grad_y.detach()
+    };
+    dy.broadcast_mul(&scale.reshape(bshape.as_slice())?)
+}
+
 /// Whether the fused ops (convolution, BatchNorm, residual, loss) run natively on `t`: f32 on
 /// the CPU, or f32 on CUDA in a build with feature `cuda`. A caller running its own backward
 /// pass with [`conv2d_backward`](crate::conv2d_backward), [`batch_norm_train_backward`] and

@@ -290,6 +290,17 @@ mod gpu {
                     let ev = eval(xt, &mean, &var, wt, bt, eps)?;
                     let ge = (&ev * r.to_device(d)?)?.sum_all()?.backward()?;
                     let get_e = |v: &Var| ge.get(v.as_tensor()).expect("eval grad").clone();
+                    // The input-only eval backward of the taped saliency pass.
+                    let stats = Tensor::cat(&[&mean, &var], 0)?;
+                    let taped_dx = kernels::batch_norm_eval_backward_input(
+                        xt,
+                        &stats,
+                        wt,
+                        bt,
+                        &r.to_device(d)?,
+                        eps,
+                        relu,
+                    )?;
                     Ok(vec![
                         y,
                         mean,
@@ -301,6 +312,7 @@ mod gpu {
                         get_e(&xv),
                         get_e(&wv),
                         get_e(&bv),
+                        taped_dx,
                     ])
                 };
                 let (gpu, cpu) = (run(dev)?, run(&Device::Cpu)?);
@@ -315,6 +327,7 @@ mod gpu {
                     "eval dx",
                     "eval dweight",
                     "eval dbias",
+                    "eval dx (input-only backward)",
                 ];
                 for ((name, g), c) in names.iter().zip(&gpu).zip(&cpu) {
                     check(&format!("bn {dims:?} relu={relu} {name}"), g, c, 1e-4)?;

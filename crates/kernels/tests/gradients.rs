@@ -555,7 +555,45 @@ fn batch_norm_eval_fused_matches_generic_ops_and_skips_unneeded_gradients() -> R
                 g_ref.get(xt).expect("generic"),
                 1e-5,
             )?;
+            // The same input gradient outside the autograd (the taped saliency pass), from
+            // the CPU op and from its generic-op twin.
+            let stats = Tensor::cat(&[&rm, &rv], 0)?;
+            let taped =
+                kernels::batch_norm_eval_backward_input(xt, &stats, wt, bt, &probe, 1e-5, relu)?;
+            let twin = kernels::batch_norm_eval_backward_input_generic(
+                xt, &stats, wt, bt, &probe, 1e-5, relu,
+            )?;
+            for (name, t) in [("taped", &taped), ("generic twin", &twin)] {
+                assert_eq!(t.dims(), xt.dims(), "{what} {name}");
+                assert_close(
+                    &format!("{what} grad x {name}"),
+                    t,
+                    g_ref.get(xt).expect("generic"),
+                    1e-5,
+                )?;
+            }
+            // Bit for bit what candle's autograd gets from the same op.
+            let flat = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
+            assert_eq!(
+                flat(&taped)?,
+                flat(g_x.get(xt).expect("input gradient"))?,
+                "{what}"
+            );
         }
     }
+    Ok(())
+}
+
+#[test]
+fn batch_norm_eval_backward_input_rejects_mismatched_shapes() -> Result<()> {
+    let x = pseudo_random(&[2, 3, 4, 4], 1)?;
+    let (w, b) = (pseudo_random(&[3], 2)?, pseudo_random(&[3], 3)?);
+    let stats = (pseudo_random(&[6], 4)?.abs()? + 0.5)?;
+    let bad_grad = pseudo_random(&[2, 3, 4, 5], 5)?;
+    let err = kernels::batch_norm_eval_backward_input(&x, &stats, &w, &b, &bad_grad, 1e-5, true)
+        .unwrap_err();
+    assert!(format!("{err}").contains("grad_y"), "{err}");
+    let err = kernels::batch_norm_eval_backward_input(&x, &w, &w, &b, &x, 1e-5, true).unwrap_err();
+    assert!(format!("{err}").contains("stats"), "{err}");
     Ok(())
 }
