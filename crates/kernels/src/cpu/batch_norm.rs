@@ -30,7 +30,9 @@ impl BnGeom {
 const LANES: usize = 16;
 
 /// `Σ f(v)` over `values`, in [`LANES`] interleaved partial sums added pairwise at the end, in
-/// f64. The order is fixed by the length alone, so the result is reproducible.
+/// f64. The order is fixed by the length alone, so the result is reproducible. Call it only
+/// with `#[inline(always)]` closures from inside a `with_avx2` closure, with plain loops in
+/// between: a closure LLVM chose not to inline compiled this loop for SSE (`addps xmm`).
 #[inline(always)]
 fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut acc = [0f32; LANES];
@@ -74,17 +76,27 @@ pub(crate) fn bn_stats(g: &BnGeom, x: &[f32]) -> Vec<f32> {
             super::with_avx2(
                 #[inline(always)]
                 || {
-                    let sum: f64 = g.channel_planes(x, c).map(|p| lane_sum(p, |v| v)).sum();
+                    // Plain loops and inlined closures: see `lane_sum`.
+                    let mut sum = 0f64;
+                    for p in g.channel_planes(x, c) {
+                        sum += lane_sum(
+                            p,
+                            #[inline(always)]
+                            |v| v,
+                        );
+                    }
                     let m = (sum / count) as f32;
-                    let sq: f64 = g
-                        .channel_planes(x, c)
-                        .map(|p| {
-                            lane_sum(p, |v| {
+                    let mut sq = 0f64;
+                    for p in g.channel_planes(x, c) {
+                        sq += lane_sum(
+                            p,
+                            #[inline(always)]
+                            |v| {
                                 let d = v - m;
                                 d * d
-                            })
-                        })
-                        .sum();
+                            },
+                        );
+                    }
                     (m, (sq / count) as f32)
                 },
             )
@@ -202,22 +214,66 @@ fn masked(xv: f32, dy: f32, relu: Option<(f32, f32)>) -> f32 {
 /// `(Σ masked dy, Σ masked dy · (x − m))` over one plane, in [`LANES`] partial sums each.
 #[inline(always)]
 fn masked_sums(xp: &[f32], dp: &[f32], m: f32, relu: Option<(f32, f32)>) -> (f64, f64) {
-    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    match relu {
+        Some(_) => masked_sums_with(
+            xp,
+            dp,
+            m,
+            #[inline(always)]
+            |x, d| masked(x, d, relu),
+        ),
+        None => masked_sums_with(
+            xp,
+            dp,
+            m,
+            #[inline(always)]
+            |_, d| d,
+        ),
+    }
+}
+
+/// [`masked_sums`] with the mask as a closure: two passes of [`lane_sum_pairs`] over the plane
+/// (it is in L1 by then). One pass accumulating both sums was SLP-vectorised into 2-wide
+/// `(a, b)` pairs with the partial sums on the stack, slower than scalar code.
+#[inline(always)]
+fn masked_sums_with(
+    xp: &[f32],
+    dp: &[f32],
+    m: f32,
+    dy: impl Fn(f32, f32) -> f32,
+) -> (f64, f64) {
+    let sum_dy = lane_sum_pairs(
+        xp,
+        dp,
+        #[inline(always)]
+        |x, d| dy(x, d),
+    );
+    let sum_dy_xc = lane_sum_pairs(
+        xp,
+        dp,
+        #[inline(always)]
+        |x, d| dy(x, d) * (x - m),
+    );
+    (sum_dy, sum_dy_xc)
+}
+
+/// `Σ f(x, d)` over paired `xp`, `dp` (the shorter length), in [`LANES`] partial sums as
+/// [`lane_sum`]: element `j` goes to partial sum `j % LANES`, in order.
+#[inline(always)]
+fn lane_sum_pairs(xp: &[f32], dp: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     let n = xp.len().min(dp.len());
-    let whole = n - n % LANES;
-    for base in (0..whole).step_by(LANES) {
-        for l in 0..LANES {
-            let (xv, d) = (xp[base + l], masked(xp[base + l], dp[base + l], relu));
-            a[l] += d;
-            b[l] += d * (xv - m);
+    let (xc, dc) = (xp[..n].chunks_exact(LANES), dp[..n].chunks_exact(LANES));
+    let (xt, dt) = (xc.remainder(), dc.remainder());
+    let mut acc = [0f32; LANES];
+    for (xs, ds) in xc.zip(dc) {
+        for ((a, &x), &d) in acc.iter_mut().zip(xs).zip(ds) {
+            *a += f(x, d);
         }
     }
-    for (l, j) in (whole..n).enumerate() {
-        let (xv, d) = (xp[j], masked(xp[j], dp[j], relu));
-        a[l] += d;
-        b[l] += d * (xv - m);
+    for ((a, &x), &d) in acc.iter_mut().zip(xt).zip(dt) {
+        *a += f(x, d);
     }
-    (pairwise(a), pairwise(b))
+    pairwise(acc)
 }
 
 /// Per channel `(Σ dy, Σ dy · (x − mean))`, `dy` masked by the fused ReLU when `relu` gives
@@ -235,7 +291,7 @@ fn channel_sums(
             let relu = relu.map(|(s, t)| (s[ch], t[ch]));
             super::with_avx2(
                 #[inline(always)]
-                || {
+                move || {
                     let (mut sum_dy, mut sum_dy_xc) = (0f64, 0f64);
                     for (xp, dp) in g.channel_planes(x, ch).zip(g.channel_planes(grad_y, ch)) {
                         let (a, b) = masked_sums(xp, dp, mean[ch], relu);
