@@ -236,18 +236,8 @@ fn masked_sums(xp: &[f32], dp: &[f32], m: f32, relu: Option<(f32, f32)>) -> (f64
 /// (it is in L1 by then). One pass accumulating both sums was SLP-vectorised into 2-wide
 /// `(a, b)` pairs with the partial sums on the stack, slower than scalar code.
 #[inline(always)]
-fn masked_sums_with(
-    xp: &[f32],
-    dp: &[f32],
-    m: f32,
-    dy: impl Fn(f32, f32) -> f32,
-) -> (f64, f64) {
-    let sum_dy = lane_sum_pairs(
-        xp,
-        dp,
-        #[inline(always)]
-        |x, d| dy(x, d),
-    );
+fn masked_sums_with(xp: &[f32], dp: &[f32], m: f32, dy: impl Fn(f32, f32) -> f32) -> (f64, f64) {
+    let sum_dy = lane_sum_pairs(xp, dp, &dy);
     let sum_dy_xc = lane_sum_pairs(
         xp,
         dp,
