@@ -216,15 +216,9 @@ impl BatchNorm2d {
         x: &Tensor,
         relu: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let (rm, rv) = (self.running_mean(), self.running_var());
-        let x = x.detach();
+        let stats = Tensor::cat(&[self.running_mean(), self.running_var()], 0)?;
         let (w, b) = (&self.untracked.0, &self.untracked.1);
-        let y = if relu {
-            kernels::batch_norm_relu_eval(&x, &rm, &rv, w, b, self.eps)?
-        } else {
-            kernels::batch_norm_eval(&x, &rm, &rv, w, b, self.eps)?
-        };
-        let stats = Tensor::cat(&[&rm, &rv], 0)?;
+        let y = kernels::batch_norm_eval_packed(&x.detach(), &stats, w, b, self.eps, relu)?;
         Ok((y, stats))
     }
 

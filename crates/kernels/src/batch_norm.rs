@@ -275,9 +275,7 @@ pub fn batch_norm_eval_backward_input(
         bias: bias.contiguous()?,
         stats: stats.contiguous()?,
     };
-    let packed = x
-        .contiguous()?
-        .apply_op2_no_bwd(&grad_y.contiguous()?, &op)?;
+    let packed = op.run(x, grad_y)?;
     crate::counters::record_views(1);
     packed.reshape(x.shape())
 }
@@ -374,18 +372,8 @@ fn batch_norm_eval_impl(
     let stats_constant = !running_mean.track_op() && !running_var.track_op();
     if stats_constant && fused_covers(&[x, running_mean, running_var, weight, bias]) {
         // `[mean, var]` in one buffer, as the training forward's kernel reads its statistics.
-        let stats = Tensor::cat(&[running_mean, running_var], 0)?.contiguous()?;
-        return x.contiguous()?.apply_op3(
-            &weight.contiguous()?,
-            &bias.contiguous()?,
-            BnNormOp {
-                geom,
-                eps,
-                relu,
-                stats,
-                eval: true,
-            },
-        );
+        let stats = Tensor::cat(&[running_mean, running_var], 0)?;
+        return eval_packed(geom, x, &stats, weight, bias, eps, relu);
     }
     let mut bshape = vec![1usize; x.rank()];
     bshape[1] = geom.channels;
@@ -401,6 +389,52 @@ fn batch_norm_eval_impl(
     }
 }
 
+/// Evaluation-mode BatchNorm(+ReLU if `relu`) with the running statistics already packed as
+/// `stats = [running_mean (C), running_var (C)]` (the layout [`batch_norm_eval_backward_input`]
+/// takes), for a caller that keeps them for its own backward pass: the fused op of
+/// [`batch_norm_eval`], differentiable in `x`, `weight` and `bias`. Only where the fused ops
+/// cover the tensors ([`fused_ops_cover`]); an error elsewhere.
+pub fn batch_norm_eval_packed(
+    x: &Tensor,
+    stats: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    let geom = geometry(x.shape())?;
+    check_params("weight", weight, geom.channels)?;
+    check_params("bias", bias, geom.channels)?;
+    check_params("stats", stats, 2 * geom.channels)?;
+    if !fused_covers(&[x, stats, weight, bias]) {
+        bail!("kernels::batch_norm_eval_packed: f32 on the CPU or one CUDA device only");
+    }
+    eval_packed(geom, x, stats, weight, bias, eps, relu)
+}
+
+/// The fused eval-mode op on packed statistics.
+fn eval_packed(
+    geom: BnGeom,
+    x: &Tensor,
+    stats: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        BnNormOp {
+            geom,
+            eps,
+            relu,
+            stats: stats.contiguous()?,
+            eval: true,
+        },
+    )
+}
+
 /// CPU `(x, grad_y) -> [grad_x (if needed), grad_weight (C), grad_bias (C) (if needed)]` of
 /// [`BnNormOp`] in eval mode, with weight, bias and running statistics read out of band.
 struct BnEvalBackwardOp {
@@ -412,6 +446,14 @@ struct BnEvalBackwardOp {
     weight: Tensor,
     bias: Tensor,
     stats: Tensor,
+}
+
+impl BnEvalBackwardOp {
+    /// The packed gradients at input `x` for output gradient `grad_y`, outside the autograd.
+    fn run(&self, x: &Tensor, grad_y: &Tensor) -> Result<Tensor> {
+        x.contiguous()?
+            .apply_op2_no_bwd(&grad_y.contiguous()?, self)
+    }
 }
 
 impl CustomOp2 for BnEvalBackwardOp {
@@ -683,7 +725,7 @@ impl BnNormOp {
             bias: bias.clone(),
             stats: self.stats.clone(),
         };
-        let packed = x.apply_op2_no_bwd(&grad_res.contiguous()?, &op)?;
+        let packed = op.run(x, grad_res)?;
         let n = if need_x { x.elem_count() } else { 0 };
         let mut views = 0;
         let gx = if need_x {

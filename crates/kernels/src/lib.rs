@@ -40,8 +40,9 @@ mod sgd;
 
 pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_backward_input, batch_norm_eval_backward_input_generic,
-    batch_norm_relu_eval, batch_norm_relu_train, batch_norm_train, batch_norm_train_backward,
-    batch_norm_train_saving, batch_norm_train_update, fused_ops_cover, RunningStats,
+    batch_norm_eval_packed, batch_norm_relu_eval, batch_norm_relu_train, batch_norm_train,
+    batch_norm_train_backward, batch_norm_train_saving, batch_norm_train_update, fused_ops_cover,
+    RunningStats,
 };
 pub use conv::{conv2d, conv2d_backward, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
