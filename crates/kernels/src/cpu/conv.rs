@@ -6,7 +6,9 @@
 
 use super::matmul::{matmul, MatRef};
 use super::winograd;
-use super::{chunks_per_run, split_images, sum_in_order, Schedule};
+use super::{
+    chunks_per_run, give_back, par_extend, split_images, sum_in_order, take_buffer, Schedule,
+};
 use rayon::prelude::*;
 
 /// Shape of one convolution (square stride/padding, dilation 1).
@@ -50,6 +52,10 @@ impl ConvGeom {
     }
     fn image_out(&self) -> usize {
         self.c_out * self.plane_out()
+    }
+    /// Elements of an im2col matrix of `cols` output pixels (`c_in · kh · kw` rows).
+    fn k_columns(&self, cols: usize) -> usize {
+        self.c_in * self.kh * self.kw * cols
     }
     /// A 1x1, stride-1, unpadded conv reads the input image as its column matrix.
     fn is_pointwise(&self) -> bool {
@@ -178,50 +184,48 @@ fn zero_padding(cols: &mut [f32]) {
 /// Forward convolution: `x` is `[batch, c_in, h, w]`, `weight` is
 /// `[c_out, c_in/groups, kh, kw]`; returns `[batch, c_out, h_out, w_out]`.
 pub(crate) fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; g.batch * g.image_out()];
+    let mut out = Vec::new();
     conv2d_forward_into(g, x, weight, &mut out);
     out
 }
 
-/// [`conv2d_forward`] writing into `out` (`batch * c_out * h_out * w_out` elements).
-fn conv2d_forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32]) {
+/// [`conv2d_forward`] appending its `batch * c_out * h_out * w_out` elements to `out`.
+fn conv2d_forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut Vec<f32>) {
     if winograd::applies(g) {
         return winograd::forward_into(g, x, weight, out);
     }
     let sched = g.schedule(false);
     let (cog, kg, plane) = (g.c_out_per_group(), g.k_per_group(), g.plane_out());
-    let chunks: Vec<(usize, &mut [f32])> = out
-        .chunks_mut(sched.images_per_chunk * g.image_out())
-        .enumerate()
-        .map(|(i, o)| (i * sched.images_per_chunk, o))
-        .collect();
-    let run_chunk = |first: usize, out_chunk: &mut [f32]| {
+    let (len, chunk) = (
+        g.batch * g.image_out(),
+        sched.images_per_chunk * g.image_out(),
+    );
+    par_extend(out, len, chunk, |i, out_chunk| {
+        let first = i * sched.images_per_chunk;
         let images = out_chunk.len() / g.image_out();
         let cols = images * plane;
         let x_chunk = &x[first * g.image_in()..(first + images) * g.image_in()];
         let direct_input = g.is_pointwise() && images == 1;
-        let col_storage = if direct_input {
-            Vec::new()
+        // Scratch from the thread's pool: im2col and the GEMM overwrite every element.
+        let col_len = if direct_input { 0 } else { g.k_columns(cols) };
+        let mut col_storage = take_buffer(col_len);
+        for b in 0..if direct_input { 0 } else { images } {
+            let img = &x_chunk[b * g.image_in()..(b + 1) * g.image_in()];
+            g.im2col(img, &mut col_storage, cols, b * plane);
+        }
+        let col: &[f32] = if direct_input {
+            x_chunk
         } else {
-            let mut col = vec![0f32; g.c_in * g.kh * g.kw * cols];
-            for b in 0..images {
-                let img = &x_chunk[b * g.image_in()..(b + 1) * g.image_in()];
-                g.im2col(img, &mut col, cols, b * plane);
-            }
-            col
+            &col_storage[..col_len]
         };
-        let col: &[f32] = if direct_input { x_chunk } else { &col_storage };
         // One image: GEMM writes NCHW directly. Several: GEMM writes [c_out, images*plane]
         // and the rows are then scattered to each image.
-        let mut staging = if images == 1 {
-            Vec::new()
-        } else {
-            vec![0f32; g.c_out * cols]
-        };
+        let staging_len = if images == 1 { 0 } else { g.c_out * cols };
+        let mut staging = take_buffer(staging_len);
         let dst: &mut [f32] = if images == 1 {
             &mut *out_chunk
         } else {
-            &mut staging
+            &mut staging[..staging_len]
         };
         for grp in 0..g.groups {
             matmul(
@@ -244,10 +248,9 @@ fn conv2d_forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32])
                 }
             }
         }
-    };
-    chunks
-        .into_par_iter()
-        .for_each(|(first, out_chunk)| run_chunk(first, out_chunk));
+        give_back(col_storage);
+        give_back(staging);
+    });
 }
 
 /// For stride 1 the input gradient is itself a convolution: of `grad_out` with the kernel
@@ -309,16 +312,29 @@ pub(crate) fn conv2d_backward(
         0
     };
     let grad_w_len = if need_grad_w { weight_len } else { 0 };
-    let mut packed = vec![0f32; grad_x_len + grad_w_len];
-    let (grad_x, grad_w) = packed.split_at_mut(grad_x_len);
     let transposed_conv = if need_grad_x {
         input_grad_as_conv(g)
     } else {
         None
     };
-    if let Some(geom) = &transposed_conv {
-        conv2d_forward_into(geom, grad_out, &flip_transpose_weight(g, weight), grad_x);
+    let mut packed = Vec::with_capacity(grad_x_len + grad_w_len);
+    match &transposed_conv {
+        Some(geom) => conv2d_forward_into(
+            geom,
+            grad_out,
+            &flip_transpose_weight(g, weight),
+            &mut packed,
+        ),
+        // Zeros (in parallel) that the im2col path below adds each chunk's columns onto.
+        None => par_extend(
+            &mut packed,
+            grad_x_len,
+            sched.images_per_chunk * g.image_in(),
+            |_, _| {},
+        ),
     }
+    packed.resize(grad_x_len + grad_w_len, 0.0);
+    let (grad_x, grad_w) = packed.split_at_mut(grad_x_len);
     if winograd::applies(g) {
         // Stride 1, padding 1: the input gradient was the (Winograd) conv above.
         debug_assert!(!need_grad_x || transposed_conv.is_some());
@@ -355,33 +371,32 @@ pub(crate) fn conv2d_backward(
         let cols = images * plane;
         let dy_chunk = &grad_out[first * g.image_out()..(first + images) * g.image_out()];
         let x_chunk = &x[first * g.image_in()..(first + images) * g.image_in()];
-        let gathered;
+        // Scratch from the thread's pool; each is overwritten whole before it is read.
+        let gathered_len = if images == 1 { 0 } else { g.c_out * cols };
+        let mut gathered = take_buffer(gathered_len);
         let dy: &[f32] = if images == 1 {
             dy_chunk
         } else {
-            let mut buf = vec![0f32; g.c_out * cols];
             for co in 0..g.c_out {
                 for b in 0..images {
-                    buf[co * cols + b * plane..][..plane]
+                    gathered[co * cols + b * plane..][..plane]
                         .copy_from_slice(&dy_chunk[b * g.image_out() + co * plane..][..plane]);
                 }
             }
-            gathered = buf;
-            &gathered
+            &gathered[..gathered_len]
         };
         let direct = g.is_pointwise() && images == 1;
+        let col_len = if direct { 0 } else { g.k_columns(cols) };
         if need_grad_w {
-            let col_storage;
+            let mut col_storage = take_buffer(col_len);
+            for b in 0..if direct { 0 } else { images } {
+                let img = &x_chunk[b * g.image_in()..(b + 1) * g.image_in()];
+                g.im2col(img, &mut col_storage, cols, b * plane);
+            }
             let col: &[f32] = if direct {
                 x_chunk
             } else {
-                let mut col = vec![0f32; g.c_in * g.kh * g.kw * cols];
-                for b in 0..images {
-                    let img = &x_chunk[b * g.image_in()..(b + 1) * g.image_in()];
-                    g.im2col(img, &mut col, cols, b * plane);
-                }
-                col_storage = col;
-                &col_storage
+                &col_storage[..col_len]
             };
             for grp in 0..g.groups {
                 matmul(
@@ -396,14 +411,15 @@ pub(crate) fn conv2d_backward(
                     sched.parallelism,
                 );
             }
+            give_back(col_storage);
         }
         if let Some(gx) = grad_x_chunk {
-            let mut dcol_storage = if direct {
-                Vec::new()
+            let mut dcol_storage = take_buffer(col_len);
+            let dcol: &mut [f32] = if direct {
+                &mut *gx
             } else {
-                vec![0f32; g.c_in * g.kh * g.kw * cols]
+                &mut dcol_storage[..col_len]
             };
-            let dcol: &mut [f32] = if direct { &mut *gx } else { &mut dcol_storage };
             for grp in 0..g.groups {
                 matmul(
                     kg,
@@ -418,14 +434,15 @@ pub(crate) fn conv2d_backward(
                 );
             }
             if !direct {
-                // Written once before col2im adds onto it (see `overwrite_grad_w`).
-                gx.fill(0.0);
+                // `gx` holds the zeros `par_extend` wrote when `packed` was created.
                 for b in 0..images {
                     let img = &mut gx[b * g.image_in()..(b + 1) * g.image_in()];
                     g.col2im_add(&dcol_storage, cols, b * plane, img);
                 }
             }
+            give_back(dcol_storage);
         }
+        give_back(gathered);
     };
 
     // One weight-gradient accumulator per contiguous run of chunks, summed in order at the end.

@@ -29,7 +29,10 @@ mod f4;
 
 use super::conv::ConvGeom;
 use super::matmul::{matmul, MatRef};
-use super::{chunks_per_run, split_images, sum_in_order, with_avx2, Schedule};
+use super::{
+    chunks_per_run, give_back, par_extend, split_images, sum_in_order, take_buffer, with_avx2,
+    Schedule,
+};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -74,44 +77,6 @@ pub(crate) trait Tile {
     fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]);
     /// `∂g[k][c] = Gᵀ ∂U[k][c] G` for every channel pair, from `du` (`[K][XI][C]`, as `U`).
     fn weight_grad_from_transformed(k_out: usize, c_in: usize, du: &[f32], grad_w: &mut [f32]);
-}
-
-thread_local! {
-    /// Buffers kept by each thread between calls: the transformed tiles of one chunk are
-    /// megabytes, and fresh allocations of that size cost a page fault per 4 KiB (20 % of the
-    /// time in `perf`), plus a TLB-flushing copy-on-write fault when calloc'd.
-    static POOL: std::cell::Cell<Vec<Vec<f32>>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// A buffer of at least `len` floats from this thread's pool, with unspecified contents: the
-/// smallest pooled one that is large enough, else the largest, grown (growing zero-fills the
-/// new part, which `perf` showed as 2 % of a step when buffers were taken in LIFO order).
-/// (Taken out of the pool rather than borrowed: a GEMM's own rayon tasks may run another
-/// chunk on this thread meanwhile, which then simply gets a buffer of its own.)
-fn take_buffer(len: usize) -> Vec<f32> {
-    let mut pool = POOL.with(|p| p.take());
-    let fit = (0..pool.len())
-        .filter(|&i| pool[i].len() >= len)
-        .min_by_key(|&i| pool[i].len())
-        .or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].len()));
-    let mut buf = fit.map(|i| pool.swap_remove(i)).unwrap_or_default();
-    POOL.with(|p| p.set(pool));
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    buf
-}
-
-/// Returns a buffer of [`take_buffer`] to this thread's pool.
-/// A full pool keeps its four largest buffers.
-fn give_back(buf: Vec<f32>) {
-    let mut pool = POOL.with(|p| p.take());
-    pool.push(buf);
-    if pool.len() > 4 {
-        let smallest = (0..pool.len()).min_by_key(|&i| pool[i].len()).unwrap_or(0);
-        pool.swap_remove(smallest);
-    }
-    POOL.with(|p| p.set(pool));
 }
 
 /// Which convolutions take which path, from `MIXBENCH_CPU_CONV` (read once per process):
@@ -178,7 +143,7 @@ fn plane_stride(len: usize) -> usize {
 
 /// Forward convolution of `x` (`[batch, C, h, w]`) with `weight` (`[K, C, 3, 3]`) into `out`
 /// (`[batch, K, h, w]`). `g` must satisfy [`applies`] (except for the switch).
-pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32]) {
+pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut Vec<f32>) {
     if uses_f4(g) {
         forward_with::<f4::F4>(g, x, weight, out)
     } else {
@@ -196,7 +161,7 @@ pub(crate) fn weight_grad(g: &ConvGeom, x: &[f32], grad_out: &[f32], grad_w: &mu
 }
 
 /// [`forward_into`] with tile size `T`.
-fn forward_with<T: Tile>(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32]) {
+fn forward_with<T: Tile>(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut Vec<f32>) {
     let (_, _, tiles) = tile_grid(g, T::OUT);
     let Schedule {
         images_per_chunk,
@@ -205,9 +170,11 @@ fn forward_with<T: Tile>(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32
     let u = T::transform_weight(g.c_out, g.c_in, weight);
     let image_in = g.c_in * g.h * g.w;
     let image_out = g.c_out * g.h_out * g.w_out;
-    out.par_chunks_mut(images_per_chunk * image_out)
-        .enumerate()
-        .for_each(|(i, out_chunk)| {
+    par_extend(
+        out,
+        g.batch * image_out,
+        images_per_chunk * image_out,
+        |i, out_chunk| {
             let first = i * images_per_chunk;
             let images = out_chunk.len() / image_out;
             let t = images * tiles;
@@ -243,7 +210,8 @@ fn forward_with<T: Tile>(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut [f32
             give_back(v_buf);
             give_back(m_buf);
             give_back(scratch);
-        });
+        },
+    );
 }
 
 /// [`weight_grad`] with tile size `T`.
@@ -407,9 +375,12 @@ mod tests {
             let g = geom(b, c, k, h, w);
             let x = values(b * c * h * w, 1);
             let wt = values(k * c * 9, 2);
-            let mut out = vec![f32::NAN; b * k * h * w];
+            // Appended after what the vector already holds, which stays as it was.
+            let mut out = vec![f32::NAN];
             forward_with::<T>(&g, &x, &wt, &mut out);
-            let err = max_rel(&out, &direct(&g, &x, &wt));
+            assert!(out[0].is_nan() && out.len() == 1 + b * k * h * w);
+            let out = &out[1..];
+            let err = max_rel(out, &direct(&g, &x, &wt));
             assert!(
                 err < tolerance,
                 "F({0}x{0}): {b}x{c}x{h}x{w} -> {k}: relative error {err:e}",
