@@ -28,6 +28,19 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
+/// Whether the CPU has AVX2, which the explicit-SIMD kernels (`_mm256_*`) need; they keep a
+/// portable twin for other CPUs, computing the same bits.
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Runs `f` in a function compiled for AVX2 and FMA when the CPU has them, else as is.
 ///
 /// The crate is built for baseline x86-64 (SSE2) so that one binary runs everywhere; element-wise

@@ -5,6 +5,7 @@
 
 use super::{give_back, plane_stride, take_buffer, tile_grid, Tile};
 use crate::cpu::conv::ConvGeom;
+use crate::cpu::has_avx2;
 use rayon::prelude::*;
 
 /// The F(2×2, 3×3) variant.
@@ -166,7 +167,7 @@ fn transform_weight(k_out: usize, c_in: usize, weight: &[f32]) -> Vec<f32> {
 fn transform_input(g: &ConvGeom, x: &[f32], images: usize, v: &mut [f32], scratch: &mut Vec<f32>) {
     let (_, tw, _) = tile_grid(g, 2);
     if tw >= 8 {
-        transform_input_wide(g, x, images, v, scratch, avx2::available())
+        transform_input_wide(g, x, images, v, scratch, has_avx2())
     } else {
         transform_input_narrow(g, x, images, v, scratch)
     }
@@ -185,7 +186,7 @@ fn input_rows(i: usize, dst: &mut [f32], d: [&[f32]; 4]) {
 }
 
 /// [`transform_input`] for planes with at least 8 tiles a row; `use_avx2` (only where
-/// [`avx2::available`]) takes [`avx2::tile_rows`] for rows of whole 8-tile blocks.
+/// [`has_avx2`]) takes [`avx2::tile_rows`] for rows of whole 8-tile blocks.
 #[inline(always)]
 fn transform_input_wide(
     g: &ConvGeom,
@@ -248,22 +249,12 @@ fn transform_input_wide(
 /// channels, 32×32, in cache); 8-float arrays instead compiled to anything from 18 to 37 µs
 /// depending on the code around them.
 mod avx2 {
-    /// Whether the CPU runs [`tile_rows`].
-    pub(super) fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
+    use crate::cpu::has_avx2;
 
     /// `V` of every tile of one padded, deinterleaved plane `pad` (rows of `2·half` floats:
     /// `half` evens, then `half` odds, `half = tw + 1`): the 16 positions of tile `ty·tw + t`
     /// go to `v[ξ·xi_stride + at + ty·tw + t]`. `tw` must be a multiple of 8 and
-    /// [`available`] true.
+    /// [`has_avx2`].
     pub(super) fn tile_rows(
         pad: &[f32],
         half: usize,
@@ -274,7 +265,7 @@ mod avx2 {
         at: usize,
     ) {
         assert!(
-            available() && tw.is_multiple_of(8) && half == tw + 1,
+            has_avx2() && tw.is_multiple_of(8) && half == tw + 1,
             "tile_rows: {tw} tiles a row"
         );
         assert!(
@@ -559,7 +550,7 @@ mod tests {
 
     #[test]
     fn avx2_tile_rows_give_the_bits_of_the_slice_loops() {
-        if !avx2::available() {
+        if !has_avx2() {
             eprintln!("SKIPPED (no AVX2)");
             return;
         }
