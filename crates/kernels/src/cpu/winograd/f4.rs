@@ -374,6 +374,109 @@ mod avx2 {
         }
     }
 
+    /// See [`super::transform_output`]; `g` must be [`handles`]d and [`has_avx2`] true.
+    #[inline(never)]
+    pub(super) fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+        assert!(
+            has_avx2() && handles(g),
+            "f4 avx2 output transform: unsupported plane"
+        );
+        let (_, tw, tiles) = tile_grid(g, 4);
+        let t_total = images * tiles;
+        let xi_stride = plane_stride(g.c_out * t_total);
+        // A last partial block reads up to 4 floats past its plane's tiles: into the next
+        // channel's, or the 16 floats of padding after the last one.
+        assert!(
+            m.len() >= (SIDE * SIDE - 1) * xi_stride + g.c_out * t_total + 4,
+            "f4 avx2 output transform: m too short"
+        );
+        assert!(
+            out.len() >= images * g.c_out * g.h * g.w,
+            "f4 avx2 output transform: out too short"
+        );
+        let tiling = Tiling {
+            tw,
+            tiles,
+            t_total,
+            channels: g.c_out,
+            width: g.w,
+        };
+        for k in 0..g.c_out {
+            // SAFETY: AVX2 is available (asserted). Reads `m[ξ·xi_stride + k·t_total + t]`
+            // for t < t_total rounded up to 8 (t_total is a multiple of 4), within the asserted
+            // length; writes the 4×4 outputs of tiles t < t_total of channel k, within `out`.
+            unsafe {
+                output_channel_avx2(
+                    m.as_ptr().add(k * t_total),
+                    xi_stride,
+                    &tiling,
+                    k,
+                    out.as_mut_ptr(),
+                )
+            }
+        }
+    }
+
+    /// See [`super::transform_grad_out`]; `g` must be [`handles`]d and [`has_avx2`] true.
+    #[inline(never)]
+    pub(super) fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+        assert!(
+            has_avx2() && handles(g),
+            "f4 avx2 gradient transform: unsupported plane"
+        );
+        let (_, tw, tiles) = tile_grid(g, 4);
+        let t_total = images * tiles;
+        let xi_stride = plane_stride(g.c_out * t_total);
+        assert!(
+            z.len() >= (SIDE * SIDE - 1) * xi_stride + g.c_out * t_total,
+            "f4 avx2 gradient transform: z too short"
+        );
+        assert!(
+            dy.len() >= images * g.c_out * g.h * g.w,
+            "f4 avx2 gradient transform: dy too short"
+        );
+        let tiling = Tiling {
+            tw,
+            tiles,
+            t_total,
+            channels: g.c_out,
+            width: g.w,
+        };
+        for k in 0..g.c_out {
+            // SAFETY: AVX2 is available (asserted). Reads the 4×4 output gradients of tiles
+            // t < t_total of channel k, within `dy`; writes `z[ξ·xi_stride + k·t_total + t]`
+            // for t < t_total only (the last block masked), within the asserted length.
+            unsafe {
+                grad_out_channel_avx2(
+                    dy.as_ptr(),
+                    &tiling,
+                    k,
+                    z.as_mut_ptr().add(k * t_total),
+                    xi_stride,
+                )
+            }
+        }
+    }
+
+    /// Where the tiles of a chunk's output planes lie.
+    struct Tiling {
+        tw: usize,
+        tiles: usize,
+        t_total: usize,
+        channels: usize,
+        width: usize,
+    }
+
+    impl Tiling {
+        /// Offset in the NCHW output of row `i`, column 0 of tile `t` of channel `k`.
+        fn tile_row(&self, t: usize, k: usize, i: usize) -> usize {
+            let (b, within) = (t / self.tiles, t % self.tiles);
+            let (ty, tx) = (within / self.tw, within % self.tw);
+            let plane = self.tiles * 16;
+            (b * self.channels + k) * plane + (4 * ty + i) * self.width + 4 * tx
+        }
+    }
+
     /// The layout of the phase-split planes of [`transform_input`].
     struct Phases {
         len: usize,
@@ -512,6 +615,205 @@ mod avx2 {
         }
     }
 
+    /// Row `i` of `Aᵀ m` for six vectors `m`, in [`super::a_transpose_row`]'s order.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn a_transpose(
+        i: usize,
+        m: &[std::arch::x86_64::__m256; SIDE],
+    ) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let k = |value: f32| _mm256_set1_ps(value);
+        match i {
+            0 => _mm256_add_ps(
+                _mm256_add_ps(m[0], _mm256_add_ps(m[1], m[2])),
+                _mm256_add_ps(m[3], m[4]),
+            ),
+            1 => _mm256_add_ps(
+                _mm256_sub_ps(m[1], m[2]),
+                _mm256_mul_ps(k(2.0), _mm256_sub_ps(m[3], m[4])),
+            ),
+            2 => _mm256_add_ps(
+                _mm256_add_ps(m[1], m[2]),
+                _mm256_mul_ps(k(4.0), _mm256_add_ps(m[3], m[4])),
+            ),
+            _ => _mm256_add_ps(
+                _mm256_add_ps(
+                    _mm256_sub_ps(m[1], m[2]),
+                    _mm256_mul_ps(k(8.0), _mm256_sub_ps(m[3], m[4])),
+                ),
+                m[5],
+            ),
+        }
+    }
+
+    /// Row `r` of `A d` for four vectors `d`, in [`super::a_row`]'s order.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn a_row(r: usize, d: &[std::arch::x86_64::__m256; 4]) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let k = |value: f32| _mm256_set1_ps(value);
+        match r {
+            0 => d[0],
+            1 => _mm256_add_ps(_mm256_add_ps(d[0], d[1]), _mm256_add_ps(d[2], d[3])),
+            2 => _mm256_add_ps(_mm256_sub_ps(d[0], d[1]), _mm256_sub_ps(d[2], d[3])),
+            3 => _mm256_add_ps(
+                _mm256_add_ps(d[0], _mm256_mul_ps(k(4.0), d[2])),
+                _mm256_mul_ps(k(2.0), _mm256_add_ps(d[1], _mm256_mul_ps(k(4.0), d[3]))),
+            ),
+            4 => _mm256_sub_ps(
+                _mm256_add_ps(d[0], _mm256_mul_ps(k(4.0), d[2])),
+                _mm256_mul_ps(k(2.0), _mm256_add_ps(d[1], _mm256_mul_ps(k(4.0), d[3]))),
+            ),
+            _ => d[3],
+        }
+    }
+
+    /// `Y = Aᵀ M A` for the tiles of channel `k` (`m` at the channel's first tile), into the
+    /// NCHW `out`, 8 tiles at a time: the 4 vectors of an output row's 4 columns are
+    /// interleaved into 4 runs of 2 tiles × 4 columns, each stored at its tile.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn output_channel_avx2(
+        m: *const f32,
+        xi_stride: usize,
+        tiling: &Tiling,
+        k: usize,
+        out: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let zero = _mm256_setzero_ps();
+        for t0 in (0..tiling.t_total).step_by(8) {
+            let valid = (tiling.t_total - t0).min(8);
+            let mut s = [[zero; SIDE]; 4];
+            for j in 0..SIDE {
+                let mut column = [zero; SIDE];
+                for (r, cell) in column.iter_mut().enumerate() {
+                    *cell = _mm256_loadu_ps(m.add((r * SIDE + j) * xi_stride + t0));
+                }
+                // Aᵀ M on the rows: s[i][j] for each column j …
+                for (i, s_i) in s.iter_mut().enumerate() {
+                    s_i[j] = a_transpose(i, &column);
+                }
+            }
+            for (i, s_i) in s.iter().enumerate() {
+                // … then A on the columns: y[i][jj].
+                let y = [
+                    a_transpose(0, s_i),
+                    a_transpose(1, s_i),
+                    a_transpose(2, s_i),
+                    a_transpose(3, s_i),
+                ];
+                let (lo01, hi01) = (
+                    _mm256_unpacklo_ps(y[0], y[1]),
+                    _mm256_unpackhi_ps(y[0], y[1]),
+                );
+                let (lo23, hi23) = (
+                    _mm256_unpacklo_ps(y[2], y[3]),
+                    _mm256_unpackhi_ps(y[2], y[3]),
+                );
+                let q = [
+                    _mm256_shuffle_ps::<0x44>(lo01, lo23),
+                    _mm256_shuffle_ps::<0xEE>(lo01, lo23),
+                    _mm256_shuffle_ps::<0x44>(hi01, hi23),
+                    _mm256_shuffle_ps::<0xEE>(hi01, hi23),
+                ];
+                // Run n: tiles 2n and 2n + 1, 4 columns each (one tile row, as runs are ≥ 2).
+                let runs = [
+                    _mm256_permute2f128_ps::<0x20>(q[0], q[1]),
+                    _mm256_permute2f128_ps::<0x20>(q[2], q[3]),
+                    _mm256_permute2f128_ps::<0x31>(q[0], q[1]),
+                    _mm256_permute2f128_ps::<0x31>(q[2], q[3]),
+                ];
+                for (n, run) in runs.iter().enumerate().take(valid / 2) {
+                    _mm256_storeu_ps(out.add(tiling.tile_row(t0 + 2 * n, k, i)), *run);
+                }
+            }
+        }
+    }
+
+    /// `Z = A ∂Y Aᵀ` for the tiles of channel `k` of the NCHW `dy`, into `z` (at the channel's
+    /// first tile), 8 tiles at a time: 4 runs of 2 tiles × 4 columns of an output-gradient
+    /// row are de-interleaved into the row's 4 column vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn grad_out_channel_avx2(
+        dy: *const f32,
+        tiling: &Tiling,
+        k: usize,
+        z: *mut f32,
+        xi_stride: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let zero = _mm256_setzero_ps();
+        for t0 in (0..tiling.t_total).step_by(8) {
+            let valid = (tiling.t_total - t0).min(8);
+            let mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(valid as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            // d[i][jj]: output gradient (i, jj) of the 8 tiles.
+            let mut d = [[zero; 4]; 4];
+            for (i, d_i) in d.iter_mut().enumerate() {
+                let mut runs = [zero; 4];
+                for (n, run) in runs.iter_mut().enumerate().take(valid / 2) {
+                    *run = _mm256_loadu_ps(dy.add(tiling.tile_row(t0 + 2 * n, k, i)));
+                }
+                let u = [
+                    _mm256_permute2f128_ps::<0x20>(runs[0], runs[2]),
+                    _mm256_permute2f128_ps::<0x31>(runs[0], runs[2]),
+                    _mm256_permute2f128_ps::<0x20>(runs[1], runs[3]),
+                    _mm256_permute2f128_ps::<0x31>(runs[1], runs[3]),
+                ];
+                let (lo01, hi01) = (
+                    _mm256_unpacklo_ps(u[0], u[1]),
+                    _mm256_unpackhi_ps(u[0], u[1]),
+                );
+                let (lo23, hi23) = (
+                    _mm256_unpacklo_ps(u[2], u[3]),
+                    _mm256_unpackhi_ps(u[2], u[3]),
+                );
+                *d_i = [
+                    _mm256_shuffle_ps::<0x44>(lo01, lo23),
+                    _mm256_shuffle_ps::<0xEE>(lo01, lo23),
+                    _mm256_shuffle_ps::<0x44>(hi01, hi23),
+                    _mm256_shuffle_ps::<0xEE>(hi01, hi23),
+                ];
+            }
+            for r in 0..SIDE {
+                // Row r of A ∂Y (for each column jj) …
+                let a = [
+                    a_row(r, &[d[0][0], d[1][0], d[2][0], d[3][0]]),
+                    a_row(r, &[d[0][1], d[1][1], d[2][1], d[3][1]]),
+                    a_row(r, &[d[0][2], d[1][2], d[2][2], d[3][2]]),
+                    a_row(r, &[d[0][3], d[1][3], d[2][3], d[3][3]]),
+                ];
+                // … then Aᵀ on the columns.
+                for q in 0..SIDE {
+                    let dst = z.add((r * SIDE + q) * xi_stride + t0);
+                    let value = a_row(q, &a);
+                    if valid == 8 {
+                        _mm256_storeu_ps(dst, value);
+                    } else {
+                        _mm256_maskstore_ps(dst, mask, value);
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn output_channel_avx2(_: *const f32, _: usize, _: &Tiling, _: usize, _: *mut f32) {
+        unreachable!("has_avx2 is false off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn grad_out_channel_avx2(_: *const f32, _: &Tiling, _: usize, _: *mut f32, _: usize) {
+        unreachable!("has_avx2 is false off x86-64")
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn channel_avx2(_: *const f32, _: &Phases, _: usize, _: *mut f32, _: usize) {
         unreachable!("has_avx2 is false off x86-64")
@@ -521,6 +823,16 @@ mod avx2 {
 /// See [`Tile::transform_output`].
 #[inline(always)]
 fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+    transform_output_with(g, m, images, out, has_avx2())
+}
+
+/// [`transform_output`]; `use_avx2` (only where [`has_avx2`]) takes
+/// [`avx2::transform_output`] for the planes it handles.
+#[inline(always)]
+fn transform_output_with(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32], use_avx2: bool) {
+    if use_avx2 && avx2::handles(g) {
+        return avx2::transform_output(g, m, images, out);
+    }
     let (th, tw, tiles) = tile_grid(g, 4);
     let t_total = images * tiles;
     let (ho, wo) = (g.h_out, g.w_out);
@@ -565,6 +877,16 @@ fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
 /// See [`Tile::transform_grad_out`].
 #[inline(always)]
 fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+    transform_grad_out_with(g, dy, images, z, has_avx2())
+}
+
+/// [`transform_grad_out`]; `use_avx2` (only where [`has_avx2`]) takes
+/// [`avx2::transform_grad_out`] for the planes it handles.
+#[inline(always)]
+fn transform_grad_out_with(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32], use_avx2: bool) {
+    if use_avx2 && avx2::handles(g) {
+        return avx2::transform_grad_out(g, dy, images, z);
+    }
     let (th, tw, tiles) = tile_grid(g, 4);
     let t_total = images * tiles;
     let (ho, wo) = (g.h_out, g.w_out);
@@ -652,5 +974,43 @@ mod tests {
             assert!(slow.iter().any(|x| !x.is_nan() && *x != 0.0));
         }
         assert!(!avx2::handles(&geom(1, 3, 12)) && !avx2::handles(&geom(1, 3, 10)));
+    }
+
+    #[test]
+    fn avx2_output_and_gradient_transforms_give_the_bits_of_the_slice_loops() {
+        if !has_avx2() {
+            eprintln!("SKIPPED (no AVX2)");
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (images, side) in [(3, 8), (2, 16), (1, 32), (2, 32)] {
+            let g = geom(images, 3, side);
+            let (_, _, tiles) = tile_grid(&g, 4);
+            let len = SIDE * SIDE * plane_stride(3 * images * tiles);
+            let m: Vec<f32> = (0..len)
+                .map(|i| ((i * 53) % 97) as f32 * 0.021 - 1.0)
+                .collect();
+            let plane_len = images * 3 * side * side;
+            let (mut fast, mut slow) = (vec![f32::NAN; plane_len], vec![f32::NAN; plane_len]);
+            transform_output_with(&g, &m, images, &mut fast, true);
+            transform_output_with(&g, &m, images, &mut slow, false);
+            assert_eq!(
+                bits(&fast),
+                bits(&slow),
+                "output, {images} images of {side}×{side}"
+            );
+            assert!(slow.iter().all(|x| x.is_finite()));
+
+            let dy = &m[..plane_len];
+            let (mut fast, mut slow) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            transform_grad_out_with(&g, dy, images, &mut fast, true);
+            transform_grad_out_with(&g, dy, images, &mut slow, false);
+            assert_eq!(
+                bits(&fast),
+                bits(&slow),
+                "gradient, {images} images of {side}×{side}"
+            );
+            assert!(slow.iter().any(|x| !x.is_nan() && *x != 0.0));
+        }
     }
 }
