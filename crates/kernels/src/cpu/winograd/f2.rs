@@ -249,7 +249,191 @@ fn transform_input_wide(
 /// channels, 32×32, in cache); 8-float arrays instead compiled to anything from 18 to 37 µs
 /// depending on the code around them.
 mod avx2 {
+    use super::{plane_stride, tile_grid};
+    use crate::cpu::conv::ConvGeom;
     use crate::cpu::has_avx2;
+
+    /// Whether [`transform_output`] and [`transform_grad_out`] handle `g`: even-sided planes
+    /// with rows of whole 8-tile blocks (16×16, 32×32, …).
+    pub(super) fn handles(g: &ConvGeom) -> bool {
+        let (th, tw, _) = tile_grid(g, 2);
+        g.h_out == 2 * th && g.w_out == 2 * tw && tw.is_multiple_of(8)
+    }
+
+    /// See [`super::transform_output`]; `g` must be [`handles`]d and [`has_avx2`] true.
+    #[inline(never)]
+    pub(super) fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+        assert!(
+            has_avx2() && handles(g),
+            "f2 avx2 output transform: unsupported plane"
+        );
+        let (th, tw, tiles) = tile_grid(g, 2);
+        let t_total = images * tiles;
+        let xi_stride = plane_stride(g.c_out * t_total);
+        assert!(
+            m.len() >= 15 * xi_stride + g.c_out * t_total,
+            "f2 avx2 output transform: m too short"
+        );
+        let plane = g.h_out * g.w_out;
+        assert!(
+            out.len() >= images * g.c_out * plane,
+            "f2 avx2 output transform: out too short"
+        );
+        for k in 0..g.c_out {
+            for b in 0..images {
+                // SAFETY: AVX2 is available (asserted); reads `m[ξ·xi_stride + k·t_total + t]`
+                // for the image's tiles t, writes its plane of channel k: both within the
+                // asserted lengths.
+                unsafe {
+                    output_plane_avx2(
+                        m.as_ptr().add(k * t_total + b * tiles),
+                        xi_stride,
+                        th,
+                        tw,
+                        out.as_mut_ptr().add((b * g.c_out + k) * plane),
+                    )
+                }
+            }
+        }
+    }
+
+    /// See [`super::transform_grad_out`]; `g` must be [`handles`]d and [`has_avx2`] true.
+    #[inline(never)]
+    pub(super) fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+        assert!(
+            has_avx2() && handles(g),
+            "f2 avx2 gradient transform: unsupported plane"
+        );
+        let (th, tw, tiles) = tile_grid(g, 2);
+        let t_total = images * tiles;
+        let xi_stride = plane_stride(g.c_out * t_total);
+        assert!(
+            z.len() >= 15 * xi_stride + g.c_out * t_total,
+            "f2 avx2 gradient transform: z too short"
+        );
+        let plane = g.h_out * g.w_out;
+        assert!(
+            dy.len() >= images * g.c_out * plane,
+            "f2 avx2 gradient transform: dy too short"
+        );
+        for k in 0..g.c_out {
+            for b in 0..images {
+                // SAFETY: AVX2 is available (asserted); reads the image's plane of channel k,
+                // writes `z[ξ·xi_stride + k·t_total + t]` for its tiles t: both within the
+                // asserted lengths.
+                unsafe {
+                    grad_out_plane_avx2(
+                        dy.as_ptr().add((b * g.c_out + k) * plane),
+                        th,
+                        tw,
+                        z.as_mut_ptr().add(k * t_total + b * tiles),
+                        xi_stride,
+                    )
+                }
+            }
+        }
+    }
+
+    /// `Y = Aᵀ M A` of one plane's tiles (`m` at its first tile) into the plane `out`, 8 tiles
+    /// at a time; each output row's even and odd columns are interleaved into 16 floats.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn output_plane_avx2(
+        m: *const f32,
+        xi_stride: usize,
+        th: usize,
+        tw: usize,
+        out: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let width = 2 * tw;
+        for ty in 0..th {
+            for tx in (0..tw).step_by(8) {
+                let t = ty * tw + tx;
+                let mm = |i: usize, j: usize| _mm256_loadu_ps(m.add((i * 4 + j) * xi_stride + t));
+                // Aᵀ M on the rows: s0 = m0+m1+m2, s1 = m1-m2-m3 (for each column j) …
+                let mut s = [[_mm256_setzero_ps(); 4]; 2];
+                let [s0, s1] = &mut s;
+                for (j, (s0, s1)) in s0.iter_mut().zip(s1.iter_mut()).enumerate() {
+                    let (m0, m1, m2, m3) = (mm(0, j), mm(1, j), mm(2, j), mm(3, j));
+                    *s0 = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+                    *s1 = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+                }
+                for (i, c) in s.iter().enumerate() {
+                    // … then A on the columns: y0 = c0+c1+c2, y1 = c1-c2-c3.
+                    let y0 = _mm256_add_ps(_mm256_add_ps(c[0], c[1]), c[2]);
+                    let y1 = _mm256_sub_ps(_mm256_sub_ps(c[1], c[2]), c[3]);
+                    let (lo, hi) = (_mm256_unpacklo_ps(y0, y1), _mm256_unpackhi_ps(y0, y1));
+                    let row = out.add((2 * ty + i) * width + 2 * tx);
+                    _mm256_storeu_ps(row, _mm256_permute2f128_ps::<0x20>(lo, hi));
+                    _mm256_storeu_ps(row.add(8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+                }
+            }
+        }
+    }
+
+    /// `Z = A ∂Y Aᵀ` of one plane's tiles (`dy` the plane) into `z` (at its first tile), 8
+    /// tiles at a time; each gradient row's 16 floats are split into even and odd columns.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn grad_out_plane_avx2(
+        dy: *const f32,
+        th: usize,
+        tw: usize,
+        z: *mut f32,
+        xi_stride: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let width = 2 * tw;
+        for ty in 0..th {
+            for tx in (0..tw).step_by(8) {
+                let t = ty * tw + tx;
+                // d[r][p]: row r of each tile, even (p = 0) or odd (p = 1) column.
+                let mut d = [[_mm256_setzero_ps(); 2]; 2];
+                for (r, d_r) in d.iter_mut().enumerate() {
+                    let row = dy.add((2 * ty + r) * width + 2 * tx);
+                    let (a, b) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+                    let split = |pairs: __m256| {
+                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(pairs)))
+                    };
+                    d_r[0] = split(_mm256_shuffle_ps::<0x88>(a, b));
+                    d_r[1] = split(_mm256_shuffle_ps::<0xDD>(a, b));
+                }
+                let negate = |x: __m256| _mm256_xor_ps(x, _mm256_set1_ps(-0.0));
+                // A ∂Y on the rows: d0, d0+d1, d0-d1, -d1 (for even and odd columns p) …
+                let a: [[__m256; 2]; 4] = [
+                    d[0],
+                    [
+                        _mm256_add_ps(d[0][0], d[1][0]),
+                        _mm256_add_ps(d[0][1], d[1][1]),
+                    ],
+                    [
+                        _mm256_sub_ps(d[0][0], d[1][0]),
+                        _mm256_sub_ps(d[0][1], d[1][1]),
+                    ],
+                    [negate(d[1][0]), negate(d[1][1])],
+                ];
+                // … then Aᵀ on the columns: c0, c0+c1, c0-c1, -c1.
+                for (i, [c0, c1]) in a.iter().enumerate() {
+                    let at = |j: usize| z.add((i * 4 + j) * xi_stride + t);
+                    _mm256_storeu_ps(at(0), *c0);
+                    _mm256_storeu_ps(at(1), _mm256_add_ps(*c0, *c1));
+                    _mm256_storeu_ps(at(2), _mm256_sub_ps(*c0, *c1));
+                    _mm256_storeu_ps(at(3), negate(*c1));
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn output_plane_avx2(_: *const f32, _: usize, _: usize, _: usize, _: *mut f32) {
+        unreachable!("has_avx2 is false off x86-64")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn grad_out_plane_avx2(_: *const f32, _: usize, _: usize, _: *mut f32, _: usize) {
+        unreachable!("has_avx2 is false off x86-64")
+    }
 
     /// `V` of every tile of one padded, deinterleaved plane `pad` (rows of `2·half` floats:
     /// `half` evens, then `half` odds, `half = tw + 1`): the 16 positions of tile `ty·tw + t`
@@ -404,6 +588,16 @@ fn transform_input_narrow(
 /// `Y = Aᵀ M A` per tile, from `m` (16 planes of `K · T`) into `images` NCHW output images.
 #[inline(always)]
 fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
+    transform_output_with(g, m, images, out, has_avx2())
+}
+
+/// [`transform_output`]; `use_avx2` (only where [`has_avx2`]) takes
+/// [`avx2::transform_output`] for the planes it handles.
+#[inline(always)]
+fn transform_output_with(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32], use_avx2: bool) {
+    if use_avx2 && avx2::handles(g) {
+        return avx2::transform_output(g, m, images, out);
+    }
     let (th, tw, tiles) = tile_grid(g, 2);
     let t_total = images * tiles;
     let (ho, wo) = (g.h_out, g.w_out);
@@ -466,6 +660,16 @@ fn transform_output(g: &ConvGeom, m: &[f32], images: usize, out: &mut [f32]) {
 /// `Z[ξ][k][t] = (A ∂Y Aᵀ)[ξ]` for every tile of `images` NCHW output-gradient images.
 #[inline(always)]
 fn transform_grad_out(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32]) {
+    transform_grad_out_with(g, dy, images, z, has_avx2())
+}
+
+/// [`transform_grad_out`]; `use_avx2` (only where [`has_avx2`]) takes
+/// [`avx2::transform_grad_out`] for the planes it handles.
+#[inline(always)]
+fn transform_grad_out_with(g: &ConvGeom, dy: &[f32], images: usize, z: &mut [f32], use_avx2: bool) {
+    if use_avx2 && avx2::handles(g) {
+        return avx2::transform_grad_out(g, dy, images, z);
+    }
     let (th, tw, tiles) = tile_grid(g, 2);
     let t_total = images * tiles;
     let (ho, wo) = (g.h_out, g.w_out);
@@ -549,7 +753,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn avx2_tile_rows_give_the_bits_of_the_slice_loops() {
+    fn avx2_transforms_give_the_bits_of_the_slice_loops() {
         if !has_avx2() {
             eprintln!("SKIPPED (no AVX2)");
             return;
@@ -582,7 +786,45 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&slow), "{side}×{side}");
             assert!(slow.iter().any(|x| !x.is_nan() && *x != 0.0));
+
+            // The output and output-gradient transforms (4 output channels).
+            assert!(avx2::handles(&g));
+            let len = 16 * plane_stride(4 * 2 * tiles);
+            let m: Vec<f32> = (0..len)
+                .map(|i| ((i * 53) % 97) as f32 * 0.021 - 1.0)
+                .collect();
+            let plane_len = 2 * 4 * side * side;
+            let (mut fast, mut slow) = (vec![f32::NAN; plane_len], vec![f32::NAN; plane_len]);
+            transform_output_with(&g, &m, 2, &mut fast, true);
+            transform_output_with(&g, &m, 2, &mut slow, false);
+            assert_eq!(bits(&fast), bits(&slow), "output, {side}×{side}");
+            assert!(slow.iter().all(|x| x.is_finite()));
+            let dy = &m[..plane_len];
+            let (mut fast, mut slow) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            transform_grad_out_with(&g, dy, 2, &mut fast, true);
+            transform_grad_out_with(&g, dy, 2, &mut slow, false);
+            assert_eq!(bits(&fast), bits(&slow), "gradient, {side}×{side}");
         }
+        assert!(!avx2::handles(&ConvGeom {
+            h: 8,
+            w: 8,
+            h_out: 8,
+            w_out: 8,
+            ..ConvGeom {
+                batch: 1,
+                c_in: 1,
+                h: 0,
+                w: 0,
+                c_out: 1,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                padding: 1,
+                groups: 1,
+                h_out: 0,
+                w_out: 0,
+            }
+        }));
     }
 
     #[test]
