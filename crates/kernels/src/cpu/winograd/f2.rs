@@ -168,6 +168,8 @@ fn transform_input(g: &ConvGeom, x: &[f32], images: usize, v: &mut [f32], scratc
     let (_, tw, _) = tile_grid(g, 2);
     if tw >= 8 {
         transform_input_wide(g, x, images, v, scratch, has_avx2())
+    } else if has_avx2() && avx2::handles_narrow(g) {
+        avx2::transform_input_narrow(g, x, images, v, scratch)
     } else {
         transform_input_narrow(g, x, images, v, scratch)
     }
@@ -258,6 +260,167 @@ mod avx2 {
     pub(super) fn handles(g: &ConvGeom) -> bool {
         let (th, tw, _) = tile_grid(g, 2);
         g.h_out == 2 * th && g.w_out == 2 * tw && tw.is_multiple_of(8)
+    }
+
+    /// Whether [`transform_input_narrow`] handles `g`: even-sided planes of 2 or 4 tiles a
+    /// row (4×4, 8×8), so that a block of 8 tiles is 4 or 2 runs of one tile row each.
+    pub(super) fn handles_narrow(g: &ConvGeom) -> bool {
+        let (th, tw, _) = tile_grid(g, 2);
+        g.h == 2 * th && g.w == 2 * tw && (tw == 2 || tw == 4)
+    }
+
+    /// [`super::transform_input_narrow`] for the planes of [`handles_narrow`], 8 tiles at a
+    /// time from each image's padded plane with its even and odd columns apart (as in
+    /// [`super::transform_input_wide`]); `has_avx2` must be true.
+    #[inline(never)]
+    pub(super) fn transform_input_narrow(
+        g: &ConvGeom,
+        x: &[f32],
+        images: usize,
+        v: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        assert!(
+            has_avx2() && handles_narrow(g),
+            "f2 avx2 input transform: unsupported plane"
+        );
+        let (th, tw, tiles) = tile_grid(g, 2);
+        let t_total = images * tiles;
+        let xi_stride = plane_stride(g.c_in * t_total);
+        assert!(
+            x.len() >= images * g.c_in * g.h * g.w,
+            "f2 avx2 input transform: x too short"
+        );
+        assert!(
+            v.len() >= 15 * xi_stride + g.c_in * t_total,
+            "f2 avx2 input transform: v too short"
+        );
+        // Per image: rows -1..=2·th of the zero-padded plane, each as `half = tw + 1` evens
+        // then `half` odds (padded column 2q + p at p·half + q); one more all-zero plane
+        // after the last image feeds the lanes of a last, partial block.
+        let (half, rows) = (tw + 1, 2 * th + 2);
+        let plane_len = rows * 2 * half;
+        scratch.clear();
+        scratch.resize((images + 1) * plane_len, 0.0);
+        let plane = g.h * g.w;
+        for c in 0..g.c_in {
+            for b in 0..images {
+                let src = &x[(b * g.c_in + c) * plane..][..plane];
+                for (y, line) in src.chunks_exact(g.w).enumerate() {
+                    let padded = &mut scratch[b * plane_len + (y + 1) * 2 * half..][..2 * half];
+                    // Input column 2q + p is padded column 2q + p + 1.
+                    for (q, pair) in line.chunks_exact(2).enumerate() {
+                        padded[half + q] = pair[0];
+                        padded[q + 1] = pair[1];
+                    }
+                }
+            }
+            // SAFETY: AVX2 is available (asserted). Reads: a run of tile (b, ty, tx), b ≤
+            // images, reads plane b of `scratch` at offsets up to (2·ty + 3) · 2·half + half
+            // + tx + 1 + (run - 1) < rows · 2 · half, as ty < th and tx + run ≤ tw < half.
+            // Writes: `v[ξ·xi_stride + c·t_total + t]` for t < t_total only (the last block
+            // masked), within the asserted length.
+            unsafe {
+                narrow_channel_avx2(
+                    scratch.as_ptr(),
+                    [half, plane_len, tw, tiles, t_total],
+                    v.as_mut_ptr().add(c * t_total),
+                    xi_stride,
+                )
+            }
+        }
+    }
+
+    /// `V` of the `t_total` tiles of one channel from the padded planes of
+    /// [`transform_input_narrow`] (`layout` = half, plane length, tiles a row, tiles an image,
+    /// t_total), into `v[ξ·xi_stride + t]`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn narrow_channel_avx2(
+        planes: *const f32,
+        layout: [usize; 5],
+        v: *mut f32,
+        xi_stride: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let [half, plane_len, tw, tiles, t_total] = layout;
+        let row_len = 2 * half;
+        for t0 in (0..t_total).step_by(8) {
+            // The first cell of each run of `tw` tiles (one tile row), or of the zero plane.
+            let mut starts = [planes; 4];
+            for (n, start) in starts.iter_mut().enumerate().take(8 / tw) {
+                let t = t0 + n * tw;
+                let (b, ty) = if t < t_total {
+                    (t / tiles, t % tiles / tw)
+                } else {
+                    (t_total / tiles, 0)
+                };
+                *start = planes.add(b * plane_len + 2 * ty * row_len);
+            }
+            // Input (r, j) of the 8 tiles: column j is evens from 0 (j = 0), odds from 0,
+            // evens from 1, odds from 1.
+            let load = |r: usize, j: usize| -> __m256 {
+                let offset = r * row_len + (j % 2) * half + j / 2;
+                if tw == 4 {
+                    _mm256_set_m128(
+                        _mm_loadu_ps(starts[1].add(offset)),
+                        _mm_loadu_ps(starts[0].add(offset)),
+                    )
+                } else {
+                    let pair = |n: usize| {
+                        _mm_castsi128_ps(_mm_loadl_epi64(starts[n].add(offset) as *const __m128i))
+                    };
+                    _mm256_set_m128(
+                        _mm_movelh_ps(pair(2), pair(3)),
+                        _mm_movelh_ps(pair(0), pair(1)),
+                    )
+                }
+            };
+            let mut cells = [[_mm256_setzero_ps(); 4]; 4];
+            for (r, cells_r) in cells.iter_mut().enumerate() {
+                for (j, cell) in cells_r.iter_mut().enumerate() {
+                    *cell = load(r, j);
+                }
+            }
+            let valid = (t_total - t0).min(8);
+            let mask = _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(valid as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            for i in 0..4 {
+                // Bᵀ on the rows: d0-d2, d1+d2, d2-d1, d1-d3 (for each column j) …
+                let mut t = [_mm256_setzero_ps(); 4];
+                for (j, t_j) in t.iter_mut().enumerate() {
+                    let d = [cells[0][j], cells[1][j], cells[2][j], cells[3][j]];
+                    *t_j = match i {
+                        0 => _mm256_sub_ps(d[0], d[2]),
+                        1 => _mm256_add_ps(d[1], d[2]),
+                        2 => _mm256_sub_ps(d[2], d[1]),
+                        _ => _mm256_sub_ps(d[1], d[3]),
+                    };
+                }
+                // … then B on the columns: c0-c2, c1+c2, c2-c1, c1-c3.
+                let out = [
+                    _mm256_sub_ps(t[0], t[2]),
+                    _mm256_add_ps(t[1], t[2]),
+                    _mm256_sub_ps(t[2], t[1]),
+                    _mm256_sub_ps(t[1], t[3]),
+                ];
+                for (j, value) in out.iter().enumerate() {
+                    let dst = v.add((i * 4 + j) * xi_stride + t0);
+                    if valid == 8 {
+                        _mm256_storeu_ps(dst, *value);
+                    } else {
+                        _mm256_maskstore_ps(dst, mask, *value);
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn narrow_channel_avx2(_: *const f32, _: [usize; 5], _: *mut f32, _: usize) {
+        unreachable!("has_avx2 is false off x86-64")
     }
 
     /// See [`super::transform_output`]; `g` must be [`handles`]d and [`has_avx2`] true.
@@ -804,6 +967,35 @@ mod tests {
             transform_grad_out_with(&g, dy, 2, &mut fast, true);
             transform_grad_out_with(&g, dy, 2, &mut slow, false);
             assert_eq!(bits(&fast), bits(&slow), "gradient, {side}×{side}");
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // The narrow planes: 4×4 (3 images: a last block of 4 tiles) and 8×8.
+        for (images, side) in [(3, 4), (2, 4), (1, 8), (3, 8)] {
+            let g = ConvGeom {
+                batch: images,
+                c_in: 3,
+                h: side,
+                w: side,
+                c_out: 3,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                padding: 1,
+                groups: 1,
+                h_out: side,
+                w_out: side,
+            };
+            assert!(avx2::handles_narrow(&g));
+            let x: Vec<f32> = (0..images * 3 * side * side)
+                .map(|i| ((i * 37) % 101) as f32 * 0.013 - 0.6)
+                .collect();
+            let (_, _, tiles) = tile_grid(&g, 2);
+            let len = 16 * plane_stride(3 * images * tiles);
+            let (mut fast, mut slow) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            let mut scratch = Vec::new();
+            avx2::transform_input_narrow(&g, &x, images, &mut fast, &mut scratch);
+            transform_input_narrow(&g, &x, images, &mut slow, &mut scratch);
+            assert_eq!(bits(&fast), bits(&slow), "{images} images of {side}×{side}");
         }
         assert!(!avx2::handles(&ConvGeom {
             h: 8,
