@@ -213,7 +213,13 @@ fn transform_input_wide(
     for c in 0..g.c_in {
         for b in 0..images {
             let src = &x[(b * g.c_in + c) * plane..][..plane];
+            if whole_blocks && g.w.is_multiple_of(16) {
+                avx2::split_rows(src, g.w, pad, half);
+            }
             for y in 0..g.h {
+                if whole_blocks && g.w.is_multiple_of(16) {
+                    break;
+                }
                 let (even, odd) = pad[(y + 1) * row_len..][..row_len].split_at_mut(half);
                 let line = &src[y * g.w..][..g.w];
                 // Padded column x + 1: even x lands in the odd half and vice versa.
@@ -414,6 +420,52 @@ mod avx2 {
                         _mm256_maskstore_ps(dst, mask, *value);
                     }
                 }
+            }
+        }
+    }
+
+    /// The rows of `src` (`width` floats each, a multiple of 16) into rows 1.. of the padded
+    /// plane `pad` (rows of `2·half` floats, `half = width / 2 + 1`) as
+    /// [`super::transform_input_wide`] lays them out: even columns to the odd half from 0, odd
+    /// columns to the even half from 1 (what [`super::split_pairs`] does, with shuffles).
+    pub(super) fn split_rows(src: &[f32], width: usize, pad: &mut [f32], half: usize) {
+        assert!(has_avx2() && width.is_multiple_of(16) && half == width / 2 + 1);
+        let rows = src.len() / width;
+        assert!(
+            pad.len() >= (rows + 1) * 2 * half,
+            "split_rows: padded plane too short"
+        );
+        // SAFETY: AVX2 is available (asserted); reads the `rows · width` floats of `src`,
+        // writes row y + 1 of `pad` at [1, half) and [half, 2·half - 1), within the asserted
+        // length.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            split_rows_avx2(src.as_ptr(), rows, width, pad.as_mut_ptr(), half)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn split_rows_avx2(
+        src: *const f32,
+        rows: usize,
+        width: usize,
+        pad: *mut f32,
+        half: usize,
+    ) {
+        use std::arch::x86_64::*;
+        for y in 0..rows {
+            let (line, row) = (src.add(y * width), pad.add((y + 1) * 2 * half));
+            for m in (0..width / 2).step_by(8) {
+                let (a, b) = (
+                    _mm256_loadu_ps(line.add(2 * m)),
+                    _mm256_loadu_ps(line.add(2 * m + 8)),
+                );
+                let order = |pairs: __m256| {
+                    _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(pairs)))
+                };
+                _mm256_storeu_ps(row.add(half + m), order(_mm256_shuffle_ps::<0x88>(a, b)));
+                _mm256_storeu_ps(row.add(1 + m), order(_mm256_shuffle_ps::<0xDD>(a, b)));
             }
         }
     }
