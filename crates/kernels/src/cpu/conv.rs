@@ -7,7 +7,8 @@
 use super::matmul::{matmul, MatRef};
 use super::winograd;
 use super::{
-    chunks_per_run, give_back, par_extend, split_images, sum_in_order, take_buffer, Schedule,
+    chunks_per_run, give_back, has_avx2, par_extend, split_images, sum_in_order, take_buffer,
+    Schedule,
 };
 use rayon::prelude::*;
 
@@ -118,6 +119,8 @@ impl ConvGeom {
                             let ix0 = ox_lo * s + kj - p;
                             if s == 1 {
                                 out[ox_lo..ox_hi].copy_from_slice(&src[ix0..ix0 + (ox_hi - ox_lo)]);
+                            } else if s == 2 {
+                                gather_every_other(&src[ix0..], &mut out[ox_lo..ox_hi]);
                             } else {
                                 for (o, ox) in out[ox_lo..ox_hi].iter_mut().zip(0..) {
                                     *o = src[ix0 + ox * s];
@@ -152,6 +155,8 @@ impl ConvGeom {
                                 for (d, v) in dst[ix0..ix0 + src.len()].iter_mut().zip(src) {
                                     *d += v;
                                 }
+                            } else if s == 2 {
+                                add_every_other(&mut dst[ix0..], src);
                             } else {
                                 for (i, v) in src.iter().enumerate() {
                                     dst[ix0 + i * s] += v;
@@ -168,6 +173,88 @@ impl ConvGeom {
 
 /// Zeroes a row's padding columns. They are usually 0 or 1 elements long (one im2col row
 /// has two per output row), where a `memset` call costs more than the stores.
+/// `out[i] = src[2i]` (stride-2 im2col rows): blocks of 8 as AVX2 shuffles where the CPU has
+/// them and the block's 16 source floats lie in `src`, element by element otherwise.
+fn gather_every_other(src: &[f32], out: &mut [f32]) {
+    let blocks = if has_avx2() {
+        (out.len() / 8).min(src.len() / 16)
+    } else {
+        0
+    };
+    #[cfg(target_arch = "x86_64")]
+    if blocks > 0 {
+        // SAFETY: AVX2 is available; reads src[..16·blocks], writes out[..8·blocks], both
+        // within the slices by the choice of `blocks`.
+        unsafe { every_other_avx2::gather(src.as_ptr(), out.as_mut_ptr(), blocks) }
+    }
+    for (i, o) in out.iter_mut().enumerate().skip(8 * blocks) {
+        *o = src[2 * i];
+    }
+}
+
+/// `dst[2i] += src[i]` (stride-2 col2im rows), in blocks of 8 like [`gather_every_other`]:
+/// the same additions, so the same bits.
+fn add_every_other(dst: &mut [f32], src: &[f32]) {
+    let blocks = if has_avx2() {
+        (src.len() / 8).min(dst.len() / 16)
+    } else {
+        0
+    };
+    #[cfg(target_arch = "x86_64")]
+    if blocks > 0 {
+        // SAFETY: AVX2 is available; reads and writes dst[..16·blocks], reads src[..8·blocks],
+        // both within the slices by the choice of `blocks`.
+        unsafe { every_other_avx2::add(dst.as_mut_ptr(), src.as_ptr(), blocks) }
+    }
+    for (i, v) in src.iter().enumerate().skip(8 * blocks) {
+        dst[2 * i] += v;
+    }
+}
+
+/// The AVX2 blocks of [`gather_every_other`] and [`add_every_other`].
+#[cfg(target_arch = "x86_64")]
+mod every_other_avx2 {
+    use std::arch::x86_64::*;
+
+    /// Even and odd elements of 16 floats, each in order.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn split(a: __m256, b: __m256) -> (__m256, __m256) {
+        let order =
+            |x: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(x)));
+        (
+            order(_mm256_shuffle_ps::<0x88>(a, b)),
+            order(_mm256_shuffle_ps::<0xDD>(a, b)),
+        )
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gather(src: *const f32, out: *mut f32, blocks: usize) {
+        for k in 0..blocks {
+            let (even, _) = split(
+                _mm256_loadu_ps(src.add(16 * k)),
+                _mm256_loadu_ps(src.add(16 * k + 8)),
+            );
+            _mm256_storeu_ps(out.add(8 * k), even);
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn add(dst: *mut f32, src: *const f32, blocks: usize) {
+        for k in 0..blocks {
+            let (even, odd) = split(
+                _mm256_loadu_ps(dst.add(16 * k)),
+                _mm256_loadu_ps(dst.add(16 * k + 8)),
+            );
+            let even = _mm256_add_ps(even, _mm256_loadu_ps(src.add(8 * k)));
+            // Interleave back: even 0, odd 0, even 1, …
+            let (lo, hi) = (_mm256_unpacklo_ps(even, odd), _mm256_unpackhi_ps(even, odd));
+            _mm256_storeu_ps(dst.add(16 * k), _mm256_permute2f128_ps::<0x20>(lo, hi));
+            _mm256_storeu_ps(dst.add(16 * k + 8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+        }
+    }
+}
+
 #[inline(always)]
 fn zero_padding(cols: &mut [f32]) {
     match cols {
@@ -470,4 +557,39 @@ pub(crate) fn conv2d_backward(
         .collect();
     sum_in_order(&partial_grad_w, grad_w);
     packed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_other_helpers_match_their_definitions() {
+        for src_len in [0, 1, 15, 16, 17, 31, 32, 33, 64] {
+            let src: Vec<f32> = (0..src_len).map(|i| i as f32 * 0.37 - 3.0).collect();
+            for out_len in [0, 1, 7, 8, 9, 15, 16, 17, 32] {
+                if out_len > 0 && 2 * (out_len - 1) >= src_len {
+                    continue;
+                }
+                let mut out = vec![f32::NAN; out_len];
+                gather_every_other(&src, &mut out);
+                for (i, o) in out.iter().enumerate() {
+                    assert_eq!(
+                        o.to_bits(),
+                        src[2 * i].to_bits(),
+                        "gather {src_len}/{out_len}"
+                    );
+                }
+                let add: Vec<f32> = (0..out_len).map(|i| i as f32 * 1.1 + 0.3).collect();
+                let mut fast = src.clone();
+                add_every_other(&mut fast, &add);
+                let mut slow = src.clone();
+                for (i, v) in add.iter().enumerate() {
+                    slow[2 * i] += v;
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&slow), "add {src_len}/{out_len}");
+            }
+        }
+    }
 }
