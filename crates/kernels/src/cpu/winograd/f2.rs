@@ -2,6 +2,12 @@
 //! 16 transform positions. The transforms use only ±1 and ½, so the rounding error stays
 //! within a few ulps of the direct convolution's. Used where the channel counts are too small
 //! for [`super::f4`]'s heavier transforms to pay off.
+//!
+//! On CPUs with AVX2 the transforms of the CIFAR plane sizes (4×4 and 8×8 input, 16×16 and
+//! 32×32 input, output and output gradient) run as explicit AVX2 code (`mod avx2`), 8 tiles at
+//! a time; the slice loops beside them are the portable twin and compute the same bits, which
+//! the tests check. The slice loops run a few vectors per row, and their loop and bounds
+//! overhead, not the arithmetic, was most of their time.
 
 use super::{give_back, plane_stride, take_buffer, tile_grid, Tile};
 use crate::cpu::conv::ConvGeom;

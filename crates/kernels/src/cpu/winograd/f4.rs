@@ -8,6 +8,12 @@
 //! rows. The weight transforms run in f64 over all input channels at once (they are per
 //! channel pair, not per tile, so f64 costs little) and keep their rounding out of the error
 //! budget.
+//!
+//! On CPUs with AVX2 the input, output and output-gradient transforms of 8×8, 16×16 and
+//! 32×32 planes instead run as explicit AVX2 code (`mod avx2`) 8 tiles at a time, loading each
+//! tile column as one run from phase-split padded rows instead of gathering element by
+//! element; they do the same operations in the same order, so the same bits (tested against
+//! the slice loops, their portable twin).
 
 use super::{give_back, plane_stride, take_buffer, tile_grid, Tile};
 use crate::cpu::conv::ConvGeom;
