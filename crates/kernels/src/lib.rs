@@ -52,6 +52,12 @@ pub use residual::{add_relu, add_relu_backward};
 pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};
 pub use sgd::{sgd_update, sgd_update_multi, SgdParam, SgdStep};
 
+/// Timing hooks for the kernel benchmarks (`examples/`); not part of the API.
+#[doc(hidden)]
+pub mod bench_hooks {
+    pub use crate::cpu::winograd::{transform_timings, TransformTiming};
+}
+
 /// Whether the fused ops (BatchNorm, residual, loss) cover these tensors: f32 on the CPU, or
 /// (feature `cuda`) f32 on one CUDA device.
 pub(crate) fn fused_covers(tensors: &[&candle_core::Tensor]) -> bool {

@@ -278,6 +278,132 @@ fn weight_grad_with<T: Tile>(g: &ConvGeom, x: &[f32], grad_out: &[f32], grad_w: 
     T::weight_grad_from_transformed(g.c_out, g.c_in, &du, grad_w);
 }
 
+/// Time per image of one tile size's three transforms on one plane shape (see
+/// [`transform_timings`]).
+#[derive(Debug, Clone)]
+pub struct TransformTiming {
+    /// `"F(2x2,3x3)"` or `"F(4x4,3x3)"`.
+    pub tile: &'static str,
+    /// Channels (input and output).
+    pub channels: usize,
+    /// Plane side (square planes).
+    pub side: usize,
+    /// Images per call: about one forward chunk's worth, as in a training step.
+    pub images: usize,
+    /// Input transform, µs per image (best of `reps` rounds).
+    pub input_us: f64,
+    /// Output transform, µs per image.
+    pub output_us: f64,
+    /// Output-gradient transform, µs per image.
+    pub grad_out_us: f64,
+}
+
+/// Times the Winograd transforms alone (single-threaded, on the CIFAR ResNet plane sizes and
+/// chunk sizes) so that they can be compared with the products they feed; the
+/// `winograd_transforms` example prints them as JSON.
+pub fn transform_timings(reps: usize) -> Vec<TransformTiming> {
+    let shapes = [
+        (2, 16, 32),
+        (8, 32, 16),
+        (2, 64, 32),
+        (8, 128, 16),
+        (32, 256, 8),
+        (50, 128, 4),
+        (50, 512, 4),
+    ];
+    let mut rows = Vec::new();
+    for (images, channels, side) in shapes {
+        rows.push(time_tile::<f2::F2>(
+            "F(2x2,3x3)",
+            images,
+            channels,
+            side,
+            reps,
+        ));
+        if side >= F4_MIN_SIDE {
+            rows.push(time_tile::<f4::F4>(
+                "F(4x4,3x3)",
+                images,
+                channels,
+                side,
+                reps,
+            ));
+        }
+    }
+    rows
+}
+
+fn time_tile<T: Tile>(
+    tile: &'static str,
+    images: usize,
+    channels: usize,
+    side: usize,
+    reps: usize,
+) -> TransformTiming {
+    let g = ConvGeom {
+        batch: images,
+        c_in: channels,
+        h: side,
+        w: side,
+        c_out: channels,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        padding: 1,
+        groups: 1,
+        h_out: side,
+        w_out: side,
+    };
+    let x: Vec<f32> = (0..images * channels * side * side)
+        .map(|i| (i % 7) as f32 - 3.0)
+        .collect();
+    let (_, _, tiles) = tile_grid(&g, T::OUT);
+    let mut v = vec![0f32; T::XI * plane_stride(channels * images * tiles)];
+    let mut out = vec![0f32; x.len()];
+    let mut scratch = Vec::new();
+    // Enough calls for a few milliseconds a round.
+    let calls = (400 / images).max(3);
+    let best = |f: &mut dyn FnMut()| {
+        let mut best = f64::INFINITY;
+        for _ in 0..reps.max(1) {
+            let start = std::time::Instant::now();
+            for _ in 0..calls {
+                f();
+            }
+            let per_image = start.elapsed().as_secs_f64() / (calls * images) as f64 * 1e6;
+            best = best.min(per_image);
+        }
+        best
+    };
+    let input_us = best(&mut || {
+        with_avx2(
+            #[inline(always)]
+            || T::transform_input(&g, &x, images, &mut v, &mut scratch),
+        )
+    });
+    let output_us = best(&mut || {
+        with_avx2(
+            #[inline(always)]
+            || T::transform_output(&g, &v, images, &mut out),
+        )
+    });
+    let grad_out_us = best(&mut || {
+        with_avx2(
+            #[inline(always)]
+            || T::transform_grad_out(&g, &x, images, &mut v),
+        )
+    });
+    TransformTiming {
+        tile,
+        channels,
+        side,
+        images,
+        input_us,
+        output_us,
+        grad_out_us,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
