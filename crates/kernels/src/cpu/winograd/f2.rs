@@ -11,7 +11,7 @@
 
 use super::{give_back, plane_stride, take_buffer, tile_grid, Tile};
 use crate::cpu::conv::ConvGeom;
-use crate::cpu::has_avx2;
+use crate::cpu::{copy_short, has_avx2};
 use rayon::prelude::*;
 
 /// The F(2×2, 3×3) variant.
@@ -95,23 +95,6 @@ fn split_pairs(src: &[f32], first: &mut [f32], second: &mut [f32]) {
     for m in blocks * 8..n {
         first[m] = src[2 * m];
         second[m] = src[2 * m + 1];
-    }
-}
-
-/// `dst[..src.len()] = src` for the few floats of a narrow plane's row: in blocks of 4 moved
-/// as values, because `copy_from_slice` of a run-time length calls `memmove`, which cost more
-/// than the copy itself (5 % of a 4×4-plane convolution in `perf`).
-#[inline(always)]
-fn copy_short(dst: &mut [f32], src: &[f32]) {
-    let dst = &mut dst[..src.len()];
-    let (mut d, mut s) = (dst.chunks_exact_mut(4), src.chunks_exact(4));
-    for (d, s) in (&mut d).zip(&mut s) {
-        let s: [f32; 4] = s.try_into().unwrap();
-        let d: &mut [f32; 4] = d.try_into().unwrap();
-        *d = s;
-    }
-    for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
-        *d = s;
     }
 }
 
