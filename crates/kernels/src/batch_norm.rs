@@ -31,6 +31,16 @@ fn check_params(name: &str, t: &Tensor, channels: usize) -> Result<()> {
     Ok(())
 }
 
+/// The geometry of `x` for an eval-mode BatchNorm on packed `[mean, var]` statistics, after
+/// checking the shapes of `weight`, `bias` (`[C]`) and `stats` (`[2C]`).
+fn eval_geometry(x: &Tensor, stats: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<BnGeom> {
+    let geom = geometry(x.shape())?;
+    check_params("weight", weight, geom.channels)?;
+    check_params("bias", bias, geom.channels)?;
+    check_params("stats", stats, 2 * geom.channels)?;
+    Ok(geom)
+}
+
 /// Running statistics that a training-mode BatchNorm call updates in place with PyTorch's rule:
 /// `running ← (1 − momentum)·running + momentum·batch`, the variance unbiased
 /// (`biased · n / (n − 1)`, `n` values per channel).
@@ -250,10 +260,7 @@ pub fn batch_norm_eval_backward_input(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    let geom = geometry(x.shape())?;
-    check_params("weight", weight, geom.channels)?;
-    check_params("bias", bias, geom.channels)?;
-    check_params("stats", stats, 2 * geom.channels)?;
+    let geom = eval_geometry(x, stats, weight, bias)?;
     if grad_y.shape() != x.shape() {
         bail!(
             "kernels::batch_norm_eval_backward_input: grad_y {:?} does not match x {:?}",
@@ -402,10 +409,7 @@ pub fn batch_norm_eval_packed(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    let geom = geometry(x.shape())?;
-    check_params("weight", weight, geom.channels)?;
-    check_params("bias", bias, geom.channels)?;
-    check_params("stats", stats, 2 * geom.channels)?;
+    let geom = eval_geometry(x, stats, weight, bias)?;
     if !fused_covers(&[x, stats, weight, bias]) {
         bail!("kernels::batch_norm_eval_packed: f32 on the CPU or one CUDA device only");
     }

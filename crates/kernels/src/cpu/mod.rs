@@ -131,23 +131,17 @@ pub(crate) fn par_extend(
     chunk: usize,
     compute: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) {
-    use rayon::prelude::*;
-    v.reserve(len);
-    let old = v.len();
-    v.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .for_each(|(i, run)| {
-            for e in run.iter_mut() {
-                e.write(0.0);
-            }
-            // SAFETY: every element of `run` was initialised just above, and `MaybeUninit<f32>`
-            // has the layout of `f32`.
-            let run = unsafe { &mut *(run as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            compute(i, run);
-        });
-    // SAFETY: the first `len` spare elements were all initialised above, and capacity ≥ old + len.
-    unsafe { v.set_len(old + len) };
+    par_extend_filled(v, len, chunk, |i, run| compute(i, zeroed(run)));
+}
+
+/// `run` after writing zeros to every element, as initialised floats.
+fn zeroed(run: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    for e in run.iter_mut() {
+        e.write(0.0);
+    }
+    // SAFETY: every element was initialised just above; `MaybeUninit<f32>` has the layout of
+    // `f32`.
+    unsafe { &mut *(run as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// A vector of `len` floats (capacity `len + spare`) filled in parallel runs of `chunk`:
@@ -160,15 +154,29 @@ pub(crate) fn par_new_vec(
     chunk: usize,
     fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
 ) -> Vec<f32> {
-    use rayon::prelude::*;
     let mut v: Vec<f32> = Vec::with_capacity(len + spare);
+    par_extend_filled(&mut v, len, chunk, fill);
+    v
+}
+
+/// Appends `len` floats to `v`, filled in parallel runs of `chunk` by `fill`, which must write
+/// every element of its run (the contract of [`par_new_vec`] and [`par_extend`]).
+fn par_extend_filled(
+    v: &mut Vec<f32>,
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    v.reserve(len);
+    let old = v.len();
     v.spare_capacity_mut()[..len]
         .par_chunks_mut(chunk.max(1))
         .enumerate()
         .for_each(|(i, run)| fill(i, run));
-    // SAFETY: `fill` wrote each of the first `len` elements (its contract), and capacity ≥ len.
-    unsafe { v.set_len(len) };
-    v
+    // SAFETY: `fill` wrote each of the first `len` spare elements (its contract), and
+    // capacity ≥ old + len.
+    unsafe { v.set_len(old + len) };
 }
 
 /// How a convolution's batch is cut into chunks of whole images for the thread pool.

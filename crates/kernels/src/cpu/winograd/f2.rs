@@ -246,9 +246,12 @@ fn transform_input_wide(
 /// channels, 32×32, in cache); 8-float arrays instead compiled to anything from 18 to 37 µs
 /// depending on the code around them.
 mod avx2 {
-    use super::{plane_stride, tile_grid};
+    use super::tile_grid;
     use crate::cpu::conv::ConvGeom;
     use crate::cpu::has_avx2;
+    #[cfg(target_arch = "x86_64")]
+    use crate::cpu::winograd::store_lanes;
+    use crate::cpu::winograd::ChunkTiling;
 
     /// Whether [`transform_output`] and [`transform_grad_out`] handle `g`: even-sided planes
     /// with rows of whole 8-tile blocks (16×16, 32×32, …).
@@ -279,17 +282,16 @@ mod avx2 {
             has_avx2() && handles_narrow(g),
             "f2 avx2 input transform: unsupported plane"
         );
-        let (th, tw, tiles) = tile_grid(g, 2);
-        let t_total = images * tiles;
-        let xi_stride = plane_stride(g.c_in * t_total);
-        assert!(
-            x.len() >= images * g.c_in * g.h * g.w,
-            "f2 avx2 input transform: x too short"
-        );
-        assert!(
-            v.len() >= 15 * xi_stride + g.c_in * t_total,
-            "f2 avx2 input transform: v too short"
-        );
+        let chunk = ChunkTiling::new(g, 2, images, g.c_in);
+        chunk.check(16, v.len(), 0, x.len(), "f2 avx2 input transform");
+        let ChunkTiling {
+            th,
+            tw,
+            tiles,
+            t_total,
+            xi_stride,
+            ..
+        } = chunk;
         // Per image: rows -1..=2·th of the zero-padded plane, each as `half = tw + 1` evens
         // then `half` odds (padded column 2q + p at p·half + q); one more all-zero plane
         // after the last image feeds the lanes of a last, partial block.
@@ -378,10 +380,6 @@ mod avx2 {
                 }
             }
             let valid = (t_total - t0).min(8);
-            let mask = _mm256_cmpgt_epi32(
-                _mm256_set1_epi32(valid as i32),
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            );
             for i in 0..4 {
                 // Bᵀ on the rows: d0-d2, d1+d2, d2-d1, d1-d3 (for each column j) …
                 let mut t = [_mm256_setzero_ps(); 4];
@@ -403,11 +401,7 @@ mod avx2 {
                 ];
                 for (j, value) in out.iter().enumerate() {
                     let dst = v.add((i * 4 + j) * xi_stride + t0);
-                    if valid == 8 {
-                        _mm256_storeu_ps(dst, *value);
-                    } else {
-                        _mm256_maskstore_ps(dst, mask, *value);
-                    }
+                    store_lanes(dst, *value, valid);
                 }
             }
         }
@@ -471,18 +465,17 @@ mod avx2 {
             has_avx2() && handles(g),
             "f2 avx2 output transform: unsupported plane"
         );
-        let (th, tw, tiles) = tile_grid(g, 2);
-        let t_total = images * tiles;
-        let xi_stride = plane_stride(g.c_out * t_total);
-        assert!(
-            m.len() >= 15 * xi_stride + g.c_out * t_total,
-            "f2 avx2 output transform: m too short"
-        );
+        let chunk = ChunkTiling::new(g, 2, images, g.c_out);
+        chunk.check(16, m.len(), 0, out.len(), "f2 avx2 output transform");
+        let ChunkTiling {
+            th,
+            tw,
+            tiles,
+            t_total,
+            xi_stride,
+            ..
+        } = chunk;
         let plane = g.h_out * g.w_out;
-        assert!(
-            out.len() >= images * g.c_out * plane,
-            "f2 avx2 output transform: out too short"
-        );
         for k in 0..g.c_out {
             for b in 0..images {
                 // SAFETY: AVX2 is available (asserted); reads `m[ξ·xi_stride + k·t_total + t]`
@@ -508,18 +501,17 @@ mod avx2 {
             has_avx2() && handles(g),
             "f2 avx2 gradient transform: unsupported plane"
         );
-        let (th, tw, tiles) = tile_grid(g, 2);
-        let t_total = images * tiles;
-        let xi_stride = plane_stride(g.c_out * t_total);
-        assert!(
-            z.len() >= 15 * xi_stride + g.c_out * t_total,
-            "f2 avx2 gradient transform: z too short"
-        );
+        let chunk = ChunkTiling::new(g, 2, images, g.c_out);
+        chunk.check(16, z.len(), 0, dy.len(), "f2 avx2 gradient transform");
+        let ChunkTiling {
+            th,
+            tw,
+            tiles,
+            t_total,
+            xi_stride,
+            ..
+        } = chunk;
         let plane = g.h_out * g.w_out;
-        assert!(
-            dy.len() >= images * g.c_out * plane,
-            "f2 avx2 gradient transform: dy too short"
-        );
         for k in 0..g.c_out {
             for b in 0..images {
                 // SAFETY: AVX2 is available (asserted); reads the image's plane of channel k,
@@ -955,6 +947,7 @@ fn weight_grad_from_transformed(k_out: usize, c_in: usize, du: &[f32], grad_w: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::winograd::same_3x3;
 
     #[test]
     fn avx2_transforms_give_the_bits_of_the_slice_loops() {
@@ -964,20 +957,7 @@ mod tests {
         }
         // 32×32 and 16×16 planes (2 and 1 blocks of 8 tiles a row), two images, 3 channels.
         for side in [32, 16] {
-            let g = ConvGeom {
-                batch: 2,
-                c_in: 3,
-                h: side,
-                w: side,
-                c_out: 4,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                padding: 1,
-                groups: 1,
-                h_out: side,
-                w_out: side,
-            };
+            let g = same_3x3(2, 3, 4, side, side);
             let x: Vec<f32> = (0..2 * 3 * side * side)
                 .map(|i| ((i * 37) % 101) as f32 * 0.013 - 0.6)
                 .collect();
@@ -1012,20 +992,7 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         // The narrow planes: 4×4 (3 images: a last block of 4 tiles) and 8×8.
         for (images, side) in [(3, 4), (2, 4), (1, 8), (3, 8)] {
-            let g = ConvGeom {
-                batch: images,
-                c_in: 3,
-                h: side,
-                w: side,
-                c_out: 3,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                padding: 1,
-                groups: 1,
-                h_out: side,
-                w_out: side,
-            };
+            let g = same_3x3(images, 3, 3, side, side);
             assert!(avx2::handles_narrow(&g));
             let x: Vec<f32> = (0..images * 3 * side * side)
                 .map(|i| ((i * 37) % 101) as f32 * 0.013 - 0.6)
@@ -1038,26 +1005,7 @@ mod tests {
             transform_input_narrow(&g, &x, images, &mut slow, &mut scratch);
             assert_eq!(bits(&fast), bits(&slow), "{images} images of {side}×{side}");
         }
-        assert!(!avx2::handles(&ConvGeom {
-            h: 8,
-            w: 8,
-            h_out: 8,
-            w_out: 8,
-            ..ConvGeom {
-                batch: 1,
-                c_in: 1,
-                h: 0,
-                w: 0,
-                c_out: 1,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                padding: 1,
-                groups: 1,
-                h_out: 0,
-                w_out: 0,
-            }
-        }));
+        assert!(!avx2::handles(&same_3x3(1, 1, 1, 8, 8)));
     }
 
     #[test]

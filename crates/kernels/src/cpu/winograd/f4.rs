@@ -295,9 +295,12 @@ fn transform_input_with(
 /// inputs, which with the loop overhead of short rows made this transform half as slow as
 /// the products it feeds (136 µs an image at 64 channels, 32×32).
 mod avx2 {
-    use super::{plane_stride, tile_grid, SIDE};
+    use super::{tile_grid, SIDE};
     use crate::cpu::conv::ConvGeom;
     use crate::cpu::has_avx2;
+    #[cfg(target_arch = "x86_64")]
+    use crate::cpu::winograd::store_lanes;
+    use crate::cpu::winograd::ChunkTiling;
 
     /// Whether [`transform_input`] handles `g`: planes a multiple of 4 a side with 2 or 4 tiles
     /// a row or a multiple of 8 (8×8, 16×16, 32×32, …), so that each tile row of a block of 8
@@ -322,17 +325,16 @@ mod avx2 {
             has_avx2() && handles(g),
             "f4 avx2 input transform: unsupported plane"
         );
-        let (th, tw, tiles) = tile_grid(g, 4);
-        let t_total = images * tiles;
-        let xi_stride = plane_stride(g.c_in * t_total);
-        assert!(
-            x.len() >= images * g.c_in * g.h * g.w,
-            "f4 avx2 input transform: x too short"
-        );
-        assert!(
-            v.len() >= (SIDE * SIDE - 1) * xi_stride + g.c_in * t_total,
-            "f4 avx2 input transform: v too short"
-        );
+        let chunk = ChunkTiling::new(g, 4, images, g.c_in);
+        chunk.check(SIDE * SIDE, v.len(), 0, x.len(), "f4 avx2 input transform");
+        let ChunkTiling {
+            th,
+            tw,
+            tiles,
+            t_total,
+            xi_stride,
+            ..
+        } = chunk;
         // Each image's zero-padded plane (rows -1..=4·th, columns -1..=4·tw) split by column
         // phase: `phases[b · plane_len + (row · 4 + p) · len + q]` is padded column `4q + p`,
         // so column `j` of the tiles `tx..` of a tile row is the run from `q = tx + j / 4` of
@@ -387,19 +389,23 @@ mod avx2 {
             has_avx2() && handles(g),
             "f4 avx2 output transform: unsupported plane"
         );
-        let (_, tw, tiles) = tile_grid(g, 4);
-        let t_total = images * tiles;
-        let xi_stride = plane_stride(g.c_out * t_total);
+        let chunk = ChunkTiling::new(g, 4, images, g.c_out);
         // A last partial block reads up to 4 floats past its plane's tiles: into the next
         // channel's, or the 16 floats of padding after the last one.
-        assert!(
-            m.len() >= (SIDE * SIDE - 1) * xi_stride + g.c_out * t_total + 4,
-            "f4 avx2 output transform: m too short"
+        chunk.check(
+            SIDE * SIDE,
+            m.len(),
+            4,
+            out.len(),
+            "f4 avx2 output transform",
         );
-        assert!(
-            out.len() >= images * g.c_out * g.h * g.w,
-            "f4 avx2 output transform: out too short"
-        );
+        let ChunkTiling {
+            tw,
+            tiles,
+            t_total,
+            xi_stride,
+            ..
+        } = chunk;
         let tiling = Tiling {
             tw,
             tiles,
@@ -430,17 +436,21 @@ mod avx2 {
             has_avx2() && handles(g),
             "f4 avx2 gradient transform: unsupported plane"
         );
-        let (_, tw, tiles) = tile_grid(g, 4);
-        let t_total = images * tiles;
-        let xi_stride = plane_stride(g.c_out * t_total);
-        assert!(
-            z.len() >= (SIDE * SIDE - 1) * xi_stride + g.c_out * t_total,
-            "f4 avx2 gradient transform: z too short"
+        let chunk = ChunkTiling::new(g, 4, images, g.c_out);
+        chunk.check(
+            SIDE * SIDE,
+            z.len(),
+            0,
+            dy.len(),
+            "f4 avx2 gradient transform",
         );
-        assert!(
-            dy.len() >= images * g.c_out * g.h * g.w,
-            "f4 avx2 gradient transform: dy too short"
-        );
+        let ChunkTiling {
+            tw,
+            tiles,
+            t_total,
+            xi_stride,
+            ..
+        } = chunk;
         let tiling = Tiling {
             tw,
             tiles,
@@ -474,12 +484,17 @@ mod avx2 {
     }
 
     impl Tiling {
-        /// Offset in the NCHW output of row `i`, column 0 of tile `t` of channel `k`.
-        fn tile_row(&self, t: usize, k: usize, i: usize) -> usize {
-            let (b, within) = (t / self.tiles, t % self.tiles);
-            let (ty, tx) = (within / self.tw, within % self.tw);
+        /// Offsets in the NCHW planes of channel `k` of the first cell (row 0, column 0) of
+        /// tiles `t0 + 2n`, n < 4: the starts of a block's 4 runs of 2 tiles (row `i` of a run
+        /// is `i · width` further). Runs past the last tile get offsets that must not be used.
+        fn run_starts(&self, t0: usize, k: usize) -> [usize; 4] {
             let plane = self.tiles * 16;
-            (b * self.channels + k) * plane + (4 * ty + i) * self.width + 4 * tx
+            std::array::from_fn(|n| {
+                let t = t0 + 2 * n;
+                let (b, within) = (t / self.tiles, t % self.tiles);
+                let (ty, tx) = (within / self.tw, within % self.tw);
+                (b * self.channels + k) * plane + 4 * ty * self.width + 4 * tx
+            })
         }
     }
 
@@ -589,10 +604,6 @@ mod avx2 {
                 }
             }
             let valid = (t_total - t0).min(8);
-            let mask = _mm256_cmpgt_epi32(
-                _mm256_set1_epi32(valid as i32),
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            );
             for i in 0..SIDE {
                 // Bᵀ on the rows (for each column j) …
                 let mut rows = [zero; SIDE];
@@ -611,11 +622,7 @@ mod avx2 {
                 for jj in 0..SIDE {
                     let dst = v.add((i * SIDE + jj) * xi_stride + t0);
                     let value = b_transpose(jj, &rows);
-                    if valid == 8 {
-                        _mm256_storeu_ps(dst, value);
-                    } else {
-                        _mm256_maskstore_ps(dst, mask, value);
-                    }
+                    store_lanes(dst, value, valid);
                 }
             }
         }
@@ -704,6 +711,7 @@ mod avx2 {
                     s_i[j] = a_transpose(i, &column);
                 }
             }
+            let starts = tiling.run_starts(t0, k);
             for (i, s_i) in s.iter().enumerate() {
                 // … then A on the columns: y[i][jj].
                 let y = [
@@ -733,8 +741,8 @@ mod avx2 {
                     _mm256_permute2f128_ps::<0x31>(q[0], q[1]),
                     _mm256_permute2f128_ps::<0x31>(q[2], q[3]),
                 ];
-                for (n, run) in runs.iter().enumerate().take(valid / 2) {
-                    _mm256_storeu_ps(out.add(tiling.tile_row(t0 + 2 * n, k, i)), *run);
+                for (run, start) in runs.iter().zip(starts).take(valid / 2) {
+                    _mm256_storeu_ps(out.add(start + i * tiling.width), *run);
                 }
             }
         }
@@ -756,16 +764,13 @@ mod avx2 {
         let zero = _mm256_setzero_ps();
         for t0 in (0..tiling.t_total).step_by(8) {
             let valid = (tiling.t_total - t0).min(8);
-            let mask = _mm256_cmpgt_epi32(
-                _mm256_set1_epi32(valid as i32),
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            );
             // d[i][jj]: output gradient (i, jj) of the 8 tiles.
+            let starts = tiling.run_starts(t0, k);
             let mut d = [[zero; 4]; 4];
             for (i, d_i) in d.iter_mut().enumerate() {
                 let mut runs = [zero; 4];
-                for (n, run) in runs.iter_mut().enumerate().take(valid / 2) {
-                    *run = _mm256_loadu_ps(dy.add(tiling.tile_row(t0 + 2 * n, k, i)));
+                for (run, start) in runs.iter_mut().zip(starts).take(valid / 2) {
+                    *run = _mm256_loadu_ps(dy.add(start + i * tiling.width));
                 }
                 let u = [
                     _mm256_permute2f128_ps::<0x20>(runs[0], runs[2]),
@@ -800,11 +805,7 @@ mod avx2 {
                 for q in 0..SIDE {
                     let dst = z.add((r * SIDE + q) * xi_stride + t0);
                     let value = a_row(q, &a);
-                    if valid == 8 {
-                        _mm256_storeu_ps(dst, value);
-                    } else {
-                        _mm256_maskstore_ps(dst, mask, value);
-                    }
+                    store_lanes(dst, value, valid);
                 }
             }
         }
@@ -940,20 +941,7 @@ mod tests {
     use super::*;
 
     fn geom(batch: usize, c: usize, side: usize) -> ConvGeom {
-        ConvGeom {
-            batch,
-            c_in: c,
-            h: side,
-            w: side,
-            c_out: c,
-            kh: 3,
-            kw: 3,
-            stride: 1,
-            padding: 1,
-            groups: 1,
-            h_out: side,
-            w_out: side,
-        }
+        super::super::same_3x3(batch, c, c, side, side)
     }
 
     #[test]

@@ -127,6 +127,92 @@ fn uses_f4(g: &ConvGeom) -> bool {
         && g.h.min(g.w) >= F4_MIN_SIDE
 }
 
+/// The geometry of a 3×3, stride-1, padding-1, ungrouped convolution of `batch` images
+/// (the kind [`applies`] takes).
+pub(crate) fn same_3x3(batch: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> ConvGeom {
+    ConvGeom {
+        batch,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        padding: 1,
+        groups: 1,
+        h_out: h,
+        w_out: w,
+    }
+}
+
+/// The tiles of a chunk of `images` for an explicit-SIMD transform, whose buffers
+/// [`ChunkTiling::check`] bounds before it indexes them through raw pointers.
+pub(crate) struct ChunkTiling {
+    /// Tile rows of one plane.
+    pub th: usize,
+    /// Tile columns of one plane.
+    pub tw: usize,
+    /// Tiles of one plane.
+    pub tiles: usize,
+    /// Tiles of the chunk (one channel's run in a transform plane).
+    pub t_total: usize,
+    /// Distance between transform planes ([`plane_stride`]).
+    pub xi_stride: usize,
+    /// Floats of one transform plane's tiles (all channels).
+    plane_len: usize,
+    /// Floats of the chunk's NCHW images of the transformed channels.
+    nchw: usize,
+}
+
+impl ChunkTiling {
+    /// `images` of `g` in tiles of `tile` outputs a side, transforming `channels` planes each.
+    pub(crate) fn new(g: &ConvGeom, tile: usize, images: usize, channels: usize) -> Self {
+        let (th, tw, tiles) = tile_grid(g, tile);
+        let t_total = images * tiles;
+        Self {
+            th,
+            tw,
+            tiles,
+            t_total,
+            xi_stride: plane_stride(channels * t_total),
+            plane_len: channels * t_total,
+            nchw: images * channels * g.h * g.w,
+        }
+    }
+
+    /// Panics, naming `what`, unless `planes` floats hold `xi` transform planes with `slack`
+    /// more readable after the last one's tiles, and `images` floats hold the chunk's NCHW
+    /// images.
+    pub(crate) fn check(&self, xi: usize, planes: usize, slack: usize, images: usize, what: &str) {
+        assert!(
+            planes >= (xi - 1) * self.xi_stride + self.plane_len + slack,
+            "{what}: transform planes too short"
+        );
+        assert!(images >= self.nchw, "{what}: images too short");
+    }
+}
+
+/// Stores the first `valid` lanes of `value` at `dst` (all 8 from `valid = 8` up): the last,
+/// partial block of tiles of the explicit-SIMD transforms.
+///
+/// # Safety
+///
+/// AVX2 must be available and `dst` valid for writes of `valid.min(8)` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn store_lanes(dst: *mut f32, value: std::arch::x86_64::__m256, valid: usize) {
+    use std::arch::x86_64::*;
+    if valid >= 8 {
+        _mm256_storeu_ps(dst, value);
+    } else {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), lanes);
+        _mm256_maskstore_ps(dst, mask, value);
+    }
+}
+
 /// Tile grid of one image plane for `out×out` output tiles: rows, columns, tiles.
 fn tile_grid(g: &ConvGeom, out: usize) -> (usize, usize, usize) {
     let (th, tw) = (g.h.div_ceil(out), g.w.div_ceil(out));
@@ -340,20 +426,7 @@ fn time_tile<T: Tile>(
     side: usize,
     reps: usize,
 ) -> TransformTiming {
-    let g = ConvGeom {
-        batch: images,
-        c_in: channels,
-        h: side,
-        w: side,
-        c_out: channels,
-        kh: 3,
-        kw: 3,
-        stride: 1,
-        padding: 1,
-        groups: 1,
-        h_out: side,
-        w_out: side,
-    };
+    let g = same_3x3(images, channels, channels, side, side);
     let x: Vec<f32> = (0..images * channels * side * side)
         .map(|i| (i % 7) as f32 - 3.0)
         .collect();
@@ -408,22 +481,7 @@ fn time_tile<T: Tile>(
 mod tests {
     use super::*;
 
-    fn geom(batch: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> ConvGeom {
-        ConvGeom {
-            batch,
-            c_in,
-            h,
-            w,
-            c_out,
-            kh: 3,
-            kw: 3,
-            stride: 1,
-            padding: 1,
-            groups: 1,
-            h_out: h,
-            w_out: w,
-        }
-    }
+    use super::same_3x3 as geom;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
