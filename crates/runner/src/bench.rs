@@ -157,6 +157,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if let Some(v) = vanilla_ms {
             entry["fraction_of_vanilla_step"] = json!(ms / v);
         }
+        if mode == "puzzlemix" {
+            entry["parts"] = puzzlemix_parts(&net, &x, &y, args.steps.max(5), &device)?;
+        }
         mixing.insert(mode.clone(), entry);
     }
     report["mixing"] = Value::Object(mixing);
@@ -398,6 +401,72 @@ fn time_mixing(
         }
     }
     Ok(train::metrics::median(&times))
+}
+
+/// PuzzleMix's mixing in its two parts, milliseconds: the saliency pass (median of `reps`),
+/// and the rest of the call (`mix_with`: graph cuts, transport, patch moves) on that saliency
+/// for each block count B (median of `reps` draws each). B is uniform over {2, 4, 8, 16} and
+/// costs grow steeply with it, so `masks_ms_mean` (over B) is the expected per-step cost, which
+/// `mix_ms`'s few random draws only sample.
+fn puzzlemix_parts(
+    net: &backbones::CifarResNet,
+    x: &Tensor,
+    y: &Tensor,
+    reps: usize,
+    device: &Device,
+) -> Result<Value> {
+    use mix_ops::puzzlemix::{saliency_from_gradient, PuzzleDraws, PuzzleMix};
+    use mix_ops::MixModel;
+    let model = NetMixModel {
+        net,
+        attention: None,
+    };
+    let mut times = Vec::new();
+    let mut saliency = None;
+    for i in 0..=reps {
+        sync(device)?;
+        let t = Instant::now();
+        let s = saliency_from_gradient(&model.input_gradient(x, y)?)?;
+        let _ = s.sum_all()?.to_scalar::<f32>()?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        saliency = Some(s);
+    }
+    let saliency = saliency.expect("at least one saliency pass");
+    let saliency_ms = train::metrics::median(&times);
+    let method = PuzzleMix::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut by_blocks = serde_json::Map::new();
+    let mut total = 0.0;
+    for blocks in [2usize, 4, 8, 16] {
+        let mut times = Vec::new();
+        for i in 0..=reps {
+            let draws = PuzzleDraws {
+                blocks,
+                ..method.draw(&mut rng, x.dim(0)?)
+            };
+            sync(device)?;
+            let t = Instant::now();
+            let (mixed, _) = method.mix_with(x, y, &saliency, &draws)?;
+            let _ = mixed
+                .images
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let ms = train::metrics::median(&times);
+        by_blocks.insert(blocks.to_string(), json!(ms));
+        total += ms;
+    }
+    Ok(json!({
+        "saliency_ms": saliency_ms,
+        "masks_ms_by_blocks": by_blocks,
+        "masks_ms_mean": total / 4.0,
+    }))
 }
 
 fn rayon_threads() -> usize {
