@@ -1,37 +1,56 @@
 //! Exact min-cut / max-flow (Dinic) and multi-label α-β-swap labelling on a
 //! 4-connected grid, as needed by PuzzleMix (spec §5.9.4).
 //!
-//! Graphs are tiny (≤ 256 sites plus two terminals), so the solver favours
-//! simplicity over speed. All capacities and energies are integers (`i64`), like
+//! Graphs are tiny (≤ 256 sites plus two terminals) but many (PuzzleMix solves several per
+//! sample and step), so the solver is plain Dinic over flat arrays. All capacities and energies are integers (`i64`), like
 //! the quantized energies of the reference (GCO), so moves are exact and the swap
 //! loop terminates.
 
-use std::collections::VecDeque;
-
 /// A directed flow network with integer capacities, solved with Dinic's algorithm.
+///
+/// Arcs live in flat arrays and the per-node arc lists in one compressed array built when the
+/// flow is solved: PuzzleMix solves thousands of these small networks per step, and one
+/// allocation per node (a `Vec` of arcs each) cost as much as the flow itself.
 #[derive(Debug, Clone)]
 pub struct FlowNetwork {
+    num_nodes: usize,
     /// Head node of each arc; arcs come in pairs `(2k, 2k+1)` = arc and its reverse.
     head: Vec<usize>,
     /// Residual capacity of each arc.
     residual: Vec<i64>,
-    /// Arc ids leaving each node.
-    out_arcs: Vec<Vec<usize>>,
+    /// The arcs leaving node `u` are `adjacency[first[u]..first[u + 1]]`, in the order they
+    /// were added; rebuilt by [`FlowNetwork::max_flow`] when arcs were added since.
+    first: Vec<usize>,
+    adjacency: Vec<usize>,
 }
 
 impl FlowNetwork {
     /// An empty network on `num_nodes` nodes.
     pub fn new(num_nodes: usize) -> Self {
         Self {
+            num_nodes,
             head: Vec::new(),
             residual: Vec::new(),
-            out_arcs: vec![Vec::new(); num_nodes],
+            first: Vec::new(),
+            adjacency: Vec::new(),
+        }
+    }
+
+    /// An empty network on `num_nodes` nodes with room for `edges` calls of
+    /// [`FlowNetwork::add_edge`].
+    pub fn with_capacity(num_nodes: usize, edges: usize) -> Self {
+        Self {
+            num_nodes,
+            head: Vec::with_capacity(2 * edges),
+            residual: Vec::with_capacity(2 * edges),
+            first: Vec::with_capacity(num_nodes + 1),
+            adjacency: Vec::with_capacity(2 * edges),
         }
     }
 
     /// Number of nodes.
     pub fn num_nodes(&self) -> usize {
-        self.out_arcs.len()
+        self.num_nodes
     }
 
     /// Adds the arc `from → to` with capacity `cap` and the reverse arc `to → from`
@@ -48,13 +67,42 @@ impl FlowNetwork {
             cap >= 0 && reverse_cap >= 0,
             "capacities must be non-negative"
         );
-        let id = self.head.len();
         self.head.push(to);
         self.residual.push(cap);
-        self.out_arcs[from].push(id);
         self.head.push(from);
         self.residual.push(reverse_cap);
-        self.out_arcs[to].push(id + 1);
+    }
+
+    /// Whether the arc lists cover every arc added so far.
+    fn adjacency_is_current(&self) -> bool {
+        self.first.len() == self.num_nodes + 1 && self.adjacency.len() == self.head.len()
+    }
+
+    /// Groups the arc ids by tail node (a counting sort, so each node keeps its arcs in
+    /// insertion order). The tail of arc `a` is the head of its pair `a ^ 1`.
+    fn build_adjacency(&mut self) {
+        let n = self.num_nodes;
+        self.first.clear();
+        self.first.resize(n + 1, 0);
+        for arc in 0..self.head.len() {
+            self.first[self.head[arc ^ 1] + 1] += 1;
+        }
+        for u in 0..n {
+            self.first[u + 1] += self.first[u];
+        }
+        let mut fill = self.first[..n].to_vec();
+        self.adjacency.clear();
+        self.adjacency.resize(self.head.len(), 0);
+        for arc in 0..self.head.len() {
+            let tail = self.head[arc ^ 1];
+            self.adjacency[fill[tail]] = arc;
+            fill[tail] += 1;
+        }
+    }
+
+    /// The arcs leaving `u` (the arc lists must be current).
+    fn arcs(&self, u: usize) -> &[usize] {
+        &self.adjacency[self.first[u]..self.first[u + 1]]
     }
 
     /// Pushes a maximum flow from `source` to `sink` and returns its value. The
@@ -62,15 +110,19 @@ impl FlowNetwork {
     /// afterwards gives a minimum cut.
     pub fn max_flow(&mut self, source: usize, sink: usize) -> i64 {
         assert_ne!(source, sink, "source and sink must differ");
+        if !self.adjacency_is_current() {
+            self.build_adjacency();
+        }
         let n = self.num_nodes();
         let mut total = 0i64;
         let mut level = vec![usize::MAX; n];
         let mut next_arc = vec![0usize; n];
+        let mut queue = Vec::with_capacity(n);
         loop {
-            if !self.bfs_levels(source, sink, &mut level) {
+            if !self.bfs_levels(source, sink, &mut level, &mut queue) {
                 return total;
             }
-            next_arc.iter_mut().for_each(|a| *a = 0);
+            next_arc.copy_from_slice(&self.first[..n]);
             loop {
                 let pushed = self.push_blocking(source, sink, i64::MAX, &level, &mut next_arc);
                 if pushed == 0 {
@@ -84,31 +136,49 @@ impl FlowNetwork {
     /// Nodes reachable from `source` in the residual network (the source side of
     /// a minimum cut once [`FlowNetwork::max_flow`] has run).
     pub fn source_side(&self, source: usize) -> Vec<bool> {
+        if !self.adjacency_is_current() {
+            let mut fresh = self.clone();
+            fresh.build_adjacency();
+            return fresh.source_side(source);
+        }
         let mut seen = vec![false; self.num_nodes()];
-        let mut queue = VecDeque::from([source]);
+        let mut queue = vec![source];
         seen[source] = true;
-        while let Some(u) = queue.pop_front() {
-            for &arc in &self.out_arcs[u] {
+        let mut next = 0;
+        while let Some(&u) = queue.get(next) {
+            next += 1;
+            for &arc in self.arcs(u) {
                 let v = self.head[arc];
                 if self.residual[arc] > 0 && !seen[v] {
                     seen[v] = true;
-                    queue.push_back(v);
+                    queue.push(v);
                 }
             }
         }
         seen
     }
 
-    fn bfs_levels(&self, source: usize, sink: usize, level: &mut [usize]) -> bool {
+    /// Breadth-first levels from `source` over arcs with residual capacity; whether the
+    /// sink is reachable. `queue` is scratch space.
+    fn bfs_levels(
+        &self,
+        source: usize,
+        sink: usize,
+        level: &mut [usize],
+        queue: &mut Vec<usize>,
+    ) -> bool {
         level.iter_mut().for_each(|l| *l = usize::MAX);
         level[source] = 0;
-        let mut queue = VecDeque::from([source]);
-        while let Some(u) = queue.pop_front() {
-            for &arc in &self.out_arcs[u] {
+        queue.clear();
+        queue.push(source);
+        let mut next = 0;
+        while let Some(&u) = queue.get(next) {
+            next += 1;
+            for &arc in self.arcs(u) {
                 let v = self.head[arc];
                 if self.residual[arc] > 0 && level[v] == usize::MAX {
                     level[v] = level[u] + 1;
-                    queue.push_back(v);
+                    queue.push(v);
                 }
             }
         }
@@ -116,7 +186,8 @@ impl FlowNetwork {
     }
 
     /// One augmenting path in the level graph (depth ≤ number of nodes, so the
-    /// recursion stays shallow for the graphs used here).
+    /// recursion stays shallow for the graphs used here). `next_arc[u]` is the position in
+    /// `adjacency` of the next arc of `u` to try.
     fn push_blocking(
         &mut self,
         u: usize,
@@ -128,8 +199,8 @@ impl FlowNetwork {
         if u == sink {
             return limit;
         }
-        while next_arc[u] < self.out_arcs[u].len() {
-            let arc = self.out_arcs[u][next_arc[u]];
+        while next_arc[u] < self.first[u + 1] {
+            let arc = self.adjacency[next_arc[u]];
             let v = self.head[arc];
             if self.residual[arc] > 0 && level[v] == level[u] + 1 {
                 let pushed =
@@ -152,7 +223,7 @@ impl FlowNetwork {
 pub fn minimize_binary(unary: &[[i64; 2]], pairs: &[(usize, usize, i64)]) -> (Vec<bool>, i64) {
     let n = unary.len();
     let (source, sink) = (n, n + 1);
-    let mut net = FlowNetwork::new(n + 2);
+    let mut net = FlowNetwork::with_capacity(n + 2, 2 * n + pairs.len());
     let mut constant = 0i64;
     // Source side = label 0: a site on the sink side cuts `source → s` (pays
     // unary[s][1]); a site on the source side cuts `s → sink` (pays unary[s][0]).

@@ -47,6 +47,40 @@ fn max_flow_hand_examples() {
 }
 
 #[test]
+fn arcs_added_after_a_flow_take_part_in_the_next_one() {
+    // The arc lists are rebuilt when arcs were added since the last flow, and `source_side`
+    // before any flow sees every arc.
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for _ in 0..50 {
+        let n = rng.random_range(3..=8usize);
+        let edges: Vec<(usize, usize, i64, i64)> = (0..3 * n)
+            .map(|_| {
+                let u = rng.random_range(0..n);
+                let v = (u + rng.random_range(1..n)) % n;
+                (u, v, rng.random_range(0..9), rng.random_range(0..3))
+            })
+            .collect();
+        let split = edges.len() / 2;
+        let mut staged = FlowNetwork::new(n);
+        let mut whole = FlowNetwork::new(n);
+        for &(u, v, c, r) in &edges {
+            whole.add_edge(u, v, c, r);
+        }
+        assert!(whole.source_side(0)[0]);
+        for &(u, v, c, r) in &edges[..split] {
+            staged.add_edge(u, v, c, r);
+        }
+        let first = staged.max_flow(0, n - 1);
+        for &(u, v, c, r) in &edges[split..] {
+            staged.add_edge(u, v, c, r);
+        }
+        let more = staged.max_flow(0, n - 1);
+        assert_eq!(first + more, whole.max_flow(0, n - 1));
+        assert_eq!(staged.source_side(0), whole.source_side(0));
+    }
+}
+
+#[test]
 fn max_flow_equals_brute_force_min_cut_on_random_graphs() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for _ in 0..200 {

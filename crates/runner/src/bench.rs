@@ -158,7 +158,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             entry["fraction_of_vanilla_step"] = json!(ms / v);
         }
         if mode == "puzzlemix" {
-            entry["parts"] = puzzlemix_parts(&net, &x, &y, args.steps.max(5), &device)?;
+            let parts = puzzlemix_parts(&net, &x, &y, args.steps.max(5), &device)?;
+            if let Some(v) = vanilla_ms {
+                // A PuzzleMix step is a vanilla step plus this mixing; with the mean over B it
+                // is the ratio a long run averages, which the few timed steps only sample.
+                let per_step = parts["saliency_ms"].as_f64().unwrap_or(f64::NAN)
+                    + parts["masks_ms_mean"].as_f64().unwrap_or(f64::NAN);
+                entry["expected_step_ratio_to_vanilla"] = json!(1.0 + per_step / v);
+            }
+            entry["parts"] = parts;
         }
         mixing.insert(mode.clone(), entry);
     }
