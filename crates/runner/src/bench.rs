@@ -255,10 +255,7 @@ fn time_train_step(
 ) -> Result<StepTime> {
     let cfg = &mode_config(cfg, mode);
     if setup::LEARNED_MODES.contains(&mode) {
-        return Ok(StepTime {
-            step_ms: time_automix_step(cfg, x, y, steps, device)?,
-            phase_ms: None,
-        });
+        return time_automix_step(cfg, x, y, steps, device);
     }
     let HandCraftedStep {
         method,
@@ -350,32 +347,68 @@ struct StepTime {
     phase_ms: Option<Value>,
 }
 
-/// Milliseconds of one AutoMix/SAMix step (four forwards, backward, SGD, EMA update).
+/// Milliseconds of one AutoMix/SAMix step (four forwards, backward, SGD, EMA update), and on
+/// the CPU the median of each phase: `forwards_and_losses` (`Enc_k(x)`, the MixBlock twice,
+/// `Enc_k(x_mb)`, `Enc_q(x)`, `Enc_q(x_bb)` and the losses), `backward` (the q encoder's two
+/// full backwards, `Enc_k(x_mb)`'s input-only one and the MixBlock's), `sgd`, `momentum_update`.
 fn time_automix_step(
     cfg: &RunConfig,
     x: &Tensor,
     y: &Tensor,
     steps: usize,
     device: &Device,
-) -> Result<f64> {
+) -> Result<StepTime> {
     let model = crate::automix_step::build_model(cfg, device)?;
     let mut sgd = crate::automix_step::optimizer(&model, cfg)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut times = Vec::new();
+    let phases = device.is_cpu();
+    let mut phase_times: Vec<[f64; 4]> = Vec::new();
     for i in 0..=steps {
         sync(device)?;
         let t = Instant::now();
+        let mut marks = [0f64; 4];
+        let mut mark = |k: usize| {
+            if phases {
+                marks[k] = t.elapsed().as_secs_f64() * 1000.0;
+            }
+        };
         let out = model.train_step(x, y, &mut rng)?;
+        mark(0);
         let grads = out.gradients()?;
+        mark(1);
         sgd.step(&grads, 0.1)?;
+        mark(2);
         model.momentum_update(model.momentum_at(i, 1000))?;
+        mark(3);
         let _ = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         sync(device)?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64() * 1000.0);
+            phase_times.push([
+                marks[0],
+                marks[1] - marks[0],
+                marks[2] - marks[1],
+                marks[3] - marks[2],
+            ]);
         }
     }
-    Ok(train::metrics::median(&times))
+    let phase_ms = phases.then(|| {
+        let median_of = |k: usize| {
+            let v: Vec<f64> = phase_times.iter().map(|p| p[k]).collect();
+            train::metrics::median(&v)
+        };
+        json!({
+            "forwards_and_losses": median_of(0),
+            "backward": median_of(1),
+            "sgd": median_of(2),
+            "momentum_update": median_of(3),
+        })
+    });
+    Ok(StepTime {
+        step_ms: train::metrics::median(&times),
+        phase_ms,
+    })
 }
 
 /// Milliseconds of the mixing call alone, median of `reps`.
