@@ -118,6 +118,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let StepTime {
             step_ms: ms,
             phase_ms,
+            phase_cpu_utilisation,
         } = time_train_step(&cfg, mode, (&x, &y), args.steps, &device, !args.autograd)?;
         if mode == "vanilla" {
             vanilla_ms = Some(ms);
@@ -129,6 +130,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         });
         if let Some(p) = phase_ms {
             entry["phase_ms"] = p;
+        }
+        if let Some(u) = phase_cpu_utilisation {
+            entry["phase_cpu_utilisation"] = u;
         }
         steps.insert(mode.clone(), entry);
     }
@@ -266,64 +270,156 @@ fn time_train_step(
         ..
     } = HandCraftedStep::new(cfg, device)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut times = Vec::new();
-    // Phase boundaries: on the CPU every op has finished when it returns, so reading the clock
-    // between phases costs nothing; on a GPU it would need a sync, which changes what is timed.
-    let phases = device.is_cpu();
-    let mut phase_times: Vec<[f64; 4]> = Vec::new();
+    let mut phases = PhaseTimes::new(device, &["mix", "forward_and_loss", "backward", "sgd"]);
     for i in 0..=steps {
         sync(device)?;
-        let t = Instant::now();
-        let mut marks = [0f64; 4];
-        let mut mark = |k: usize| {
-            if phases {
-                marks[k] = t.elapsed().as_secs_f64() * 1000.0;
-            }
-        };
+        let mut clock = phases.start();
         let mix_model = NetMixModel {
             net: &frozen,
             attention: None,
         };
         let mixed = method.mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?;
-        mark(0);
+        clock.mark();
         let (logits, tape) = forward(&net, &mixed, taped)?;
         let loss = train::loss::mixed_loss(&logits, &mixed.labels, loss_kind)?;
-        mark(1);
+        clock.mark();
         let mut grads = loss.backward()?;
         if let Some(tape) = tape {
             tape.add_to(&mut grads)?;
         }
-        mark(2);
+        clock.mark();
         sgd.step(&grads, 0.1)?;
-        mark(3);
+        clock.mark();
         let _ = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         sync(device)?;
         if i > 0 {
-            times.push(t.elapsed().as_secs_f64() * 1000.0);
-            phase_times.push([
-                marks[0],
-                marks[1] - marks[0],
-                marks[2] - marks[1],
-                marks[3] - marks[2],
-            ]);
+            phases.record(clock);
         }
     }
-    let phase_ms = phases.then(|| {
-        let median_of = |k: usize| {
-            let v: Vec<f64> = phase_times.iter().map(|p| p[k]).collect();
-            train::metrics::median(&v)
+    Ok(phases.summary())
+}
+
+/// Per-step wall time and, on the CPU, the wall and process CPU time of each phase (a phase
+/// ends at a `mark`; on the CPU every op has finished when it returns, so reading the clocks
+/// between phases costs nothing, while on a GPU it would need a sync, which changes what is
+/// timed).
+struct PhaseTimes {
+    names: &'static [&'static str],
+    per_phase: bool,
+    threads: usize,
+    steps: Vec<f64>,
+    /// Per recorded step: `(wall ms, CPU ms)` of each phase.
+    phases: Vec<Vec<(f64, Option<f64>)>>,
+}
+
+/// The clocks of one step in progress.
+struct StepClock {
+    start: Instant,
+    per_phase: bool,
+    /// `(wall ms since start, process CPU ms)` at the start and each mark.
+    marks: Vec<(f64, Option<f64>)>,
+}
+
+impl StepClock {
+    fn mark(&mut self) {
+        if self.per_phase {
+            self.marks.push((
+                self.start.elapsed().as_secs_f64() * 1000.0,
+                process_cpu_ms(),
+            ));
+        }
+    }
+}
+
+impl PhaseTimes {
+    fn new(device: &Device, names: &'static [&'static str]) -> Self {
+        Self {
+            names,
+            per_phase: device.is_cpu(),
+            threads: rayon_threads(),
+            steps: Vec::new(),
+            phases: Vec::new(),
+        }
+    }
+
+    fn start(&self) -> StepClock {
+        let mut clock = StepClock {
+            start: Instant::now(),
+            per_phase: self.per_phase,
+            marks: Vec::new(),
         };
-        json!({
-            "mix": median_of(0),
-            "forward_and_loss": median_of(1),
-            "backward": median_of(2),
-            "sgd": median_of(3),
-        })
-    });
-    Ok(StepTime {
-        step_ms: train::metrics::median(&times),
-        phase_ms,
-    })
+        clock.mark();
+        clock
+    }
+
+    fn record(&mut self, clock: StepClock) {
+        self.steps
+            .push(clock.start.elapsed().as_secs_f64() * 1000.0);
+        if self.per_phase {
+            let phases = clock
+                .marks
+                .windows(2)
+                .map(|w| (w[1].0 - w[0].0, w[1].1.zip(w[0].1).map(|(b, a)| b - a)))
+                .collect();
+            self.phases.push(phases);
+        }
+    }
+
+    /// Median step time; on the CPU also `phase_ms` (median wall time of each phase) and
+    /// `phase_cpu_utilisation`: per phase, the median of process CPU time / (wall time ×
+    /// threads), 1 = every thread busy throughout. Rayon's idle workers spin briefly before
+    /// they sleep, and that spinning counts as busy, so short parallel sections read high.
+    fn summary(&self) -> StepTime {
+        let step_ms = train::metrics::median(&self.steps);
+        if !self.per_phase || self.phases.is_empty() {
+            return StepTime {
+                step_ms,
+                phase_ms: None,
+                phase_cpu_utilisation: None,
+            };
+        }
+        let mut wall = serde_json::Map::new();
+        let mut busy = serde_json::Map::new();
+        for (k, name) in self.names.iter().enumerate() {
+            let w: Vec<f64> = self.phases.iter().map(|p| p[k].0).collect();
+            wall.insert(name.to_string(), json!(train::metrics::median(&w)));
+            let u: Vec<f64> = self
+                .phases
+                .iter()
+                .filter_map(|p| {
+                    let (w, cpu) = p[k];
+                    cpu.filter(|_| w > 0.0)
+                        .map(|c| c / (w * self.threads as f64))
+                })
+                .collect();
+            if !u.is_empty() {
+                busy.insert(name.to_string(), json!(train::metrics::median(&u)));
+            }
+        }
+        StepTime {
+            step_ms,
+            phase_ms: Some(Value::Object(wall)),
+            phase_cpu_utilisation: (!busy.is_empty()).then_some(Value::Object(busy)),
+        }
+    }
+}
+
+/// CPU time of this process so far (every thread), in milliseconds; `None` where unsupported.
+fn process_cpu_ms() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `t` is a valid, writable timespec for the duration of the call.
+        let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) } == 0;
+        ok.then(|| t.tv_sec as f64 * 1000.0 + t.tv_nsec as f64 / 1e6)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 /// The training forward of a bench step: taped (as the runner trains) or through candle's
@@ -345,6 +441,7 @@ fn forward(
 struct StepTime {
     step_ms: f64,
     phase_ms: Option<Value>,
+    phase_cpu_utilisation: Option<Value>,
 }
 
 /// Milliseconds of one AutoMix/SAMix step (four forwards, backward, SGD, EMA update), and on
@@ -361,54 +458,28 @@ fn time_automix_step(
     let model = crate::automix_step::build_model(cfg, device)?;
     let mut sgd = crate::automix_step::optimizer(&model, cfg)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut times = Vec::new();
-    let phases = device.is_cpu();
-    let mut phase_times: Vec<[f64; 4]> = Vec::new();
+    let mut phases = PhaseTimes::new(
+        device,
+        &["forwards_and_losses", "backward", "sgd", "momentum_update"],
+    );
     for i in 0..=steps {
         sync(device)?;
-        let t = Instant::now();
-        let mut marks = [0f64; 4];
-        let mut mark = |k: usize| {
-            if phases {
-                marks[k] = t.elapsed().as_secs_f64() * 1000.0;
-            }
-        };
+        let mut clock = phases.start();
         let out = model.train_step(x, y, &mut rng)?;
-        mark(0);
+        clock.mark();
         let grads = out.gradients()?;
-        mark(1);
+        clock.mark();
         sgd.step(&grads, 0.1)?;
-        mark(2);
+        clock.mark();
         model.momentum_update(model.momentum_at(i, 1000))?;
-        mark(3);
+        clock.mark();
         let _ = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         sync(device)?;
         if i > 0 {
-            times.push(t.elapsed().as_secs_f64() * 1000.0);
-            phase_times.push([
-                marks[0],
-                marks[1] - marks[0],
-                marks[2] - marks[1],
-                marks[3] - marks[2],
-            ]);
+            phases.record(clock);
         }
     }
-    let phase_ms = phases.then(|| {
-        let median_of = |k: usize| {
-            let v: Vec<f64> = phase_times.iter().map(|p| p[k]).collect();
-            train::metrics::median(&v)
-        };
-        json!({
-            "forwards_and_losses": median_of(0),
-            "backward": median_of(1),
-            "sgd": median_of(2),
-            "momentum_update": median_of(3),
-        })
-    });
-    Ok(StepTime {
-        step_ms: train::metrics::median(&times),
-        phase_ms,
-    })
+    Ok(phases.summary())
 }
 
 /// Milliseconds of the mixing call alone, median of `reps`.
