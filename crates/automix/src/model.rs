@@ -321,8 +321,8 @@ impl AutoMixModel {
             let vq = q.get(name).ok_or_else(|| {
                 candle_core::Error::Msg(format!("k variable `{name}` has no q twin"))
             })?;
-            let new = ((vk.as_tensor().detach() * m)? + (vq.as_tensor().detach() * (1.0 - m))?)?;
-            vk.set(&new)?;
+            // One in-place pass, the bits of `(θ_k·m) + (θ_q·(1 − m))` (kernels::ema).
+            kernels::ema_update(vk.as_tensor(), vq.as_tensor(), m)?;
         }
         Ok(())
     }

@@ -15,6 +15,8 @@
 //!   forward and one backward (CPU and CUDA).
 //! * [`sgd_update`] / [`sgd_update_multi`]: the SGD-with-momentum update in place, of one
 //!   parameter or of many (one multi-tensor launch on CUDA).
+//! * [`ema_update`]: a momentum copy's parameter update `θ_k ← m·θ_k + (1 − m)·θ_q` in place,
+//!   one CPU pass (generic ops elsewhere).
 //!
 //! Each op's backward is also a function (`conv2d_backward`, `batch_norm_train_backward`,
 //! `add_relu_backward`), for callers that run their own backward pass (the backbones' taped
@@ -31,6 +33,7 @@ mod counters;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod ema;
 mod loss;
 mod memory;
 pub mod reference;
@@ -46,6 +49,7 @@ pub use batch_norm::{
 };
 pub use conv::{conv2d, conv2d_backward, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
+pub use ema::ema_update;
 pub use loss::soft_cross_entropy;
 pub use memory::keep_freed_memory;
 pub use residual::{add_relu, add_relu_backward};

@@ -368,7 +368,8 @@ impl PhaseTimes {
     /// Median step time; on the CPU also `phase_ms` (median wall time of each phase) and
     /// `phase_cpu_utilisation`: per phase, the median of process CPU time / (wall time ×
     /// threads), 1 = every thread busy throughout. Rayon's idle workers spin briefly before
-    /// they sleep, and that spinning counts as busy, so short parallel sections read high.
+    /// they sleep, and that spinning counts as busy, so short parallel sections read high (a
+    /// little above 1 even, with the calling thread on top of the pool's).
     fn summary(&self) -> StepTime {
         let step_ms = train::metrics::median(&self.steps);
         if !self.per_phase || self.phases.is_empty() {
