@@ -557,10 +557,7 @@ impl InplaceOp1 for RunningUpdateOp {
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
         crate::counters::record(crate::OpKind::BnRunning, 0);
-        let run = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &mut v[a..b],
-            _ => bail!("{}: running statistics must be contiguous f32", self.name()),
-        };
+        let run = cpu::f32_slice_mut(s, l, self.name(), "running statistics")?;
         for (r, &b) in run.iter_mut().zip(&self.batch) {
             *r = cpu::batch_norm::running_update(*r, b, &self.coefs, self.var);
         }

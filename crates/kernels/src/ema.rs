@@ -51,10 +51,7 @@ impl InplaceOp2 for EmaOp {
         l2: &Layout,
     ) -> Result<()> {
         let source = crate::cpu::f32_slice(s2, l2, "kernels-ema", "source")?;
-        let target = match (s1, l1.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &mut v[a..b],
-            _ => bail!("kernels-ema: target must be contiguous f32"),
-        };
+        let target = crate::cpu::f32_slice_mut(s1, l1, "kernels-ema", "target")?;
         let keep = self.momentum as f32;
         let take = (1.0 - self.momentum) as f32;
         crate::cpu::with_avx2(

@@ -207,10 +207,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 }
 
 fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => bail!("kernels-sgd: destination must be contiguous f32"),
-    }
+    crate::cpu::f32_slice_mut(s, l, "kernels-sgd", "destination")
 }
 
 /// `g = grad + wd·θ`, rounded as `grad + (θ·wd + 0.0)`.

@@ -499,21 +499,35 @@ fn time_mixing(
         attention: None,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let (ms, _) = median_ms(reps, device, || {
+        Ok(method
+            .mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?
+            .images)
+    })?;
+    Ok(ms)
+}
+
+/// Median milliseconds of `reps` calls of `f` after one warm-up call, each until its tensor
+/// is on the host (synced before the clock starts), and the last call's tensor.
+fn median_ms(
+    reps: usize,
+    device: &Device,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<(f64, Tensor)> {
     let mut times = Vec::new();
+    let mut last = None;
     for i in 0..=reps {
         sync(device)?;
         let t = Instant::now();
-        let mixed = method.mix(x, y, &mut MixContext::with_model(&mut rng, &mix_model))?;
-        let _ = mixed
-            .images
-            .sum_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
+        let out = f()?;
+        let _ = out.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64() * 1000.0);
         }
+        last = Some(out);
     }
-    Ok(train::metrics::median(&times))
+    let last = last.expect("the warm-up call at least");
+    Ok((train::metrics::median(&times), last))
 }
 
 /// PuzzleMix's mixing in its two parts, milliseconds: the saliency pass (median of `reps`),
@@ -534,44 +548,22 @@ fn puzzlemix_parts(
         net,
         attention: None,
     };
-    let mut times = Vec::new();
-    let mut saliency = None;
-    for i in 0..=reps {
-        sync(device)?;
-        let t = Instant::now();
-        let s = saliency_from_gradient(&model.input_gradient(x, y)?)?;
-        let _ = s.sum_all()?.to_scalar::<f32>()?;
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        saliency = Some(s);
-    }
-    let saliency = saliency.expect("at least one saliency pass");
-    let saliency_ms = train::metrics::median(&times);
+    let (saliency_ms, saliency) = median_ms(reps, device, || {
+        Ok(saliency_from_gradient(&model.input_gradient(x, y)?)?)
+    })?;
     let method = PuzzleMix::default();
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let mut by_blocks = serde_json::Map::new();
     let mut total = 0.0;
     for blocks in [2usize, 4, 8, 16] {
-        let mut times = Vec::new();
-        for i in 0..=reps {
+        // Each call draws α0 and π afresh (microseconds) with B fixed.
+        let (ms, _) = median_ms(reps, device, || {
             let draws = PuzzleDraws {
                 blocks,
                 ..method.draw(&mut rng, x.dim(0)?)
             };
-            sync(device)?;
-            let t = Instant::now();
-            let (mixed, _) = method.mix_with(x, y, &saliency, &draws)?;
-            let _ = mixed
-                .images
-                .sum_all()?
-                .to_dtype(DType::F32)?
-                .to_scalar::<f32>()?;
-            if i > 0 {
-                times.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
-        let ms = train::metrics::median(&times);
+            Ok(method.mix_with(x, y, &saliency, &draws)?.0.images)
+        })?;
         by_blocks.insert(blocks.to_string(), json!(ms));
         total += ms;
     }

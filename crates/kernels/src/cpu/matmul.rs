@@ -80,9 +80,35 @@ pub(crate) fn matmul(
     rhs.check(k, n, "matmul rhs");
     if dot::applies(m, n, &lhs, &rhs) {
         dot::products(m, n, k, dst, dst_row_stride, accumulate, lhs, rhs);
-        return;
+    } else {
+        gemm_checked(
+            m,
+            n,
+            k,
+            dst,
+            dst_row_stride,
+            accumulate,
+            lhs,
+            rhs,
+            parallelism,
+        );
     }
-    // SAFETY: every index the views can reach was bounds-checked above, and `dst`
+}
+
+/// `gemm::gemm` on views [`matmul`] has bounds-checked (`k > 0`).
+#[allow(clippy::too_many_arguments)]
+fn gemm_checked(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    parallelism: Parallelism,
+) {
+    // SAFETY: every index the views can reach was bounds-checked by the caller, and `dst`
     // is borrowed mutably so it cannot alias `lhs` or `rhs`.
     unsafe {
         gemm::gemm(
@@ -170,7 +196,10 @@ mod dot {
             )
         }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("dot::applies is false off x86-64 ({m}×{n}×{k}, {dst_row_stride}, {accumulate}, {:p}, {:p})", lhs.data, rhs.data)
+        {
+            let _ = (m, n, k, dst, dst_row_stride, accumulate, lhs, rhs);
+            unreachable!("dot::applies is false off x86-64")
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -297,58 +326,9 @@ mod dot {
 
     #[cfg(test)]
     mod tests {
-        use super::super::{matmul, MatRef};
+        use super::super::{gemm_checked, matmul, MatRef};
+        use crate::cpu::test_values as values;
         use gemm::Parallelism;
-
-        /// `gemm` itself on the same views (what `matmul` ran before `dot`).
-        #[allow(clippy::too_many_arguments)]
-        fn gemm_reference(
-            m: usize,
-            n: usize,
-            k: usize,
-            dst: &mut [f32],
-            dst_rs: usize,
-            accumulate: bool,
-            lhs: MatRef<'_>,
-            rhs: MatRef<'_>,
-        ) {
-            // SAFETY: the views are sized for the product by the test below.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    dst_rs as isize,
-                    accumulate,
-                    lhs.data.as_ptr(),
-                    lhs.col_stride as isize,
-                    lhs.row_stride as isize,
-                    rhs.data.as_ptr(),
-                    rhs.col_stride as isize,
-                    rhs.row_stride as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                )
-            }
-        }
-
-        fn values(n: usize, seed: u32) -> Vec<f32> {
-            let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-            (0..n)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 17;
-                    state ^= state << 5;
-                    (state % 20_001) as f32 / 10_000.0 - 1.0
-                })
-                .collect()
-        }
 
         #[test]
         fn small_dot_products_give_the_bits_of_gemm() {
@@ -389,7 +369,9 @@ mod dot {
                             r,
                             Parallelism::None,
                         );
-                        gemm_reference(m, n, k, &mut theirs, dst_rs, accumulate, l, r);
+                        // `gemm` itself on the same views (what `matmul` ran before `dot`).
+                        let none = Parallelism::None;
+                        gemm_checked(m, n, k, &mut theirs, dst_rs, accumulate, l, r, none);
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert_eq!(
                             bits(&ours),

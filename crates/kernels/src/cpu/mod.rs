@@ -28,6 +28,33 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
+/// The contiguous f32 slice an in-place op writes, or `"{op}: {arg} must be contiguous f32"`.
+pub(crate) fn f32_slice_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    op: &str,
+    arg: &str,
+) -> Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => bail!("{op}: {arg} must be contiguous f32"),
+    }
+}
+
+/// Deterministic test values in [-1, 1] (xorshift), shared by the kernels' unit tests.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
 /// `dst[..src.len()] = src` for the few floats of a short row (a narrow plane's, an im2col
 /// run): in blocks of 4 moved as values, because `copy_from_slice` of a run-time length calls
 /// `memmove`, which cost more than the copy itself (5 % of a 4×4-plane convolution in `perf`).

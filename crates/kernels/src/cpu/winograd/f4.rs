@@ -399,20 +399,8 @@ mod avx2 {
             out.len(),
             "f4 avx2 output transform",
         );
-        let ChunkTiling {
-            tw,
-            tiles,
-            t_total,
-            xi_stride,
-            ..
-        } = chunk;
-        let tiling = Tiling {
-            tw,
-            tiles,
-            t_total,
-            channels: g.c_out,
-            width: g.w,
-        };
+        let (t_total, xi_stride) = (chunk.t_total, chunk.xi_stride);
+        let tiling = Tiling::of(g, &chunk);
         for k in 0..g.c_out {
             // SAFETY: AVX2 is available (asserted). Reads `m[ξ·xi_stride + k·t_total + t]`
             // for t < t_total rounded up to 8 (t_total is a multiple of 4), within the asserted
@@ -444,20 +432,8 @@ mod avx2 {
             dy.len(),
             "f4 avx2 gradient transform",
         );
-        let ChunkTiling {
-            tw,
-            tiles,
-            t_total,
-            xi_stride,
-            ..
-        } = chunk;
-        let tiling = Tiling {
-            tw,
-            tiles,
-            t_total,
-            channels: g.c_out,
-            width: g.w,
-        };
+        let (t_total, xi_stride) = (chunk.t_total, chunk.xi_stride);
+        let tiling = Tiling::of(g, &chunk);
         for k in 0..g.c_out {
             // SAFETY: AVX2 is available (asserted). Reads the 4×4 output gradients of tiles
             // t < t_total of channel k, within `dy`; writes `z[ξ·xi_stride + k·t_total + t]`
@@ -484,6 +460,17 @@ mod avx2 {
     }
 
     impl Tiling {
+        /// The output planes (channels `g.c_out`) of a chunk.
+        fn of(g: &ConvGeom, chunk: &ChunkTiling) -> Self {
+            Self {
+                tw: chunk.tw,
+                tiles: chunk.tiles,
+                t_total: chunk.t_total,
+                channels: g.c_out,
+                width: g.w,
+            }
+        }
+
         /// Offsets in the NCHW planes of channel `k` of the first cell (row 0, column 0) of
         /// tiles `t0 + 2n`, n < 4: the starts of a block's 4 runs of 2 tiles (row `i` of a run
         /// is `i · width` further). Runs past the last tile get offsets that must not be used.

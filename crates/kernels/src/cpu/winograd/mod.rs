@@ -483,17 +483,7 @@ mod tests {
 
     use super::same_3x3 as geom;
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::cpu::test_values as values;
 
     /// Direct convolution in f64, the reference.
     fn direct(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
