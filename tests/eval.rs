@@ -30,7 +30,7 @@ fn eval_reports_accuracy_calibration_fgsm_and_corruptions_and_export_writes_the_
 
     // --- eval ---
     let report_file = dir.path().join("eval.json");
-    let eval = || {
+    let eval = |force: bool| {
         let mut cmd = runner();
         cmd.arg("eval")
             .arg("--config")
@@ -42,9 +42,12 @@ fn eval_reports_accuracy_calibration_fgsm_and_corruptions_and_export_writes_the_
             .args(["--severities", "1,5", "--seed", "3", "--quiet"])
             .arg("--out")
             .arg(&report_file);
+        if force {
+            cmd.arg("--force");
+        }
         succeeded(cmd.output().expect("runner starts"))
     };
-    let out = eval();
+    let out = eval(false);
     let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
     let written: Value = serde_json::from_slice(&std::fs::read(&report_file).unwrap()).unwrap();
     assert_eq!(v, written, "--out holds what was printed");
@@ -93,8 +96,37 @@ fn eval_reports_accuracy_calibration_fgsm_and_corruptions_and_export_writes_the_
     assert!((overall - means.iter().sum::<f64>() / 3.0).abs() < 1e-9);
 
     // The same seed gives the same report (noise included).
-    let again: Value = serde_json::from_slice(&eval().stdout).unwrap();
+    let again: Value = serde_json::from_slice(&eval(true).stdout).unwrap();
     assert_eq!(again, v);
+
+    // Without --config the checkpoint's stored config rebuilds the network (the default
+    // config would be a width-64 ResNet-18 and could not load these width-8 weights).
+    let stored = runner()
+        .arg("eval")
+        .arg("--checkpoint")
+        .arg(&ckpt)
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--limit",
+            "200",
+            "--batch-size",
+            "64",
+            "--corruptions",
+            "none",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    let stored: Value = serde_json::from_slice(&succeeded(stored).stdout).unwrap();
+    assert_eq!(stored["top1"], v["top1"]);
+    assert!(
+        stored["config"]
+            .as_str()
+            .unwrap()
+            .ends_with("(stored config)"),
+        "{stored}"
+    );
 
     // Bad arguments are refused with the flag named.
     let bad = runner()
@@ -185,4 +217,86 @@ fn eval_reports_accuracy_calibration_fgsm_and_corruptions_and_export_writes_the_
         .collect();
     names.sort();
     assert_eq!(names, vec!["backbone.safetensors"]);
+
+    // --- nothing at an output path is destroyed ---
+    let ckpt_bytes = std::fs::read(&ckpt).unwrap();
+    let over_source = runner()
+        .arg("export")
+        .arg("--checkpoint")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&ckpt)
+        .arg("--force")
+        .output()
+        .unwrap();
+    assert!(!over_source.status.success());
+    assert!(
+        stderr_of(&over_source).contains("is the input file"),
+        "{}",
+        stderr_of(&over_source)
+    );
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        ckpt_bytes,
+        "the checkpoint is intact"
+    );
+    let eval_to = |out: &Path| {
+        runner()
+            .arg("eval")
+            .arg("--checkpoint")
+            .arg(&ckpt)
+            .args([
+                "--limit",
+                "100",
+                "--corruptions",
+                "none",
+                "--quiet",
+                "--force",
+            ])
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let refused = eval_to(Path::new("/dev/null"));
+        assert!(!refused.status.success());
+        assert!(
+            stderr_of(&refused).contains("is a device node"),
+            "{}",
+            stderr_of(&refused)
+        );
+        assert!(std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        let fifo = dir.path().join("fifo");
+        if std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            let refused = eval_to(&fifo);
+            assert!(
+                stderr_of(&refused).contains("is a FIFO"),
+                "{}",
+                stderr_of(&refused)
+            );
+            assert!(std::fs::symlink_metadata(&fifo)
+                .unwrap()
+                .file_type()
+                .is_fifo());
+        }
+    }
+    // An unwritable --out fails before the evaluation, not after it.
+    let unwritable = eval_to(&dir.path().join("no-such-dir/eval.json"));
+    assert!(!unwritable.status.success());
+    assert!(unwritable.stdout.is_empty(), "no evaluation ran");
+    assert!(
+        stderr_of(&unwritable).contains("cannot create a file there"),
+        "{}",
+        stderr_of(&unwritable)
+    );
 }

@@ -72,23 +72,20 @@ impl Canvas {
         }
     }
 
-    /// Saves as PNG, through a temporary file so an existing image is replaced only on success.
+    /// Writes the image as a PNG file at `path` (callers put it in place: `output::OutputFile`).
     pub fn save_png(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("png.tmp");
-        {
-            let file = std::fs::File::create(&tmp)
-                .with_context(|| format!("{}: cannot create", tmp.display()))?;
-            let mut enc = png::Encoder::new(
-                std::io::BufWriter::new(file),
-                self.width as u32,
-                self.height as u32,
-            );
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            let mut writer = enc.write_header()?;
-            writer.write_image_data(&self.pixels)?;
-        }
-        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("{}: cannot create", path.display()))?;
+        let mut buffered = std::io::BufWriter::new(file);
+        let mut enc = png::Encoder::new(&mut buffered, self.width as u32, self.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&self.pixels)?;
+        writer.finish()?;
+        // Explicitly, so that a full disk is an error rather than a truncated image.
+        std::io::Write::flush(&mut buffered)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(())
     }
 }

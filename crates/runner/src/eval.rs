@@ -15,14 +15,16 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 use train::metrics;
 
+use crate::output::{OutputFile, Replace};
 use crate::setup;
 
 /// Options of `runner eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// The run's JSON config (for the backbone's architecture and the data dir).
+    /// The run's JSON config (for the backbone's architecture and the data dir); by default
+    /// the config stored in the checkpoint.
     #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     /// The checkpoint whose backbone is evaluated (`model.*`, or `model_q.*` for AutoMix/SAMix).
     #[arg(long, value_name = "FILE")]
     pub checkpoint: PathBuf,
@@ -57,9 +59,12 @@ pub struct EvalArgs {
     /// Seed of the random corruptions (noise).
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub seed: u64,
-    /// Also write the JSON object to this file (atomically).
+    /// Also write the JSON object to this file (atomically; checked before the evaluation).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Replace `--out` if it exists.
+    #[arg(long)]
+    pub force: bool,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -112,13 +117,30 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             bail!("{flag}: must be at least 1");
         }
     }
-    let mut cfg = RunConfig::load(&args.config)?;
+    let out = match &args.out {
+        Some(path) => {
+            let replace = if args.force {
+                Replace::Always
+            } else {
+                Replace::Never
+            };
+            Some(OutputFile::check(
+                "--out",
+                path,
+                replace,
+                &[&args.checkpoint],
+            )?)
+        }
+        None => None,
+    };
+    let device = crate::device::parse_device(&args.device)?;
+    let (tensors, meta) = train::checkpoint::load_checkpoint(&args.checkpoint, &device)?;
+    let (mut cfg, config_source) =
+        config_for_checkpoint(args.config.as_deref(), &meta, &args.checkpoint)?;
     if let Some(d) = &args.data {
         cfg.data.dir = d.clone();
     }
-    cfg.validate()
-        .with_context(|| args.config.display().to_string())?;
-    let device = crate::device::parse_device(&args.device)?;
+    cfg.validate().with_context(|| config_source.clone())?;
     crate::device::configure_from(&device, &cfg.train)?;
 
     let dir = Path::new(&cfg.data.dir);
@@ -140,8 +162,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     // Every pass runs over detached weights: the FGSM backward then computes only the input
     // gradient, and no pass records a graph through the weights.
     let net = setup::frozen_view(&cfg, &varmap, &device)?;
-    let (tensors, _) = train::checkpoint::load_checkpoint(&args.checkpoint, &device)?;
-    let prefix = crate::export::load_backbone(&varmap, &tensors, &args.checkpoint)?;
+    let prefix =
+        crate::export::load_backbone(&varmap, &tensors, &args.checkpoint).with_context(|| {
+            format!("the checkpoint does not match the backbone of {config_source}")
+        })?;
     drop(tensors);
 
     let batch_size = args.batch_size.unwrap_or(cfg.data.test_batch_size);
@@ -199,7 +223,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 
     let report = json!({
         "checkpoint": args.checkpoint.display().to_string(),
-        "config": args.config.display().to_string(),
+        "config": config_source,
         "backbone_prefix": prefix,
         "images": n,
         "top1": clean.top1,
@@ -211,14 +235,33 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         "seed": args.seed,
     });
     let text = serde_json::to_string_pretty(&report)? + "\n";
-    if let Some(out) = &args.out {
-        train::checkpoint::write_atomically(out, |tmp| {
-            std::fs::write(tmp, &text).map_err(|e| train::TrainError::io(tmp, e))
-        })
-        .with_context(|| format!("--out {}", out.display()))?;
-    }
+    // Printed first: a file that cannot be written after all never costs the evaluation.
     print!("{text}");
+    std::io::stdout().flush()?;
+    if let Some(out) = &out {
+        out.write(|tmp| std::fs::write(tmp, &text).map_err(Into::into))?;
+    }
     Ok(())
+}
+
+/// The config to rebuild a checkpoint's network with, and how to name it in messages and
+/// reports: the `--config` file when given, else the config the runner stored in the
+/// checkpoint (which always matches the trained network).
+pub fn config_for_checkpoint(
+    config: Option<&Path>,
+    meta: &Value,
+    checkpoint: &Path,
+) -> Result<(RunConfig, String)> {
+    match config {
+        Some(p) => Ok((RunConfig::load(p)?, p.display().to_string())),
+        None => match crate::export::checkpoint_config(meta, checkpoint)? {
+            Some(cfg) => Ok((cfg, format!("{} (stored config)", checkpoint.display()))),
+            None => bail!(
+                "--config: {} stores no config (not written by the runner); pass the run's --config",
+                checkpoint.display()
+            ),
+        },
+    }
 }
 
 /// Accuracy and calibration on clean images.

@@ -4,8 +4,6 @@
 //! the PyTorch lines that load it.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +13,7 @@ use candle_nn::VarMap;
 use clap::Args;
 use serde_json::{json, Value};
 
+use crate::output::{OutputFile, Replace};
 use crate::setup;
 
 /// Options of `runner export`.
@@ -106,14 +105,14 @@ pub fn checkpoint_config(meta: &Value, file: &Path) -> Result<Option<RunConfig>>
 
 /// `runner export`.
 pub fn run(args: &ExportArgs) -> Result<()> {
-    // Checked first so that a refused export costs nothing; checked again, atomically, when
-    // the file is put in place.
-    if args.out.exists() && !args.force {
-        bail!(
-            "--out {}: exists; pass --force to replace it",
-            args.out.display()
-        );
-    }
+    // Checked first so that a refused export costs nothing (and never names the checkpoint
+    // itself); checked again when the file is put in place.
+    let replace = if args.force {
+        Replace::Always
+    } else {
+        Replace::Never
+    };
+    let out = OutputFile::check("--out", &args.out, replace, &[&args.checkpoint])?;
     let device = Device::Cpu;
     let ckpt = &args.checkpoint;
     let (tensors, meta) = train::checkpoint::load_checkpoint(ckpt, &device)?;
@@ -145,7 +144,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     }
     let mut list: Vec<(String, Tensor)> = backbone.into_iter().collect();
     list.sort_by(|a, b| a.0.cmp(&b.0));
-    write_new_file(&args.out, &list, &info, args.force)?;
+    out.write(|tmp| train::checkpoint::save_checkpoint(tmp, &list, &info).map_err(Into::into))?;
     let parameters: usize = list
         .iter()
         .filter(|(k, _)| !backbones::is_buffer(k) && !k.ends_with(BN_COUNTER))
@@ -163,55 +162,9 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes `tensors` as a safetensors file at `out` through a staging file in the same
-/// directory (created with the process's umask: 0644 under umask 022), then puts it in place:
-/// with `force` by renaming over `out`; otherwise by a hard link, which fails rather than
-/// replace a file that appeared meanwhile. A failed attempt leaves no staging file behind.
-fn write_new_file(
-    out: &Path,
-    tensors: &[(String, Tensor)],
-    info: &Value,
-    force: bool,
-) -> Result<()> {
-    let Some(name) = out.file_name() else {
-        bail!("--out {}: not a file path", out.display());
-    };
-    let mut staging_name = OsString::from(".");
-    staging_name.push(name);
-    staging_name.push(format!(".export-{}", std::process::id()));
-    let staging = out.with_file_name(staging_name);
-    train::checkpoint::save_checkpoint(&staging, tensors, info)
-        .with_context(|| format!("--out {}", out.display()))?;
-    let placed = if force {
-        std::fs::rename(&staging, out).map_err(anyhow::Error::from)
-    } else {
-        match std::fs::hard_link(&staging, out) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Err(anyhow::anyhow!("exists; pass --force to replace it"))
-            }
-            // A file system without hard links: fall back to a checked rename.
-            Err(_) if !out.exists() => std::fs::rename(&staging, out).map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        }
-    };
-    // After a hard link the staging name is a second name of the output; after a rename or
-    // a failure it may be gone already.
-    let _ = std::fs::remove_file(&staging);
-    placed.with_context(|| format!("--out {}", out.display()))?;
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Persists the new directory entry (not possible on every platform).
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
 
     fn t(v: f32) -> Tensor {
         Tensor::new(&[v], &Device::Cpu).unwrap()
@@ -255,35 +208,5 @@ mod tests {
 
         let err = backbone_tensors(&HashMap::new(), file).unwrap_err();
         assert!(err.to_string().contains("no backbone"), "{err}");
-    }
-
-    #[cfg(unix)]
-    #[test]
-    fn write_new_file_refuses_to_replace_unless_forced() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("w.safetensors");
-        let list = vec![("fc.bias".to_string(), t(1.0))];
-        write_new_file(&out, &list, &json!({}), false).unwrap();
-        let err = write_new_file(&out, &list, &json!({}), false).unwrap_err();
-        assert!(format!("{err:#}").contains("--force"), "{err:#}");
-        let replaced = vec![("fc.bias".to_string(), t(2.0))];
-        write_new_file(&out, &replaced, &json!({}), true).unwrap();
-        let back = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-        assert_eq!(
-            back["fc.bias"]
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-            vec![2.0]
-        );
-        // Like any new file: 0666 & !umask, never the 0600 of a hidden temporary file.
-        let reference = dir.path().join("reference");
-        File::create(&reference).unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&out), mode(&reference));
-        // Nothing but the output and the reference is left.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }

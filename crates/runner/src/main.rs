@@ -9,6 +9,7 @@ mod eval;
 mod export;
 mod mixmodel;
 mod net_step;
+mod output;
 mod preview;
 mod session;
 mod setup;

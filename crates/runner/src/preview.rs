@@ -13,6 +13,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::canvas::Canvas;
 use crate::mixmodel::NetMixModel;
+use crate::output::{OutputFile, Replace, PNG_SIGNATURE};
 use crate::setup;
 
 /// Options of `runner preview`.
@@ -21,9 +22,12 @@ pub struct PreviewArgs {
     /// Config whose backbone, data dir and mix_args are used (default: built-in defaults).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Output PNG.
+    /// Output PNG (an earlier preview at the path is replaced; any other file needs --force).
     #[arg(long, default_value = "preview.png")]
     pub out: PathBuf,
+    /// Replace `--out` whatever it holds (never the checkpoint being read).
+    #[arg(long)]
+    pub force: bool,
     /// Comma-separated modes (default: every hand-crafted mode; attentivemix
     /// only with --attention-weights).
     #[arg(long, value_delimiter = ',')]
@@ -31,7 +35,8 @@ pub struct PreviewArgs {
     /// Data directory (overrides the config's `data.dir`).
     #[arg(long, value_name = "DIR")]
     pub data: Option<String>,
-    /// Checkpoint whose `model.` weights drive PuzzleMix's saliency (default: freshly initialised).
+    /// Checkpoint whose `model.` weights drive PuzzleMix's saliency (default: freshly
+    /// initialised); without --config its stored config builds the network.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Safetensors attention network for AttentiveMix+.
@@ -66,14 +71,27 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
             bail!("--lam: must lie in [0, 1], got {l}");
         }
     }
-    let mut cfg = match &args.config {
-        Some(p) => RunConfig::load(p)?,
-        None => RunConfig::default(),
+    let replace = if args.force {
+        Replace::Always
+    } else {
+        Replace::IfStartsWith(PNG_SIGNATURE)
+    };
+    let sources: Vec<&Path> = args.checkpoint.iter().map(PathBuf::as_path).collect();
+    let out = OutputFile::check("--out", &args.out, replace, &sources)?;
+    let device = crate::device::parse_device(&args.device)?;
+    // The checkpoint's own config rebuilds its network unless --config names one.
+    let checkpoint = match &args.checkpoint {
+        Some(p) => Some((p, train::checkpoint::load_checkpoint(p, &device)?)),
+        None => None,
+    };
+    let mut cfg = match (&args.config, &checkpoint) {
+        (Some(p), _) => RunConfig::load(p)?,
+        (None, Some((p, (_, meta)))) => crate::eval::config_for_checkpoint(None, meta, p)?.0,
+        (None, None) => RunConfig::default(),
     };
     if let Some(d) = &args.data {
         cfg.data.dir = d.clone();
     }
-    let device = crate::device::parse_device(&args.device)?;
     let config_mode = cfg.model.mix_mode.to_vec()[0].clone();
     let (images, labels) = one_per_class(Path::new(&cfg.data.dir), args.samples, &device)?;
 
@@ -82,15 +100,15 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
         true => Some(crate::automix_step::build_model(&cfg, &device)?),
         false => None,
     };
-    if let Some(ckpt) = &args.checkpoint {
-        let (tensors, _) = train::checkpoint::load_checkpoint(ckpt, &device)?;
+    if let Some((ckpt, (tensors, _))) = &checkpoint {
+        let ckpt = ckpt.as_path();
         match &learned {
             Some(model) => {
                 for (prefix, vm) in model.varmaps() {
-                    train::checkpoint::load_varmap(vm, &tensors, prefix, ckpt)?;
+                    train::checkpoint::load_varmap(vm, tensors, prefix, ckpt)?;
                 }
             }
-            None => train::checkpoint::load_varmap(&varmap, &tensors, "model.", ckpt)?,
+            None => train::checkpoint::load_varmap(&varmap, tensors, "model.", ckpt)?,
         }
     }
     let attention = match &args.attention_weights {
@@ -174,7 +192,7 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
             &mixed,
         )?;
     }
-    canvas.save_png(&args.out)?;
+    out.write(|tmp| canvas.save_png(tmp))?;
     println!(
         "wrote {} ({} modes × {n} samples)",
         args.out.display(),
