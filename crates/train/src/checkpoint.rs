@@ -229,6 +229,34 @@ pub fn load_checkpoint(
     Ok((tensors, meta))
 }
 
+/// The JSON metadata of a checkpoint, read from its header alone (a few kilobytes, whatever
+/// the file's size): what a command needs to know about the run (its stored config, its
+/// epoch) before it loads the tensors. Not checksum-verified: [`load_checkpoint`] is.
+pub fn read_checkpoint_meta(path: &Path) -> TrainResult<serde_json::Value> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| TrainError::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| TrainError::format(path, "not a safetensors file: too short"))?;
+    let len = u64::from_le_bytes(len);
+    let size = file.metadata().map_err(|e| TrainError::io(path, e))?.len();
+    // safetensors caps headers at 100 MB; a larger length is a corrupt or foreign file.
+    if len > 100_000_000 || len + 8 > size {
+        return Err(TrainError::format(path, "not a safetensors file: bad header length"));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|e| TrainError::io(path, e))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| TrainError::format(path, format!("not a safetensors file: {e}")))?;
+    let text = header
+        .get("__metadata__")
+        .and_then(|m| m.get(META_KEY))
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| TrainError::key(path, META_KEY, "checkpoint has no metadata entry"))?;
+    serde_json::from_str(text)
+        .map_err(|e| TrainError::key(path, META_KEY, format!("metadata is not valid JSON: {e}")))
+}
+
 /// The name of the first float tensor of `tensors` (in the given order) that holds a NaN or
 /// ±∞, or `None` when every float tensor is finite. Integer and boolean tensors are skipped.
 ///
@@ -588,6 +616,22 @@ mod tests {
     }
 
     #[test]
+    fn reading_the_metadata_of_a_foreign_or_short_file_is_an_error_naming_it() {
+        let dir = temp_dir("meta-only");
+        for (name, bytes) in [
+            ("short", b"abc".to_vec()),
+            ("huge-header", [u64::MAX.to_le_bytes().to_vec(), b"{}".to_vec()].concat()),
+            ("no-meta", [2u64.to_le_bytes().to_vec(), b"{}".to_vec()].concat()),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            let e = read_checkpoint_meta(&p).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn round_trip_is_bit_exact_with_metadata() {
         let dir = temp_dir("roundtrip");
         let path = dir.join("a.safetensors");
@@ -598,6 +642,7 @@ mod tests {
         assert!(!dir.join("a.safetensors.tmp").exists());
         let (loaded, loaded_meta) = load_checkpoint(&path, &Device::Cpu).unwrap();
         assert_eq!(loaded_meta, meta);
+        assert_eq!(read_checkpoint_meta(&path).unwrap(), meta, "from the header alone");
         assert_eq!(loaded.len(), tensors.len());
         for (name, t) in &tensors {
             let l = &loaded[name];

@@ -128,38 +128,56 @@ pub struct EpochRow {
     pub img_per_s: f64,
 }
 
-/// The per-epoch `metrics.csv` beside the JSON-lines log: one row per epoch,
-/// columns fixed by the first row (the heads a run evaluates never change).
+/// The per-epoch `metrics.csv` beside the JSON-lines log: one row per epoch, with a column
+/// pair per evaluated head fixed when the file is created (an epoch without evaluation leaves
+/// them empty, so every row has the header's fields).
 pub struct EpochCsv {
     path: PathBuf,
+    heads: Vec<String>,
 }
 
 impl EpochCsv {
     /// File name inside the work dir.
     pub const FILE: &'static str = "metrics.csv";
 
-    /// Opens `work_dir/metrics.csv`, keeping only rows of epochs `<= keep_through`
-    /// (a resumed run repeats the epochs after its checkpoint).
-    pub fn open(work_dir: &Path, keep_through: usize) -> TrainResult<Self> {
+    /// Opens `work_dir/metrics.csv` for a run evaluating `heads`, keeping only complete rows of
+    /// epochs `<= keep_through` (a resumed run repeats the epochs after its checkpoint, and a
+    /// row torn by a crash — no newline, or fewer fields than the header — is dropped; its
+    /// epoch is trained again). An existing header's head columns are kept.
+    pub fn open(work_dir: &Path, keep_through: usize, heads: &[&str]) -> TrainResult<Self> {
         let path = work_dir.join(Self::FILE);
+        let mut heads: Vec<String> = heads.iter().map(|h| h.to_string()).collect();
         if path.is_file() {
             let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-            let mut kept = String::new();
-            for (i, line) in text.lines().enumerate() {
-                let epoch = line.split(',').next().and_then(|e| e.parse::<usize>().ok());
-                if i == 0 || epoch.is_some_and(|e| e <= keep_through) {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
+            let mut lines: Vec<&str> = text.split_inclusive('\n').collect();
+            // A last line without its newline was cut off mid-write.
+            if lines.last().is_some_and(|l| !l.ends_with('\n')) {
+                lines.pop();
             }
-            if kept.lines().count() <= 1 {
-                kept.clear();
+            let mut kept = String::new();
+            if let Some(header) = lines.first().map(|l| l.trim_end()) {
+                let fields = header.split(',').count();
+                heads = header
+                    .split(',')
+                    .filter_map(|f| f.strip_suffix("_top1"))
+                    .map(String::from)
+                    .collect();
+                for line in lines.iter().skip(1).map(|l| l.trim_end()) {
+                    let epoch = line.split(',').next().and_then(|e| e.parse::<usize>().ok());
+                    if line.split(',').count() == fields && epoch.is_some_and(|e| e <= keep_through) {
+                        kept.push_str(line);
+                        kept.push('\n');
+                    }
+                }
+                if !kept.is_empty() {
+                    kept.insert_str(0, &format!("{header}\n"));
+                }
             }
             crate::checkpoint::write_atomically(&path, |tmp| {
                 std::fs::write(tmp, &kept).map_err(|e| TrainError::io(tmp, e))
             })?;
         }
-        Ok(Self { path })
+        Ok(Self { path, heads })
     }
 
     /// The file.
@@ -178,7 +196,7 @@ impl EpochCsv {
         let mut text = String::new();
         if empty {
             text.push_str("epoch,lr,train_loss,train_acc");
-            for (h, _, _) in &row.heads {
+            for h in &self.heads {
                 text.push_str(&format!(",{h}_top1,{h}_top5"));
             }
             text.push_str(",epoch_seconds,img_per_s\n");
@@ -190,8 +208,11 @@ impl EpochCsv {
             round5(row.train_loss),
             round5(row.train_acc)
         ));
-        for (_, t1, t5) in &row.heads {
-            text.push_str(&format!(",{},{}", round5(*t1), round5(*t5)));
+        for h in &self.heads {
+            match row.heads.iter().find(|(name, _, _)| name == h) {
+                Some((_, t1, t5)) => text.push_str(&format!(",{},{}", round5(*t1), round5(*t5))),
+                None => text.push_str(",,"),
+            }
         }
         text.push_str(&format!(",{:.3},{:.1}\n", row.epoch_seconds, row.img_per_s));
         file.write_all(text.as_bytes())
@@ -689,7 +710,7 @@ mod tests {
             epoch_seconds: 1.5,
             img_per_s: 100.0,
         };
-        let mut csv = EpochCsv::open(&dir, 0).unwrap();
+        let mut csv = EpochCsv::open(&dir, 0, &["head0"]).unwrap();
         for e in 1..=3 {
             csv.write(&row(e)).unwrap();
         }
@@ -699,11 +720,48 @@ mod tests {
             "epoch,lr,train_loss,train_acc,head0_top1,head0_top5,epoch_seconds,img_per_s"
         );
         assert_eq!(text.lines().nth(1).unwrap(), "1,0.1,2,30,40,90,1.500,100.0");
-        let mut csv = EpochCsv::open(&dir, 2).unwrap();
+        let mut csv = EpochCsv::open(&dir, 2, &["head0"]).unwrap();
         csv.write(&row(3)).unwrap();
         let text = std::fs::read_to_string(csv.path()).unwrap();
         let epochs: Vec<&str> = text.lines().skip(1).map(|l| &l[..1]).collect();
         assert_eq!(epochs, ["1", "2", "3"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn epoch_csv_drops_torn_rows_and_keeps_columns_of_unevaluated_epochs() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = |epoch, heads: Vec<(String, f64, f64)>| EpochRow {
+            epoch,
+            lr: 0.1,
+            train_loss: 2.0,
+            train_acc: 30.0,
+            heads,
+            epoch_seconds: 1.5,
+            img_per_s: 100.0,
+        };
+        // The first epoch is not evaluated: the head columns are there all the same.
+        let mut csv = EpochCsv::open(dir.path(), 0, &["head0"]).unwrap();
+        csv.write(&row(1, vec![])).unwrap();
+        csv.write(&row(2, vec![("head0".into(), 40.0, 90.0)])).unwrap();
+        let text = std::fs::read_to_string(csv.path()).unwrap();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "epoch,lr,train_loss,train_acc,head0_top1,head0_top5,epoch_seconds,img_per_s",
+                "1,0.1,2,30,,,1.500,100.0",
+                "2,0.1,2,30,40,90,1.500,100.0",
+            ]
+        );
+        // A crash tore the row of epoch 12 after its first character: `1` must not pass as
+        // epoch 1's row, nor a complete-looking row without its newline.
+        for torn in ["1", "1,0.1,2,30,40,90,1.500,100.0"] {
+            std::fs::write(csv.path(), format!("{text}{torn}")).unwrap();
+            EpochCsv::open(dir.path(), 20, &["head0"]).unwrap();
+            assert_eq!(std::fs::read_to_string(csv.path()).unwrap(), text, "{torn}");
+        }
+        std::fs::write(csv.path(), format!("{text}3,0.1,2\n")).unwrap();
+        EpochCsv::open(dir.path(), 20, &["head0"]).unwrap();
+        assert_eq!(std::fs::read_to_string(csv.path()).unwrap(), text);
     }
 }
