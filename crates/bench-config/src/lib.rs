@@ -448,18 +448,10 @@ impl RunConfig {
         Self::from_json(text, origin)?;
         let mut doc: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| ConfigError(format!("{origin}: invalid JSON: {e}")))?;
-        for o in overrides {
-            let (path, raw) = o.split_once('=').ok_or_else(|| {
-                ConfigError(format!(
-                    "--set {o}: expected FIELD=VALUE, e.g. model.backbone.base_width=16"
-                ))
-            })?;
-            let value = serde_json::from_str(raw)
-                .unwrap_or_else(|_| serde_json::Value::String(raw.to_string()));
-            set_path(&mut doc, path, value).map_err(|e| ConfigError(format!("--set {o}: {e}")))?;
-        }
+        apply_overrides(&mut doc, overrides)?;
         Self::from_json(&doc.to_string(), &format!("{origin} (with --set)"))
     }
+
     /// Reads and parses a config file, filling `name` from the file stem when empty.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         Self::load_with_overrides(path, &[])
@@ -586,11 +578,28 @@ impl RunConfig {
         if self.max_epochs == 0 {
             return err("max_epochs: must be positive".into());
         }
-        if self.optimizer.lr.is_nan() || self.optimizer.lr <= 0.0 {
+        if !(self.optimizer.lr.is_finite() && self.optimizer.lr > 0.0) {
             return err(format!(
-                "optimizer.lr: must be > 0, got {}",
+                "optimizer.lr: must be finite and > 0, got {}",
                 self.optimizer.lr
             ));
+        }
+        // The optimizer's own rules (train::sgd), checked here so that --check-config and
+        // the start of a run report them against the field.
+        if !(self.optimizer.momentum.is_finite() && self.optimizer.momentum >= 0.0) {
+            return err(format!(
+                "optimizer.momentum: must be finite and ≥ 0, got {}",
+                self.optimizer.momentum
+            ));
+        }
+        if !(self.optimizer.weight_decay.is_finite() && self.optimizer.weight_decay >= 0.0) {
+            return err(format!(
+                "optimizer.weight_decay: must be finite and ≥ 0, got {}",
+                self.optimizer.weight_decay
+            ));
+        }
+        if self.optimizer.nesterov && self.optimizer.momentum == 0.0 {
+            return err("optimizer.nesterov: Nesterov momentum needs optimizer.momentum > 0".into());
         }
         if self.lr_config.min_lr < 0.0 || self.lr_config.min_lr > self.optimizer.lr {
             return err(format!(
@@ -611,6 +620,50 @@ impl RunConfig {
             return err("evaluation.interval: must be positive".into());
         }
         Ok(())
+    }
+}
+
+/// Applies `--set FIELD=VALUE` overrides to a config document, in order; returns the dotted
+/// paths set. `VALUE` is JSON, or a plain string when it is not JSON — except text that reads
+/// as a number but is not a JSON number (`1e400` overflows, `.5` is not JSON): that is an
+/// error, never silently a string.
+pub fn apply_overrides(
+    doc: &mut serde_json::Value,
+    overrides: &[String],
+) -> Result<Vec<String>, ConfigError> {
+    let mut paths = Vec::with_capacity(overrides.len());
+    for o in overrides {
+        let (path, raw) = o.split_once('=').ok_or_else(|| {
+            ConfigError(format!(
+                "--set {o}: expected FIELD=VALUE, e.g. model.backbone.base_width=16"
+            ))
+        })?;
+        let value = match serde_json::from_str(raw) {
+            Ok(v) => v,
+            Err(e) if looks_numeric(raw) => {
+                let why = match raw.trim().parse::<f64>() {
+                    Ok(x) if !x.is_finite() => "the number is out of range".to_string(),
+                    _ => format!("not a JSON number ({e})"),
+                };
+                return Err(ConfigError(format!("--set {o}: {why}")));
+            }
+            Err(_) => serde_json::Value::String(raw.to_string()),
+        };
+        set_path(doc, path, value).map_err(|e| ConfigError(format!("--set {o}: {e}")))?;
+        paths.push(path.to_string());
+    }
+    Ok(paths)
+}
+
+/// Text a user means as a number: an optional sign, then a digit or a point and a digit.
+fn looks_numeric(raw: &str) -> bool {
+    let t = raw.trim();
+    let t = t.strip_prefix(['-', '+']).unwrap_or(t);
+    let mut chars = t.chars();
+    match chars.next() {
+        Some(c) if c.is_ascii_digit() => true,
+        Some('.') => chars.next().is_some_and(|c| c.is_ascii_digit()),
+        _ => false,
     }
 }
 
@@ -735,6 +788,9 @@ mod tests {
             ),
             (r#"{"name": "../escape"}"#, "name"),
             (r#"{"checkpoint": {"max_keep": 0}}"#, "checkpoint.max_keep"),
+            (r#"{"optimizer": {"momentum": -0.9}}"#, "optimizer.momentum"),
+            (r#"{"optimizer": {"weight_decay": -1e-4}}"#, "optimizer.weight_decay"),
+            (r#"{"optimizer": {"momentum": 0, "nesterov": true}}"#, "optimizer.nesterov"),
         ];
         for (json, field) in cases {
             let e = RunConfig::from_json(json, "t")
@@ -788,6 +844,15 @@ mod tests {
         );
         let e = RunConfig::from_json_with_overrides("{}", "c.json", &["seed".into()]).unwrap_err();
         assert!(e.0.starts_with("--set seed: expected FIELD=VALUE"), "{e}");
+        let e = RunConfig::from_json_with_overrides("{}", "c.json", &["optimizer.lr=1e400".into()])
+            .unwrap_err();
+        assert_eq!(e.0, "--set optimizer.lr=1e400: the number is out of range");
+        let e = RunConfig::from_json_with_overrides("{}", "c.json", &["optimizer.lr=.5".into()])
+            .unwrap_err();
+        assert!(e.0.starts_with("--set optimizer.lr=.5: not a JSON number"), "{e}");
+        // Plain words stay strings.
+        let c = RunConfig::from_json_with_overrides("{}", "c.json", &["name=run-2".into()]).unwrap();
+        assert_eq!(c.name, "run-2");
     }
 
     #[test]
