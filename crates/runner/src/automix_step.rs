@@ -3,54 +3,17 @@
 //! same loop, logs and checkpoints as every other mode.
 
 use anyhow::{Context, Result};
-use automix::{AutoMixConfig, AutoMixModel};
+use automix::AutoMixModel;
 use bench_config::RunConfig;
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use cifar_data::CifarSplit;
 use rand_chacha::ChaCha8Rng;
-use serde_json::{json, Value};
 use train::metrics;
 use train::sgd::Sgd;
 
 use crate::session::{StepAt, StepModel, StepOutput};
 use crate::setup;
-
-/// The AutoMix/SAMix settings of a run config: the mode's adapted CIFAR
-/// defaults, α from `model.alpha` (if given), then the overrides of `model.automix`.
-pub fn automix_config(cfg: &RunConfig) -> Result<AutoMixConfig> {
-    let mode = cfg.model.mix_mode.to_vec()[0].clone();
-    let mut base = match mode.as_str() {
-        "samix" => serde_json::to_value(AutoMixConfig::samix())?,
-        _ => serde_json::to_value(AutoMixConfig::automix())?,
-    };
-    base["alpha"] = json!(setup::alphas(cfg)[0]);
-    if let Some(Value::Object(over)) = &cfg.model.automix {
-        for (k, v) in over {
-            if k == "variant" {
-                anyhow::bail!("model.automix.variant: the variant is chosen by model.mix_mode");
-            }
-            base[k] = v.clone();
-        }
-    } else if cfg.model.automix.is_some() {
-        anyhow::bail!("model.automix: must be an object");
-    }
-    let am: AutoMixConfig =
-        serde_json::from_value(base).map_err(|e| anyhow::anyhow!("model.automix: {e}"))?;
-    am.validate()
-        .map_err(|e| anyhow::anyhow!("model.automix: {e}"))?;
-    Ok(am)
-}
-
-/// Builds the model of a config (freshly initialised from `seed`).
-pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<AutoMixModel> {
-    Ok(AutoMixModel::new(
-        automix_config(cfg)?,
-        setup::backbone_config(cfg),
-        device,
-        cfg.seed,
-    )?)
-}
 
 /// SGD over the model's groups, with the config's momentum and weight decay for the encoder.
 pub fn optimizer(model: &AutoMixModel, cfg: &RunConfig) -> Result<Sgd> {
@@ -88,7 +51,7 @@ impl AutoMixStep {
                 automix::MIN_LR
             );
         }
-        let model = build_model(cfg, device)?;
+        let model = setup::build_automix_model(cfg, device)?;
         let sgd = optimizer(&model, cfg)?;
         Ok(Self {
             model,
@@ -126,6 +89,15 @@ impl StepModel for AutoMixStep {
         self.model
             .momentum_update(self.model.momentum_at(at.global, at.total))?;
         Ok(())
+    }
+
+    fn heads(&self) -> Vec<&'static str> {
+        automix::EVAL_HEADS.to_vec()
+    }
+
+    /// The q encoder's mixed-sample head: the classifier SGD trains, on the batch it trains on.
+    fn train_acc_key(&self) -> &'static str {
+        "acc_mix_q"
     }
 
     /// Top-1 / top-5 (%) of each of the four predictors (§5.12.7).

@@ -456,7 +456,7 @@ fn time_automix_step(
     steps: usize,
     device: &Device,
 ) -> Result<StepTime> {
-    let model = crate::automix_step::build_model(cfg, device)?;
+    let model = crate::setup::build_automix_model(cfg, device)?;
     let mut sgd = crate::automix_step::optimizer(&model, cfg)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut phases = PhaseTimes::new(

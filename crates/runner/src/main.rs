@@ -3,7 +3,9 @@
 
 mod automix_step;
 mod bench;
+mod build_info;
 mod canvas;
+mod config;
 mod device;
 mod eval;
 mod export;
@@ -41,6 +43,10 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     train: TrainArgs,
+    /// Threads of the CPU kernels (default: every core, or RAYON_NUM_THREADS); the log records
+    /// the pool's actual size.
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +89,10 @@ pub struct TrainArgs {
     /// Only parse and validate the config (and build the model), then exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Print the effective config (defaults, the method's recipe, `--set` and flags applied)
+    /// as JSON, then exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Override `max_epochs`.
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -125,30 +135,61 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
-/// `runner [train] --config …`: checks the config, or trains it with the step
-/// model its mode needs.
+/// `runner [train] --config …`: prints or checks the effective config, or trains it with the
+/// step model its mode needs.
 fn train(args: &TrainArgs) -> anyhow::Result<()> {
-    let cfg = setup::load_config(args)?;
-    let device = device::parse_device(&args.device)?;
-    device::configure_from(&device, &cfg.train)?;
-    if args.check_config {
-        setup::check_config(&cfg)
-            .with_context(|| args.config.as_ref().expect("checked").display().to_string())?;
-        println!("{}: ok", args.config.as_ref().expect("checked").display());
+    let eff = config::load(args)?;
+    if args.print_config {
+        print!("{}", eff.cfg.to_json_pretty());
         return Ok(());
     }
-    if setup::LEARNED_MODES.contains(&cfg.model.mix_mode.to_vec()[0].as_str()) {
-        session::train(args, cfg, device, automix_step::AutoMixStep::new)
-    } else {
-        session::train(args, cfg, device, net_step::NetStep::new)
+    let device = device::parse_device(&args.device)?;
+    device::configure_from(&device, &eff.cfg.train)?;
+    if args.check_config {
+        setup::check_config(&eff.cfg).with_context(|| eff.origin.clone())?;
+        for note in config::notes(&eff) {
+            eprintln!("{note}");
+        }
+        println!("{}: ok", eff.origin);
+        return Ok(());
     }
+    if setup::LEARNED_MODES.contains(&eff.cfg.model.mix_mode.to_vec()[0].as_str()) {
+        session::train(args, eff, device, automix_step::AutoMixStep::new)
+    } else {
+        session::train(args, eff, device, net_step::NetStep::new)
+    }
+}
+
+/// `--threads N`: the size of the global thread pool of the CPU kernels (rayon, which candle
+/// and the gemm crate also read through `RAYON_NUM_THREADS`). Before any thread exists.
+fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    let Some(n) = threads else {
+        return Ok(());
+    };
+    if n == 0 {
+        anyhow::bail!("--threads: must be at least 1");
+    }
+    // SAFETY (edition 2024's rule): no other thread exists yet to read the environment.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("--threads: {e}"))
 }
 
 fn main() -> ExitCode {
     // Before any thread exists: every step frees and reallocates large buffers.
     backbones::kernels::keep_freed_memory();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = match set_threads(cli.threads) {
+        Err(e) => Err(e),
+        Ok(()) => run_command(cli),
+    };
+    exit_code(result)
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         None => train(&cli.train),
         Some(Command::Train(args)) => train(&args),
         Some(Command::Preview(args)) => preview::run(&args),
@@ -160,7 +201,10 @@ fn main() -> ExitCode {
                 .map(|s| println!("{s}"))
                 .map_err(Into::into)
         }
-    };
+    }
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<session::Interrupted>() => {

@@ -118,6 +118,10 @@ impl StepModel for NetStep {
         })
     }
 
+    fn heads(&self) -> Vec<&'static str> {
+        vec!["head0"]
+    }
+
     fn evaluate(&self, data: &CifarSplit, batch_size: usize) -> Result<Vec<(String, f64, f64)>> {
         let (top1, top5) = evaluate(&self.net, data, batch_size, &self.device)?;
         Ok(vec![("head0".to_string(), top1, top5)])

@@ -97,7 +97,7 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
 
     let (varmap, _) = setup::build_backbone(&cfg, &device)?;
     let learned = match setup::LEARNED_MODES.contains(&config_mode.as_str()) {
-        true => Some(crate::automix_step::build_model(&cfg, &device)?),
+        true => Some(crate::setup::build_automix_model(&cfg, &device)?),
         false => None,
     };
     if let Some((ckpt, (tensors, _))) = &checkpoint {

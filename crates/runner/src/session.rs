@@ -24,6 +24,7 @@ use train::metrics;
 use train::schedule::cosine_lr;
 use train::sgd::Sgd;
 
+use crate::config::EffectiveConfig;
 use crate::signals::{Interrupt, Signal};
 use crate::workdir::{self, Start, WorkDir};
 use crate::{setup, TrainArgs};
@@ -79,6 +80,13 @@ pub trait StepModel {
     }
     /// Test `(head, top-1 %, top-5 %)` of every evaluated head.
     fn evaluate(&self, data: &CifarSplit, batch_size: usize) -> Result<Vec<(String, f64, f64)>>;
+    /// The names of the heads [`StepModel::evaluate`] reports, in its order.
+    fn heads(&self) -> Vec<&'static str>;
+    /// The logged batch value that is the train accuracy of `metrics.csv` (top-1 % of the
+    /// trained classifier on the mixed batch against the first label).
+    fn train_acc_key(&self) -> &'static str {
+        "acc"
+    }
 }
 
 /// Evaluation history: per head, `(1-based epoch, top-1 %)`.
@@ -101,29 +109,139 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
+/// The error a run stops with when its loss or its weights became non-finite. The run's log
+/// gets a `{"mode": "diverged"}` line first, so that a report never shows the run finished.
+#[derive(Debug)]
+pub struct Diverged {
+    /// 1-based epoch in which the divergence was found.
+    pub epoch: usize,
+    /// 1-based iteration of a non-finite loss; `None` when the weights were found non-finite
+    /// after the epoch.
+    pub iter: Option<usize>,
+    /// What to tell the user.
+    pub message: String,
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Diverged {}
+
 /// Trains `cfg` with the model `build` makes, in the config's work dir.
 pub fn train<M: StepModel>(
     args: &TrainArgs,
-    cfg: RunConfig,
+    eff: EffectiveConfig,
     device: Device,
     build: impl FnOnce(&RunConfig, &Device) -> Result<M>,
 ) -> Result<()> {
+    let cfg = eff.cfg.clone();
     let work_dir = WorkDir::open(Path::new(&cfg.work_dir()))?;
-    let start = workdir::start_point(args.resume, args.resume_from.as_deref(), &work_dir)?;
-    if start == Start::Finished {
-        eprintln!(
-            "{}: the run has finished ({} exists); nothing to do",
-            work_dir.path.display(),
-            work_dir.result_path().display()
-        );
-        return Ok(());
-    }
+    let start = match workdir::start_point(args.resume, args.resume_from.as_deref(), &work_dir)? {
+        Start::Finished => {
+            let requested = serde_json::to_value(&cfg)?;
+            match workdir::finished_run(&work_dir, &requested, args.epochs)? {
+                Some(start) => start,
+                None => {
+                    eprintln!(
+                        "{}: the run has finished ({} exists); nothing to do",
+                        work_dir.path.display(),
+                        work_dir.result_path().display()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        start => start,
+    };
     work_dir.clean_leftovers(start == Start::Fresh)?;
     let (train_data, test_data) = setup::load_data(&cfg)?;
     let mut model = build(&cfg, &device)?;
-    let mut run = Run::restore_or_start(args, cfg, &device, work_dir, start, &mut model)?;
+    let mut run = Run::restore_or_start(args, &eff, &device, work_dir, start, &mut model)?;
+    for note in crate::config::notes(&eff) {
+        eprintln!("{note}");
+    }
+    eprintln!("{}", model_summary(&cfg, &model, &device));
     run.interrupt = Interrupt::install()?;
-    run.train(&mut model, &train_data, &test_data, args)
+    let result = run.train(&mut model, &train_data, &test_data, args);
+    if let Some(d) = result
+        .as_ref()
+        .err()
+        .and_then(|e| e.downcast_ref::<Diverged>())
+    {
+        // Best effort: the divergence itself is the error to report.
+        let _ = run.logger.write_fields(&[
+            ("mode", json!("diverged")),
+            ("epoch", json!(d.epoch)),
+            ("iter", json!(d.iter)),
+            ("reason", json!(d.message)),
+        ]);
+    }
+    result
+}
+
+/// The one-line description of the trained network printed at the start (and logged).
+fn model_summary<M: StepModel>(cfg: &RunConfig, model: &M, device: &Device) -> String {
+    let b = setup::backbone_config(cfg);
+    let arch = match b.arch {
+        backbones::Arch::ResNet18 => "ResNet-18",
+        backbones::Arch::ResNeXt50 => "ResNeXt-50 (32x4d)",
+    };
+    let parts: Vec<String> = model
+        .varmaps()
+        .iter()
+        .map(|(prefix, vm)| {
+            let n: usize =
+                vm.all_vars().iter().map(|v| v.elem_count()).sum::<usize>() - buffer_elements(vm);
+            format!(
+                "{}{}",
+                prefix.trim_end_matches('.'),
+                format_args!(" {}", thousands(n))
+            )
+        })
+        .collect();
+    format!(
+        "model: {arch}, base width {}, {} classes; parameters: {}; {}; device {}, {} threads",
+        b.base_width,
+        b.num_classes,
+        parts.join(", "),
+        cfg.model.mix_mode.to_vec().join("+"),
+        device_name(device),
+        rayon::current_num_threads()
+    )
+}
+
+/// Elements of a VarMap's BatchNorm buffers (running statistics), which are not trained.
+fn buffer_elements(vm: &VarMap) -> usize {
+    let data = vm.data().lock().expect("VarMap lock");
+    data.iter()
+        .filter(|(k, _)| backbones::is_buffer(k))
+        .map(|(_, v)| v.elem_count())
+        .sum()
+}
+
+/// `11173962` as `11,173,962`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `cpu` or `cuda:N`.
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
 }
 
 /// State of the run that is not the model's.
@@ -150,6 +268,8 @@ struct Run {
     /// Steps trained by this invocation and when it started (the run's ETA).
     steps_done: usize,
     started: Instant,
+    /// The logged value that is `metrics.csv`'s train accuracy.
+    train_acc_key: &'static str,
 }
 
 /// An epoch's train totals: `(key, Σ value·images)`, images, training seconds.
@@ -209,15 +329,16 @@ enum HistoryCompat {
 impl Run {
     fn restore_or_start<M: StepModel>(
         args: &TrainArgs,
-        cfg: RunConfig,
+        eff: &EffectiveConfig,
         device: &Device,
         work_dir: WorkDir,
         start: Start,
         model: &mut M,
     ) -> Result<Self> {
+        let cfg = eff.cfg.clone();
         let Start::Resume(ckpt) = start else {
-            let logger = new_log(&work_dir, &cfg, device)?;
-            let csv = EpochCsv::open(&work_dir.path, 0)?;
+            let logger = new_log(&work_dir, eff, model, device)?;
+            let csv = EpochCsv::open(&work_dir.path, 0, &model.heads())?;
             return Ok(Self {
                 mix_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x6d69_7862),
                 cfg,
@@ -234,6 +355,7 @@ impl Run {
                 epoch_stats: EpochStats::default(),
                 steps_done: 0,
                 started: Instant::now(),
+                train_acc_key: model.train_acc_key(),
             });
         };
         let from_latest = args.resume_from.is_none();
@@ -243,8 +365,30 @@ impl Run {
             .with_context(|| format!("{}: unreadable checkpoint metadata", ckpt.display()))?;
         let saved_cfg: Value = serde_json::from_str(&meta.config)
             .with_context(|| format!("{}: the stored config is not JSON", ckpt.display()))?;
-        let changed =
+        let mut changed =
             workdir::result_changing_differences(&saved_cfg, &serde_json::to_value(&cfg)?);
+        // `--epochs N` on resume changes the schedule on purpose: allowed, and logged.
+        let saved_epochs = saved_cfg
+            .get("max_epochs")
+            .and_then(Value::as_u64)
+            .map_or(cfg.max_epochs, |e| e as usize);
+        let mut schedule_change = None;
+        if args.epochs == Some(cfg.max_epochs) && saved_epochs != cfg.max_epochs {
+            let done = meta.epoch + usize::from(meta.iter_in_epoch > 0);
+            if cfg.max_epochs < done.max(1) {
+                bail!(
+                    "--epochs {}: the run in {} has already trained {} epoch(s)",
+                    cfg.max_epochs,
+                    work_dir.path.display(),
+                    done
+                );
+            }
+            changed.retain(|c| !c.starts_with("max_epochs:"));
+            schedule_change = Some(format!(
+                "max_epochs: {saved_epochs} -> {} (--epochs: the cosine schedule now ends at epoch {}; the remaining epochs follow it)",
+                cfg.max_epochs, cfg.max_epochs
+            ));
+        }
         if !changed.is_empty() && !args.allow_config_change {
             bail!(
                 "{}: the config differs from the checkpoint's in field(s) that change results: {}; resume with the original config, or pass --allow-config-change to continue anyway (recorded in the log)",
@@ -272,7 +416,7 @@ impl Run {
             }
             // `--resume-from` into another work dir: a new log, with its meta line.
             _ => {
-                let mut logger = new_log(&work_dir, &cfg, device)?;
+                let mut logger = new_log(&work_dir, eff, model, device)?;
                 logger.write_fields(&[
                     ("mode", json!("resumed")),
                     ("resumed_from", json!(ckpt.display().to_string())),
@@ -282,6 +426,26 @@ impl Run {
             }
         };
         let mut logger = logger;
+        if let Some(change) = &schedule_change {
+            eprintln!("note: resuming with a changed schedule: {change}");
+            logger.write_fields(&[
+                ("mode", json!("config_change")),
+                ("epoch", json!(meta.epoch)),
+                ("changed", json!([change])),
+            ])?;
+            // The finished run's result is kept under its own name; the longer run writes
+            // result.json when it finishes.
+            if work_dir.result_path().is_file() {
+                let kept = work_dir.path.join(format!("result_ep{saved_epochs}.json"));
+                std::fs::rename(work_dir.result_path(), &kept).with_context(|| {
+                    format!("{}: cannot move aside", work_dir.result_path().display())
+                })?;
+                eprintln!(
+                    "note: the {saved_epochs}-epoch result is kept as {}",
+                    kept.display()
+                );
+            }
+        }
         if !changed.is_empty() {
             eprintln!(
                 "warning: resuming with a changed config: {}",
@@ -304,7 +468,7 @@ impl Run {
             meta.iter_in_epoch
         );
         Ok(Self {
-            csv: EpochCsv::open(&work_dir.path, meta.epoch)?,
+            csv: EpochCsv::open(&work_dir.path, meta.epoch, &model.heads())?,
             cfg,
             device: device.clone(),
             work_dir,
@@ -319,6 +483,7 @@ impl Run {
             epoch_stats: meta.epoch_stats.unwrap_or_default(),
             steps_done: 0,
             started: Instant::now(),
+            train_acc_key: model.train_acc_key(),
         })
     }
 
@@ -340,6 +505,9 @@ impl Run {
             self.epoch += 1;
             self.iter_in_epoch = 0;
             let done = self.epoch;
+            // Before the evaluation: weights that overflowed without a non-finite loss (yet)
+            // must not be evaluated, logged or put in metrics.csv as if the epoch were good.
+            self.check_state_finite(model, "after epoch")?;
             let heads = if done.is_multiple_of(self.cfg.evaluation.interval) || done == max_epochs {
                 self.evaluate(model, test_data, args.quiet)?
             } else {
@@ -483,7 +651,7 @@ impl Run {
                 c.lr_config.min_lr,
             ),
             train_loss: stats.mean("loss"),
-            train_acc: stats.mean("acc"),
+            train_acc: stats.mean(self.train_acc_key),
             heads,
             epoch_seconds: stats.seconds,
             img_per_s: stats.images as f64 / stats.seconds.max(1e-9),
@@ -564,9 +732,8 @@ impl Run {
         Ok(accs)
     }
 
-    /// Writes the checkpoint of the current position (an epoch boundary, or
-    /// mid-epoch when interrupted), refusing to write non-finite tensors.
-    fn save_checkpoint<M: StepModel>(&mut self, model: &mut M, iters: usize) -> Result<()> {
+    /// Every tensor a checkpoint holds: the model's variables and the optimizer's state.
+    fn state_tensors<M: StepModel>(model: &mut M) -> Result<Vec<(String, Tensor)>> {
         let mut tensors = Vec::new();
         for (prefix, vm) in model.varmaps() {
             tensors.extend(checkpoint::varmap_tensors(vm, prefix));
@@ -575,13 +742,42 @@ impl Run {
             &model.optimizer().state_tensors()?,
             "optim.",
         ));
-        if let Some(name) = checkpoint::first_non_finite(&tensors)? {
-            bail!(
-                "training diverged: `{name}` holds non-finite values after epoch {}; no checkpoint written{}",
-                self.epoch,
+        Ok(tensors)
+    }
+
+    /// Stops the run ([`Diverged`]) when a weight or optimizer buffer is non-finite.
+    fn check_state_finite<M: StepModel>(&self, model: &mut M, when: &str) -> Result<()> {
+        self.refuse_non_finite(&Self::state_tensors(model)?, when)
+    }
+
+    fn refuse_non_finite(&self, tensors: &[(String, Tensor)], when: &str) -> Result<()> {
+        let Some(name) = checkpoint::first_non_finite(tensors)? else {
+            return Ok(());
+        };
+        let (epoch, iter) = match self.iter_in_epoch {
+            0 => (self.epoch, None),
+            i => (self.epoch + 1, Some(i)),
+        };
+        let at = match iter {
+            None => format!("{when} {epoch}"),
+            Some(i) => format!("at epoch {epoch}, iteration {i}"),
+        };
+        Err(Diverged {
+            epoch,
+            iter,
+            message: format!(
+                "training diverged: `{name}` holds non-finite values {at}; the run is stopped, and nothing of that state is evaluated or checkpointed{}",
                 self.last_good()
-            );
+            ),
         }
+        .into())
+    }
+
+    /// Writes the checkpoint of the current position (an epoch boundary, or
+    /// mid-epoch when interrupted), refusing to write non-finite tensors.
+    fn save_checkpoint<M: StepModel>(&mut self, model: &mut M, iters: usize) -> Result<()> {
+        let tensors = Self::state_tensors(model)?;
+        self.refuse_non_finite(&tensors, "after epoch")?;
         let meta = CheckpointMeta {
             epoch: self.epoch,
             iter_in_epoch: self.iter_in_epoch,
@@ -652,10 +848,21 @@ impl Run {
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
         self.logger.write_fields(&fields)?;
+        // result.json is the run's record: what finished, with which config, and every
+        // evaluation (including those before a --resume-from into this work dir, which this
+        // work dir's log lacks), so that a report and `--resume auto` can check it.
+        let mut result = summary.clone();
+        result["status"] = json!("finished");
+        result["seed"] = json!(self.cfg.seed);
+        result["config"] = serde_json::to_value(&self.cfg)?;
+        result["history"] = serde_json::to_value(&self.history)?;
         let path = self.work_dir.result_path();
         checkpoint::write_atomically(&path, |tmp| {
-            std::fs::write(tmp, serde_json::to_string_pretty(&summary).expect("JSON"))
-                .map_err(|e| train::error::TrainError::io(tmp, e))
+            std::fs::write(
+                tmp,
+                serde_json::to_string_pretty(&result).expect("JSON") + "\n",
+            )
+            .map_err(|e| train::error::TrainError::io(tmp, e))
         })?;
         let pct = |v: &Value| v.as_f64().map_or("n/a".into(), |x| format!("{x:.2}%"));
         let head = match summary["best_head"].as_str() {
@@ -685,15 +892,34 @@ impl Run {
 }
 
 /// The progress bar's message: short enough for an 80-column terminal.
-/// A new log in `work_dir`, opened with its meta line (environment, effective config, seed).
-fn new_log(work_dir: &WorkDir, cfg: &RunConfig, device: &Device) -> Result<JsonLogger> {
+/// A new log in `work_dir`, opened with its meta line: environment (with the build's git
+/// commit, the host, the thread pool's real size, the model summary), effective config,
+/// seed, and the fields the method's recipe supplied.
+fn new_log<M: StepModel>(
+    work_dir: &WorkDir,
+    eff: &EffectiveConfig,
+    model: &M,
+    device: &Device,
+) -> Result<JsonLogger> {
+    let cfg = &eff.cfg;
     let mut logger = JsonLogger::create(&work_dir.path)?;
-    logger.write_meta(
-        &env_info(device),
-        &cfg.to_json_pretty(),
-        cfg.seed,
-        &cfg.name,
-    )?;
+    let recipe: serde_json::Map<String, Value> = eff
+        .from_recipe
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    logger.write_fields(&[
+        ("env_info", json!(env_info(device))),
+        ("config", json!(cfg.to_json_pretty())),
+        ("seed", json!(cfg.seed)),
+        ("exp_name", json!(cfg.name)),
+        ("config_source", json!(eff.origin)),
+        ("recipe", Value::Object(recipe)),
+        ("git_commit", json!(crate::build_info::GIT_COMMIT)),
+        ("hostname", json!(crate::build_info::hostname())),
+        ("threads", json!(rayon::current_num_threads())),
+        ("model", json!(model_summary(cfg, model, device))),
+    ])?;
     Ok(logger)
 }
 
@@ -831,11 +1057,16 @@ impl Meter {
         let values = Tensor::stack(&losses, 0)?.to_vec1::<f32>()?;
         if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
             let iter = self.unchecked[pos].0;
-            bail!(
-                "training diverged: the loss is {} at epoch {epoch}, iteration {iter}/{iters}; the run is stopped and no checkpoint of it is written{}",
-                values[pos],
-                last.map_or(String::new(), |p| format!("; the last good checkpoint is {}", p.display()))
-            );
+            return Err(Diverged {
+                epoch,
+                iter: Some(iter),
+                message: format!(
+                    "training diverged: the loss is {} at epoch {epoch}, iteration {iter}/{iters}; the run is stopped and no checkpoint of it is written{}",
+                    values[pos],
+                    last.map_or(String::new(), |p| format!("; the last good checkpoint is {}", p.display()))
+                ),
+            }
+            .into());
         }
         self.unchecked.clear();
         Ok(values.last().copied())
@@ -904,14 +1135,16 @@ pub fn peak_memory_mb() -> Option<u64> {
     Some(kb / 1024)
 }
 
-/// The `env_info` string of the log's meta line.
+/// The `env_info` string of the log's meta line: version, commit, host, device and the
+/// size of the thread pool the CPU kernels actually use (`--threads`, `RAYON_NUM_THREADS`).
 pub fn env_info(device: &Device) -> String {
     format!(
-        "mixbench {} | candle-core 0.11 | device {device:?} | threads {}",
+        "mixbench {} ({}) | candle-core 0.11 | host {} | device {} | threads {}",
         env!("CARGO_PKG_VERSION"),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        crate::build_info::GIT_COMMIT,
+        crate::build_info::hostname(),
+        device_name(device),
+        rayon::current_num_threads()
     )
 }
 

@@ -3,7 +3,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use automix::{AutoMixConfig, AutoMixModel};
 use backbones::{CifarResNet, CifarResNetConfig};
 use bench_config::{Arch, HeadLoss as CfgLoss, InitScheme, PaddingMode, RunConfig};
 use candle_core::{DType, Device};
@@ -13,73 +14,8 @@ use mix_ops::policy::ModePicker;
 use mix_ops::MixMethod;
 use train::loss::HeadLoss;
 
-use crate::TrainArgs;
-
 /// Modes run by the `automix` crate rather than by `mix-ops`.
 pub const LEARNED_MODES: &[&str] = &["automix", "samix"];
-
-/// Loads the config named by `--config`, applies the command-line overrides
-/// and validates it (structure, then every mode's arguments).
-pub fn load_config(args: &TrainArgs) -> Result<RunConfig> {
-    let Some(path) = &args.config else {
-        bail!("--config: a config file is required (see configs/ and docs/config.md)");
-    };
-    // Command-line values are checked as such, so an error names the flag, not the file.
-    for (flag, value) in [
-        ("--epochs", args.epochs),
-        ("--limit-train", args.limit_train),
-        ("--limit-test", args.limit_test),
-        ("--batch-size", args.batch_size),
-        ("--log-interval", args.log_interval),
-        ("--checkpoint-interval", args.checkpoint_interval),
-        ("--stop-after", args.stop_after),
-    ] {
-        if value == Some(0) {
-            bail!("{flag}: must be at least 1");
-        }
-    }
-    let mut cfg = RunConfig::load_with_overrides(path, &args.set)?;
-    if let Some(e) = args.epochs {
-        cfg.max_epochs = e;
-    }
-    if let Some(n) = args.limit_train {
-        cfg.data.limit_train = Some(n);
-    }
-    if let Some(n) = args.limit_test {
-        cfg.data.limit_test = Some(n);
-    }
-    if let Some(n) = args.batch_size {
-        cfg.data.batch_size = n;
-    }
-    if let Some(d) = &args.data {
-        cfg.data.dir = d.clone();
-    }
-    if args.download {
-        cfg.data.download = true;
-    }
-    if let Some(w) = &args.work_dir {
-        cfg.work_dir = Some(w.clone());
-    }
-    if let Some(s) = args.seed {
-        cfg.seed = s;
-    }
-    if let Some(n) = args.log_interval {
-        cfg.log.interval = n;
-    }
-    if let Some(n) = args.checkpoint_interval {
-        cfg.checkpoint.interval = n;
-    }
-    let origin = path.display();
-    cfg.validate().with_context(|| format!("{origin}"))?;
-    check_modes(&cfg).with_context(|| format!("{origin}"))?;
-    // The effective config (logged, checkpointed, compared on resume) names every α.
-    let a = alphas(&cfg);
-    cfg.model.alpha = Some(match a.len() {
-        1 => bench_config::OneOrMany::One(a[0]),
-        _ => bench_config::OneOrMany::Many(a),
-    });
-    Ok(cfg)
-}
 
 /// Method-level checks: every mode is known and its `mix_args` parse, and the
 /// loss can represent its labels.
@@ -106,10 +42,57 @@ pub fn check_modes(cfg: &RunConfig) -> Result<()> {
     if modes.iter().any(|m| m == "puzzlemix") && cfg.model.head.loss == CfgLoss::CeNone {
         bail!("model.head.loss: puzzlemix has a per-sample λ and needs CE_soft or CE_sigm (CE_none would weight every sample by the batch-mean λ)");
     }
-    if modes.iter().any(|m| m == "attentivemix") && cfg.model.attention_weights.is_none() {
-        bail!("model.attention_weights: attentivemix needs a safetensors file of the attention network (see docs/methods.md)");
+    if modes.iter().any(|m| m == "attentivemix") {
+        const HOW: &str = "docs/methods.md, AttentiveMix+, says how to make it";
+        match &cfg.model.attention_weights {
+            None => bail!("model.attention_weights: attentivemix needs a safetensors file of the attention network ({HOW})"),
+            Some(p) if !Path::new(p).is_file() => bail!(
+                "model.attention_weights: {p} {} ({HOW})",
+                if Path::new(p).exists() { "is not a file" } else { "does not exist" }
+            ),
+            Some(_) => {}
+        }
+    }
+    if LEARNED_MODES.contains(&modes[0].as_str()) {
+        automix_config(cfg)?;
     }
     Ok(())
+}
+
+/// The AutoMix/SAMix settings of a run config: the mode's adapted CIFAR
+/// defaults, α from `model.alpha` (if given), then the overrides of `model.automix`.
+pub fn automix_config(cfg: &RunConfig) -> Result<AutoMixConfig> {
+    let mode = cfg.model.mix_mode.to_vec()[0].clone();
+    let mut base = match mode.as_str() {
+        "samix" => serde_json::to_value(AutoMixConfig::samix())?,
+        _ => serde_json::to_value(AutoMixConfig::automix())?,
+    };
+    base["alpha"] = serde_json::json!(alphas(cfg)[0]);
+    if let Some(serde_json::Value::Object(over)) = &cfg.model.automix {
+        for (k, v) in over {
+            if k == "variant" {
+                bail!("model.automix.variant: the variant is chosen by model.mix_mode");
+            }
+            base[k] = v.clone();
+        }
+    } else if cfg.model.automix.is_some() {
+        bail!("model.automix: must be an object");
+    }
+    let am: AutoMixConfig =
+        serde_json::from_value(base).map_err(|e| anyhow::anyhow!("model.automix: {e}"))?;
+    am.validate()
+        .map_err(|e| anyhow::anyhow!("model.automix: {e}"))?;
+    Ok(am)
+}
+
+/// The AutoMix/SAMix model of a config (freshly initialised from `seed`).
+pub fn build_automix_model(cfg: &RunConfig, device: &Device) -> Result<AutoMixModel> {
+    Ok(AutoMixModel::new(
+        automix_config(cfg)?,
+        backbone_config(cfg),
+        device,
+        cfg.seed,
+    )?)
 }
 
 /// Builds the configured mixing methods, in config order.
@@ -261,10 +244,22 @@ fn data_dir(cfg: &RunConfig) -> Result<&Path> {
     Ok(dir)
 }
 
+/// The note for a median window that covers more evaluations than the run makes: the run
+/// is accepted (a smoke run of a few epochs) and its median takes every evaluation there is.
+pub fn median_window_note(cfg: &RunConfig) -> Option<String> {
+    let evals = cfg.max_epochs / cfg.evaluation.interval;
+    let wanted = cfg.evaluation.median_window + 1;
+    (wanted > evals).then(|| {
+        format!(
+            "note: evaluation.median_window {} asks for the median of {wanted} evaluations, but the run makes {evals} ({} epochs, evaluated every {}): the reported median is over all {evals}",
+            cfg.evaluation.median_window, cfg.max_epochs, cfg.evaluation.interval
+        )
+    })
+}
+
 /// `--check-config`: everything a run would refuse at its start, without
 /// training: the config, the data, the model (which catches widths the grouped
-/// convolutions cannot split, and AutoMix/SAMix settings), and whether the
-/// configured median window fits the run.
+/// convolutions cannot split, and AutoMix/SAMix settings).
 pub fn check_config(cfg: &RunConfig) -> Result<()> {
     // The data files are found, and the (smaller) test split's labels fit the head;
     // reading all 50,000 training images would make checking a sweep's configs slow.
@@ -272,18 +267,9 @@ pub fn check_config(cfg: &RunConfig) -> Result<()> {
     cifar_data::detect_layout(dir)?;
     check_labels(cfg, &[("test", &cifar_data::load_test(dir)?)])?;
     if LEARNED_MODES.contains(&cfg.model.mix_mode.to_vec()[0].as_str()) {
-        crate::automix_step::build_model(cfg, &Device::Cpu)?;
+        build_automix_model(cfg, &Device::Cpu)?;
     } else {
         build_backbone(cfg, &Device::Cpu)?;
-    }
-    let evals = cfg.max_epochs / cfg.evaluation.interval;
-    if cfg.evaluation.median_window + 1 > evals {
-        bail!(
-            "evaluation.median_window: the median covers {} evaluations but the run has {evals} ({} epochs, evaluated every {})",
-            cfg.evaluation.median_window + 1,
-            cfg.max_epochs,
-            cfg.evaluation.interval
-        );
     }
     Ok(())
 }

@@ -116,6 +116,122 @@ pub enum Start {
     Finished,
 }
 
+/// `--resume-from` must name a checkpoint file.
+pub fn check_resume_from(p: &Path) -> Result<()> {
+    if p.is_dir() {
+        bail!(
+            "--resume-from: {} is a directory; name a checkpoint file in it (e.g. {}/epoch_N.safetensors)",
+            p.display(),
+            p.display()
+        );
+    }
+    if !p.is_file() {
+        bail!("--resume-from: {} does not exist", p.display());
+    }
+    Ok(())
+}
+
+/// Reads a finished run's `result.json`, refusing anything a run did not write: not JSON,
+/// not a summary object, a missing or out-of-range median, a status other than `finished`.
+pub fn read_result(path: &Path) -> std::result::Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read ({e})"))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("not JSON ({e})"))?;
+    if v.get("mode").and_then(Value::as_str) != Some("summary") {
+        return Err("not a run summary (no \"mode\": \"summary\")".into());
+    }
+    if let Some(status) = v.get("status") {
+        if status != "finished" {
+            return Err(format!("status is {status}, not \"finished\""));
+        }
+    }
+    if v.get("max_epochs").and_then(Value::as_u64).is_none() {
+        return Err("no integer max_epochs".into());
+    }
+    let top1 = |key: &str| v.get(key).and_then(Value::as_f64);
+    for key in ["median_top1", "final_top1"] {
+        match top1(key) {
+            Some(x) if (0.0..=100.0).contains(&x) => {}
+            Some(x) => return Err(format!("{key} {x} is not a percentage")),
+            None if v.get(key).is_some_and(Value::is_null) => {}
+            None => return Err(format!("no {key}")),
+        }
+    }
+    Ok(v)
+}
+
+/// `--resume auto` found `result.json`: nothing to do (`None`) when it is a sound record of
+/// the requested run. A record that is unreadable is moved aside and the run is resumed from
+/// its latest checkpoint, which writes it again; a finished run of another config (another
+/// seed, other epochs, …) is an error — except a longer `--epochs`, which extends the run.
+pub fn finished_run(
+    work_dir: &WorkDir,
+    requested: &Value,
+    epochs_flag: Option<usize>,
+) -> Result<Option<Start>> {
+    let path = work_dir.result_path();
+    let latest = checkpoint::find_latest_checkpoint(&work_dir.path)?;
+    let result = match read_result(&path) {
+        Ok(v) => v,
+        Err(why) => {
+            let Some(ckpt) = latest else {
+                bail!(
+                    "{}: {why}, and {} holds no checkpoint to finish the run from; remove the file or use another --work-dir",
+                    path.display(),
+                    work_dir.path.display()
+                );
+            };
+            let kept = work_dir.path.join("result.json.invalid");
+            std::fs::rename(&path, &kept)
+                .with_context(|| format!("{}: cannot move aside", path.display()))?;
+            eprintln!(
+                "warning: {}: {why}; kept as {}; resuming from {} to write it again",
+                path.display(),
+                kept.display(),
+                ckpt.display()
+            );
+            return Ok(Some(Start::Resume(ckpt)));
+        }
+    };
+    // The config the run finished with: in result.json, or (older runs) its last checkpoint.
+    let saved = match result.get("config") {
+        Some(c @ Value::Object(_)) => Some(c.clone()),
+        _ => match &latest {
+            Some(ckpt) => checkpoint::read_checkpoint_meta(ckpt)
+                .ok()
+                .and_then(|m| m.get("config")?.as_str().map(String::from))
+                .and_then(|t| serde_json::from_str(&t).ok()),
+            None => None,
+        },
+    };
+    let Some(saved) = saved else {
+        return Ok(None);
+    };
+    let mut changed = result_changing_differences(&saved, requested);
+    let requested_epochs = requested.get("max_epochs").and_then(Value::as_u64);
+    if epochs_flag.is_some() && epochs_flag.map(|e| e as u64) == requested_epochs {
+        let before = changed.len();
+        changed.retain(|c| !c.starts_with("max_epochs:"));
+        if changed.is_empty() && before > 0 {
+            // An explicit --epochs N on a finished run: extend it from its last checkpoint.
+            return match latest {
+                Some(ckpt) => Ok(Some(Start::Resume(ckpt))),
+                None => bail!(
+                    "--epochs: {} holds no checkpoint to extend the run from",
+                    work_dir.path.display()
+                ),
+            };
+        }
+    }
+    if !changed.is_empty() {
+        bail!(
+            "work_dir {} holds a finished run of another config ({}); use another --work-dir for this one",
+            work_dir.path.display(),
+            changed.join("; ")
+        );
+    }
+    Ok(None)
+}
+
 /// Decides how to start, refusing to overwrite an existing run.
 pub fn start_point(
     resume: Option<ResumeMode>,
@@ -123,16 +239,7 @@ pub fn start_point(
     work_dir: &WorkDir,
 ) -> Result<Start> {
     if let Some(p) = resume_from {
-        if p.is_dir() {
-            bail!(
-                "--resume-from: {} is a directory; name a checkpoint file in it (e.g. {}/epoch_N.safetensors)",
-                p.display(),
-                p.display()
-            );
-        }
-        if !p.is_file() {
-            bail!("--resume-from: {} does not exist", p.display());
-        }
+        check_resume_from(p)?;
         return Ok(Start::Resume(p.to_path_buf()));
     }
     let latest = checkpoint::find_latest_checkpoint(&work_dir.path)?;
@@ -172,8 +279,8 @@ const RESULT_NEUTRAL: &[&str] = &[
 /// current one, ignoring [`RESULT_NEUTRAL`] fields.
 pub fn result_changing_differences(saved: &Value, current: &Value) -> Vec<String> {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    flatten("", saved, &mut a);
-    flatten("", current, &mut b);
+    flatten("", &with_defaults(saved), &mut a);
+    flatten("", &with_defaults(current), &mut b);
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -187,6 +294,20 @@ pub fn result_changing_differences(saved: &Value, current: &Value) -> Vec<String
             format!("{k}: {} -> {}", show(&a), show(&b))
         })
         .collect()
+}
+
+/// A stored config with every defaulted section spelled out, so that a section omitted when
+/// at its defaults (`train`) compares equal to the same values written out.
+fn with_defaults(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Value::Object(map) = &mut v {
+        if !map.contains_key("train") {
+            let defaults =
+                serde_json::to_value(bench_config::TrainConfig::default()).expect("serializes");
+            map.insert("train".into(), defaults);
+        }
+    }
+    v
 }
 
 fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
@@ -252,6 +373,100 @@ mod tests {
                 "seed: 0 -> 1".to_string()
             ]
         );
+    }
+
+    #[test]
+    fn an_omitted_section_equals_its_defaults_written_out() {
+        let saved = json!({"seed": 0});
+        let now = json!({"seed": 0, "train": {"precision": "tf32", "deterministic": true}});
+        assert_eq!(
+            result_changing_differences(&saved, &now),
+            Vec::<String>::new()
+        );
+        let now = json!({"seed": 0, "train": {"precision": "f32", "deterministic": false}});
+        assert_eq!(
+            result_changing_differences(&saved, &now),
+            vec!["train.precision: \"tf32\" -> \"f32\"".to_string()]
+        );
+    }
+
+    #[test]
+    fn only_a_sound_result_json_is_a_finished_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("result.json");
+        let check = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            read_result(&p)
+        };
+        for bad in [
+            "",
+            "garbage",
+            "[]",
+            r#"{"mode": "summary"}"#,
+            r#"{"mode": "summary", "max_epochs": 2, "median_top1": 200.0, "final_top1": 20.0}"#,
+            r#"{"mode": "summary", "max_epochs": 2, "median_top1": 20.0}"#,
+            r#"{"mode": "summary", "max_epochs": 2, "median_top1": 20.0, "final_top1": 20.0, "status": "diverged"}"#,
+        ] {
+            assert!(check(bad).is_err(), "{bad}");
+        }
+        check(r#"{"mode": "summary", "max_epochs": 2, "median_top1": 20.5, "final_top1": 21.0}"#)
+            .unwrap();
+        check(r#"{"mode": "summary", "max_epochs": 2, "median_top1": null, "final_top1": null, "status": "finished"}"#)
+            .unwrap();
+    }
+
+    #[test]
+    fn auto_resume_refuses_a_finished_run_of_another_config_and_extends_with_epochs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wd = WorkDir::open(tmp.path()).unwrap();
+        let cfg = json!({"seed": 0, "max_epochs": 4});
+        std::fs::write(
+            wd.result_path(),
+            json!({"mode": "summary", "status": "finished", "max_epochs": 4, "median_top1": 20.0,
+                   "final_top1": 20.0, "config": cfg})
+            .to_string(),
+        )
+        .unwrap();
+        assert_eq!(finished_run(&wd, &cfg, None).unwrap(), None);
+        let other_seed = json!({"seed": 1, "max_epochs": 4});
+        let e = finished_run(&wd, &other_seed, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("seed: 0 -> 1") && e.contains("another --work-dir"),
+            "{e}"
+        );
+        let longer = json!({"seed": 0, "max_epochs": 8});
+        // Longer without --epochs (a config file that says 8): another run.
+        assert!(finished_run(&wd, &longer, None).is_err());
+        // With --epochs 8: extended from the last checkpoint (none here: an error saying so).
+        let e = finished_run(&wd, &longer, Some(8)).unwrap_err().to_string();
+        assert!(e.contains("no checkpoint to extend"), "{e}");
+        std::fs::write(tmp.path().join("epoch_4.safetensors"), b"x").unwrap();
+        assert!(matches!(
+            finished_run(&wd, &longer, Some(8)).unwrap(),
+            Some(Start::Resume(_))
+        ));
+    }
+
+    #[test]
+    fn an_unreadable_result_json_is_kept_aside_and_the_run_resumed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let wd = WorkDir::open(tmp.path()).unwrap();
+        std::fs::write(wd.result_path(), "").unwrap();
+        let e = finished_run(&wd, &json!({}), None).unwrap_err().to_string();
+        assert!(e.contains("no checkpoint to finish the run from"), "{e}");
+        assert!(
+            wd.result_path().is_file(),
+            "kept when nothing can replace it"
+        );
+        std::fs::write(tmp.path().join("epoch_2.safetensors"), b"x").unwrap();
+        assert!(matches!(
+            finished_run(&wd, &json!({}), None).unwrap(),
+            Some(Start::Resume(_))
+        ));
+        assert!(!wd.result_path().exists());
+        assert!(tmp.path().join("result.json.invalid").is_file());
     }
 
     #[test]
