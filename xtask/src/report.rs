@@ -31,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::methods::{method, published, published_value, table_index, Backbone, Published};
-use crate::plot::{comparison, epoch_panels, CompareRow, Panel, Series};
+use crate::plot::{band_curves, comparison, epoch_panels, BandSeries, CompareRow, Panel, Series};
 
 /// Images in the CIFAR-10 training set (the recipe trains on all of them).
 pub const TRAIN_IMAGES: usize = 50_000;
@@ -1799,12 +1799,59 @@ pub fn run_plot_stems(runs: &[Run]) -> Vec<String> {
         .collect()
 }
 
-/// Writes the plots into `dir` and returns the files and the plots that could not be
-/// drawn (each skipped with a warning, never stopping the others): per run `<stem>.svg`
-/// (see [`run_plot_stems`]) with its test top-1 (every head), mean train loss and learning
-/// rate per epoch; per table column `compare_<bb>_ep<E>.svg` with each row's value (median
-/// over seeds, each seed) beside the published number. Rows are those of the table
-/// ([`layout`] with `include_nonrecipe`); failed runs are in no column plot.
+/// What a per-run plot says of the run under its title: `interrupted at epoch E of N (or
+/// still running)`, `no evaluation logged yet (0 of N epochs)`, `FAILED: …`, or nothing for
+/// a finished run.
+pub fn run_plot_note(run: &Run) -> Option<String> {
+    match run.status() {
+        Status::Finished => None,
+        Status::Unfinished {
+            last_epoch: Some(e),
+        } => Some(format!(
+            "interrupted at epoch {e} of {} (or still running)",
+            run.max_epochs
+        )),
+        Status::Unfinished { last_epoch: None } => Some(format!(
+            "no evaluation logged yet (0 of {} epochs)",
+            run.max_epochs
+        )),
+        status @ Status::Failed(_) => Some(format!("FAILED: {}", status.detail())),
+    }
+}
+
+/// The learning curve of each run of a cell's row: per epoch, the mean, min and max over
+/// the counted runs (seeds) of their reported head's test top-1.
+fn row_curve(cell: &Cell) -> Vec<(u32, f64, f64, f64)> {
+    let mut by_epoch: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for (run, s) in cell.runs.values() {
+        for (e, heads) in &run.val {
+            if let Some(v) = heads.get(&s.head) {
+                by_epoch.entry(*e).or_default().push(*v);
+            }
+        }
+    }
+    by_epoch
+        .into_iter()
+        .filter_map(|(e, vals)| {
+            let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            Some((u32::try_from(e).ok()?, mean(&vals)?, lo, hi))
+        })
+        .collect()
+}
+
+/// Writes the plots into `dir` and returns the files:
+/// - per run `<stem>.svg` (see [`run_plot_stems`]) with its test top-1 (every head), mean
+///   train loss and learning rate per epoch, and [`run_plot_note`] under the title (a run
+///   with nothing logged gets the note and a line saying so instead of empty panels);
+/// - per table column `curves_<bb>_ep<E>.svg`: the test top-1 learning curve of every row
+///   (the reported head; several seeds as their mean with a min–max band);
+/// - per table column `compare_<bb>_ep<E>.svg`: each row's value (median over seeds, each
+///   seed, the min–max range over seeds) beside the published number.
+///
+/// Rows are those of the table ([`layout`] with `include_nonrecipe`); failed runs are in
+/// neither column figure. A plot that cannot be drawn is skipped with a line in the returned
+/// warnings, never stopping the others.
 pub fn write_plots(
     runs: &[Run],
     include_nonrecipe: bool,
@@ -1889,11 +1936,15 @@ pub fn write_plots(
         if run.placeable && !run.nonrecipe_reasons().is_empty() {
             title.push_str(" (not the recipe)");
         }
-        save(format!("{stem}.svg"), epoch_panels(&title, &panels))?;
+        let note = run_plot_note(run);
+        save(
+            format!("{stem}.svg"),
+            epoch_panels(&title, note.as_deref(), &panels),
+        )?;
     }
     let table = published()?;
     for (backbone, rows) in layout(runs, include_nonrecipe).rows {
-        let mut by_epochs: BTreeMap<usize, Vec<CompareRow>> = BTreeMap::new();
+        let mut by_epochs: BTreeMap<usize, (Vec<CompareRow>, Vec<BandSeries>)> = BTreeMap::new();
         for row in &rows {
             for (e, cell) in &row.cells {
                 let Some(ours) = cell.median() else {
@@ -1903,8 +1954,9 @@ pub fn write_plots(
                 if row.alpha != "–" {
                     let _ = write!(label, " (α={})", row.alpha);
                 }
-                by_epochs.entry(*e).or_default().push(CompareRow {
-                    label,
+                let (compare, curves) = by_epochs.entry(*e).or_default();
+                compare.push(CompareRow {
+                    label: label.clone(),
                     ours,
                     seeds: cell.metrics(),
                     published: cell
@@ -1912,16 +1964,32 @@ pub fn write_plots(
                         .and_then(|r| r.published(&table))
                         .map(|p| p.top1_median),
                 });
+                let n = cell.runs.len();
+                if n > 1 {
+                    let _ = write!(label, ": mean of {n} seeds");
+                }
+                curves.push(BandSeries {
+                    label,
+                    points: row_curve(cell),
+                });
             }
         }
-        for (e, rows) in by_epochs {
+        for (e, (compare, curves)) in by_epochs {
             let title = format!(
                 "{}, {e} epochs: median test top-1 of the last epochs",
                 backbone_title(backbone)
             );
             save(
                 format!("compare_{}_ep{e}.svg", backbone.tag()),
-                comparison(&title, "test top-1 (%)", &rows),
+                comparison(&title, "test top-1 (%)", &compare),
+            )?;
+            let title = format!(
+                "{}, {e} epochs: test top-1 per epoch (band: min–max over seeds)",
+                backbone_title(backbone)
+            );
+            save(
+                format!("curves_{}_ep{e}.svg", backbone.tag()),
+                band_curves(&title, "test top-1 (%)", &curves),
             )?;
         }
     }

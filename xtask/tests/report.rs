@@ -292,19 +292,28 @@ fn the_cli_writes_markdown_csv_and_svg_plots() {
         }
         assert!(svg.contains("<circle"), "{f}: no markers");
     }
-    // Per column: the methods, ours beside the published number.
-    for (f, methods) in [
-        ("plots/compare_r18_ep20.svg", &["MixUp (α=1)"][..]),
-        ("plots/compare_r18_ep12.svg", &["AutoMix (α=2)"][..]),
-        ("plots/compare_r18_ep30.svg", &["CutMix †1 (α=0.2)"][..]),
-        ("plots/compare_rx50_ep3.svg", &["PuzzleMix (α=1)"][..]),
+    // The unfinished run's plot says so; the finished ones' say nothing of the kind.
+    assert!(read("plots/run_r18_cutmix_CE_none_alpha0_2_ep30_seed0.svg")
+        .contains("interrupted at epoch 15 of 30"));
+    assert!(!read("plots/run_r18_mixup_CE_none_alpha1_ep20_seed0.svg").contains("interrupted"));
+    // Per column: the methods, ours (no published number at these epochs, so no
+    // "published" legend entry), and every method's learning curve.
+    for (col, methods) in [
+        ("r18_ep20", &["MixUp (α=1)"][..]),
+        ("r18_ep12", &["AutoMix (α=2)"][..]),
+        ("r18_ep30", &["CutMix †1 (α=0.2)"][..]),
+        ("rx50_ep3", &["PuzzleMix (α=1)"][..]),
     ] {
-        let svg = read(f);
+        let f = format!("plots/compare_{col}.svg");
+        let svg = read(&f);
         assert!(svg.contains("<svg"), "{f}");
-        for text in methods
-            .iter()
-            .chain(&["test top-1 (%)", "ours", "published"])
-        {
+        for text in methods.iter().chain(&["test top-1 (%)", "ours"]) {
+            assert!(svg.contains(text), "{f}: no {text}");
+        }
+        assert!(!svg.contains("published"), "{f}: nothing published drawn");
+        let f = format!("plots/curves_{col}.svg");
+        let svg = read(&f);
+        for text in methods.iter().chain(&["test top-1 (%)", "epoch"]) {
             assert!(svg.contains(text), "{f}: no {text}");
         }
     }
@@ -1250,5 +1259,96 @@ fn one_broken_run_never_takes_the_table_down() {
     assert!(std::fs::read_to_string(out.join("benchmark.md"))
         .unwrap()
         .contains("| MixUp | 1 | 60.00 |"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn column_plots_overlay_the_methods_with_seed_bands_and_run_plots_say_how_the_run_stands() {
+    let root = temp_root("plots");
+    let runs_dir = root.join("runs");
+    let finished = |vals: &[f64]| -> Vec<String> {
+        let mut lines: Vec<String> = vals
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| {
+                [
+                    format!(
+                        r#"{{"mode": "train", "epoch": {}, "iter": 5, "lr": 0.1, "loss": 2.0}}"#,
+                        i + 1
+                    ),
+                    val_line(i + 1, *v),
+                ]
+            })
+            .collect();
+        lines.push(summary_line(vals.len(), median_of(vals)));
+        lines
+    };
+    for (seed, base) in [(0, 50.0), (1, 52.0), (2, 49.0)] {
+        write_run(
+            &runs_dir.join(format!("mixup_s{seed}")),
+            &config("r18_mixup_ep3", "mixup", 3, seed, ""),
+            &finished(&[base, base + 10.0, base + 20.0]),
+        );
+    }
+    write_run(
+        &runs_dir.join("cutmix"),
+        &config("r18_cutmix_ep3", "cutmix", 3, 0, ""),
+        &finished(&[40.0, 50.0, 60.0]),
+    );
+    write_run(
+        &runs_dir.join("gridmix"),
+        &config("r18_gridmix_ep30", "gridmix", 30, 0, ""),
+        &[val_line(1, 30.0), val_line(2, 35.0)],
+    );
+    write_run(
+        &runs_dir.join("fmix"),
+        &config("r18_fmix_ep30", "fmix", 30, 0, ""),
+        &[],
+    );
+    let out = root.join("report");
+    let o = report_cli(&[
+        runs_dir.as_os_str(),
+        "--include-nonrecipe".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |f: &str| std::fs::read_to_string(out.join("plots").join(f)).unwrap();
+
+    // One figure per column with every method: MixUp's three seeds as a mean and a band,
+    // CutMix's one run as a line without a band.
+    let curves = read("curves_r18_ep3.svg");
+    for text in [
+        "MixUp (α=1): mean of 3 seeds",
+        "CutMix (α=0.2)",
+        "min–max over seeds",
+    ] {
+        assert!(curves.contains(text), "no {text}: {curves}");
+    }
+    assert_eq!(curves.matches("<polygon").count(), 1, "{curves}");
+    assert_eq!(
+        curves.matches("<circle").count(),
+        6,
+        "a marker per mean point"
+    );
+    // The dot plot: MixUp's seeds' range as an error bar, no "published" entry (none at 3 epochs).
+    let compare = read("compare_r18_ep3.svg");
+    assert!(compare.contains("ours, min–max over seeds"), "{compare}");
+    assert!(!compare.contains("published"), "{compare}");
+    // The interrupted run's plot says so; the run with nothing logged says that instead of
+    // drawing three empty panels.
+    let gridmix = read("run_r18_gridmix_ep30_seed0.svg");
+    assert!(
+        gridmix.contains("interrupted at epoch 2 of 30"),
+        "{gridmix}"
+    );
+    let fmix = read("run_r18_fmix_ep30_seed0.svg");
+    assert!(
+        fmix.contains("no evaluation logged yet (0 of 30 epochs)"),
+        "{fmix}"
+    );
+    assert!(fmix.contains("nothing to plot"), "{fmix}");
+    assert!(!fmix.contains("no data in the log"), "{fmix}");
+    assert!(!read("run_r18_mixup_ep3_seed0.svg").contains("interrupted"));
     std::fs::remove_dir_all(&root).unwrap();
 }
