@@ -385,6 +385,25 @@ const RUNNER_DOC: &str =
     "#   RUNNER    runner binary (default: target/release/runner, relative to the working\n\
 #             directory; build it with `cargo build --release -p runner --features cuda`)\n";
 
+const DEVICE_DOC: &str =
+    "# Device: every run gets `--device cuda:0` (the GPU that CUDA_VISIBLE_DEVICES selects)\n\
+# unless the extra arguments name one (`--device cpu`, `--device=cuda:1`), which is then\n\
+# passed instead (the runner takes a single --device).\n";
+
+/// Sets `DEVICE_ARGS` to `--device cuda:0`, or to nothing when the script's arguments
+/// name a device (they reach the runner after it, and the runner refuses two).
+const DEVICE_ARGS: &str = r#"DEVICE_ARGS=(--device cuda:0)
+for arg in "$@"; do
+  case "$arg" in
+    --device | --device=*) DEVICE_ARGS=() ;;
+  esac
+done
+"#;
+
+/// `"${DEVICE_ARGS[@]}"`, written so that an empty array is no error under `set -u`
+/// (bash before 4.4).
+const DEVICE_EXPANSION: &str = "${DEVICE_ARGS[@]+\"${DEVICE_ARGS[@]}\"}";
+
 const RESUME_DOC: &str =
     "# Every run is started with `--resume auto`: a run whose work dir holds a checkpoint\n\
 # continues from it, a finished run (result.json) is skipped, any other starts fresh, so\n\
@@ -399,18 +418,18 @@ fn script_1gpu(cmd: &str, bb: &str, entries: &[Entry]) -> String {
 # Usage, from the repository root (runs write to work_dirs/, data is read from data.dir):
 #   bash configs/cifar10/{bb}/train_1gpu.sh [runner args...]   (wherever --out put it)
 # Extra arguments go to every run, e.g. --data /path/to/cifar10.
-{RESUME_DOC}# Environment:
+{RESUME_DOC}{DEVICE_DOC}# Environment:
 {RUNNER_DOC}#   CUDA_VISIBLE_DEVICES  GPU to train on (default: 0); the runner sees it as cuda:0
 # A failed run is reported and the next one starts; the exit status says whether any failed.
 set -uo pipefail
 RUNNER="${{RUNNER:-target/release/runner}}"
 export CUDA_VISIBLE_DEVICES="${{CUDA_VISIBLE_DEVICES:-0}}"
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
-{configs}
+{DEVICE_ARGS}{configs}
 failed=0
 for cfg in "${{CONFIGS[@]}}"; do
   echo "[$(date '+%F %T')] GPU $CUDA_VISIBLE_DEVICES: $cfg"
-  if ! "$RUNNER" --config "$HERE/$cfg" --device cuda:0 --resume auto "$@"; then
+  if ! "$RUNNER" --config "$HERE/$cfg" {DEVICE_EXPANSION} --resume auto "$@"; then
     echo "FAILED: $cfg" >&2
     failed=$((failed + 1))
   fi
@@ -434,7 +453,7 @@ fn script_multi_gpu(cmd: &str, bb: &str, entries: &[Entry]) -> String {
 # Usage, from the repository root (runs write to work_dirs/, data is read from data.dir):
 #   GPUS=0,1,2,3 bash configs/cifar10/{bb}/train_multi_gpu.sh [runner args...]   (wherever --out put it)
 # Extra arguments go to every run, e.g. --data /path/to/cifar10.
-{RESUME_DOC}# Environment:
+{RESUME_DOC}{DEVICE_DOC}# Environment:
 {RUNNER_DOC}#   GPUS      comma-separated GPU indices (default: every GPU `nvidia-smi` lists)
 # The exit status says whether any run failed.
 set -uo pipefail
@@ -444,7 +463,7 @@ if [ -z "${{GPUS:-}}" ]; then
   GPUS="$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)"
 fi
 IFS=',' read -r -a GPU_IDS <<< "$GPUS"
-{configs}
+{DEVICE_ARGS}{configs}
 QUEUE="$(mktemp -d)"
 trap 'rm -rf "$QUEUE"' EXIT
 trap 'trap - INT TERM; kill 0' INT TERM
@@ -456,7 +475,7 @@ worker() {{
   for i in "${{!CONFIGS[@]}}"; do
     mkdir "$QUEUE/$i" 2>/dev/null || continue
     echo "[$(date '+%F %T')] GPU $gpu: ${{CONFIGS[$i]}}"
-    if ! CUDA_VISIBLE_DEVICES="$gpu" "$RUNNER" --config "$HERE/${{CONFIGS[$i]}}" --device cuda:0 --resume auto "$@"; then
+    if ! CUDA_VISIBLE_DEVICES="$gpu" "$RUNNER" --config "$HERE/${{CONFIGS[$i]}}" {DEVICE_EXPANSION} --resume auto "$@"; then
       echo "FAILED on GPU $gpu: ${{CONFIGS[$i]}}" >&2
       failed=1
     fi
@@ -503,7 +522,7 @@ fn script_slurm(cmd: &str, bb: &str, entries: &[Entry]) -> String {
 # before its time limit Slurm sends SIGTERM to this script (--signal=B:TERM@120), which
 # forwards it to the runner; the runner writes a checkpoint and exits, and the requeued
 # task (or the next submission) resumes from it.
-# Environment:
+{DEVICE_DOC}# Environment:
 {RUNNER_DOC}#             (it must be reachable from the compute nodes)
 #   PARTITION     Slurm partition (default: the cluster's default)
 #   MAX_PARALLEL  at most this many tasks at once (default: no limit)
@@ -522,7 +541,7 @@ fi
 : "${{MIXBENCH_CONFIG_DIR:?submit with bash (not sbatch) so the task knows the config directory}}"
 RUNNER="${{RUNNER:-target/release/runner}}"
 cfg="${{CONFIGS[$SLURM_ARRAY_TASK_ID]}}"
-echo "[$(date '+%F %T')] task $SLURM_ARRAY_TASK_ID on $(hostname): $cfg"
+{DEVICE_ARGS}echo "[$(date '+%F %T')] task $SLURM_ARRAY_TASK_ID on $(hostname): $cfg"
 # The runner runs in the background so that this shell can take SIGTERM and pass it on.
 child=""
 on_term() {{
@@ -531,7 +550,7 @@ on_term() {{
 }}
 trap on_term TERM
 # shellcheck disable=SC2086
-srun ${{SRUN_EXTRA:-}} "$RUNNER" --config "$MIXBENCH_CONFIG_DIR/$cfg" --device cuda:0 \
+srun ${{SRUN_EXTRA:-}} "$RUNNER" --config "$MIXBENCH_CONFIG_DIR/$cfg" {DEVICE_EXPANSION} \
   --resume auto "$@" &
 child=$!
 status=0

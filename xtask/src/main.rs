@@ -83,7 +83,15 @@ struct ReportArgs {
     /// Skip the plots.
     #[arg(long)]
     no_plots: bool,
+    /// Exit with status 2 when any run failed (diverged, ended without a result, records
+    /// that disagree or cannot be read), after writing everything. Without it, failed runs
+    /// are listed in the report and on stderr and the exit status is 0.
+    #[arg(long)]
+    strict: bool,
 }
+
+/// The exit status of `report --strict` when some run failed (1 is an error: no report).
+const EXIT_FAILED_RUNS: u8 = 2;
 
 fn gen_options(a: &GenArgs) -> Result<GenOptions> {
     let mut opts = GenOptions {
@@ -161,7 +169,8 @@ fn gen_configs(a: &GenArgs) -> Result<()> {
     Ok(())
 }
 
-fn report_cmd(a: &ReportArgs) -> Result<()> {
+/// Writes the report; returns how many runs failed.
+fn report_cmd(a: &ReportArgs) -> Result<usize> {
     let runs = report::load_runs(&a.work_dirs)?;
     if runs.is_empty() {
         bail!("no run logs (*.log.json, *.jsonl) found under the given paths");
@@ -183,24 +192,41 @@ fn report_cmd(a: &ReportArgs) -> Result<()> {
     print!("{}", t.markdown);
     eprintln!("wrote {} and {}", md.display(), csv.display());
     if !a.no_plots {
-        let plots = report::write_plots(&runs, a.include_nonrecipe, &a.out.join("plots"))?;
+        let (plots, problems) =
+            report::write_plots(&runs, a.include_nonrecipe, &a.out.join("plots"))?;
+        for p in &problems {
+            eprintln!("warning: {p}");
+        }
         eprintln!(
             "wrote {} plots under {}",
             plots.len(),
             a.out.join("plots").display()
         );
     }
-    Ok(())
+    if t.failed_runs > 0 {
+        eprintln!(
+            "{} run(s) failed; see \"Failed runs\" in {}",
+            t.failed_runs,
+            md.display()
+        );
+    }
+    Ok(t.failed_runs)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::GenConfigs(a) => gen_configs(a),
-        Command::Report(a) => report_cmd(a),
+        Command::GenConfigs(a) => gen_configs(a).map(|()| ExitCode::SUCCESS),
+        Command::Report(a) => report_cmd(a).map(|failed| {
+            if a.strict && failed > 0 {
+                ExitCode::from(EXIT_FAILED_RUNS)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

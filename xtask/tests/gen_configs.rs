@@ -464,6 +464,84 @@ fn scripts_resume_auto_and_the_slurm_task_forwards_sigterm() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The runner argument lines a fake runner recorded (one line per call), sorted.
+#[cfg(unix)]
+fn recorded_calls(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let _ = std::fs::remove_file(path);
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    lines.sort();
+    lines
+}
+
+#[cfg(unix)]
+#[test]
+fn scripts_pass_cuda_0_unless_the_arguments_name_a_device() {
+    let dir = temp_dir("device");
+    let opts = GenOptions {
+        modes: vec![vec!["mixup".to_string()], vec!["cutmix".to_string()]],
+        epochs: vec![400],
+        ..GenOptions::default()
+    };
+    write(&dir, &generate(&opts).unwrap()).unwrap();
+    let r18 = dir.join("r18");
+    let calls = dir.join("calls.txt");
+    let fake_runner = dir.join("fake_runner");
+    script(
+        &fake_runner,
+        &format!("echo \"$*\" >> '{}'\n", calls.display()),
+    );
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    script(&bin.join("srun"), "exec \"$@\"\n");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cfg = |stem: &str| format!("{}/mix_mode{stem}_ep400.json", r18.display());
+    let mixup = cfg("mixup/r18_mixups_CE_none_alpha1");
+    let cutmix = cfg("cutmix/r18_mixups_CE_none_alpha0_2");
+    for (args, device) in [
+        (&["--data", "/d"][..], "--device cuda:0 "),
+        (&["--device", "cpu", "--data", "/d"][..], ""),
+        (&["--data", "/d", "--device=cuda:1"][..], ""),
+    ] {
+        let tail = format!("{device}--resume auto {}", args.join(" "));
+        let want = vec![
+            format!("--config {cutmix} {tail}"),
+            format!("--config {mixup} {tail}"),
+        ];
+        for (name, env) in [
+            ("train_1gpu.sh", &[][..]),
+            ("train_multi_gpu.sh", &[("GPUS", "3,4")][..]),
+        ] {
+            let o = Command::new("bash")
+                .arg(r18.join(name))
+                .args(args)
+                .env("RUNNER", &fake_runner)
+                .envs(env.iter().copied())
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{name} {args:?}: {o:?}");
+            assert_eq!(recorded_calls(&calls), want, "{name} {args:?}");
+        }
+        // Slurm task 1: the second config of the list, cutmix (`want` is sorted).
+        let o = Command::new("bash")
+            .arg(r18.join("train_slurm.sh"))
+            .args(args)
+            .env("RUNNER", &fake_runner)
+            .env("PATH", &path)
+            .env("SLURM_ARRAY_TASK_ID", "1")
+            .env("MIXBENCH_CONFIG_DIR", &r18)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "slurm {args:?}: {o:?}");
+        assert_eq!(recorded_calls(&calls), want[..1], "slurm {args:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn xtask_in(dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_xtask"))
         .current_dir(dir)

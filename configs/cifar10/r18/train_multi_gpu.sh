@@ -10,6 +10,9 @@
 # Every run is started with `--resume auto`: a run whose work dir holds a checkpoint
 # continues from it, a finished run (result.json) is skipped, any other starts fresh, so
 # re-running this script after an interruption completes a half-finished sweep.
+# Device: every run gets `--device cuda:0` (the GPU that CUDA_VISIBLE_DEVICES selects)
+# unless the extra arguments name one (`--device cpu`, `--device=cuda:1`), which is then
+# passed instead (the runner takes a single --device).
 # Environment:
 #   RUNNER    runner binary (default: target/release/runner, relative to the working
 #             directory; build it with `cargo build --release -p runner --features cuda`)
@@ -22,6 +25,12 @@ if [ -z "${GPUS:-}" ]; then
   GPUS="$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)"
 fi
 IFS=',' read -r -a GPU_IDS <<< "$GPUS"
+DEVICE_ARGS=(--device cuda:0)
+for arg in "$@"; do
+  case "$arg" in
+    --device | --device=*) DEVICE_ARGS=() ;;
+  esac
+done
 CONFIGS=(
   mix_modevanilla/r18_mixups_CE_none_alpha1_ep400.json
   mix_modevanilla/r18_mixups_CE_none_alpha1_ep800.json
@@ -75,7 +84,7 @@ worker() {
   for i in "${!CONFIGS[@]}"; do
     mkdir "$QUEUE/$i" 2>/dev/null || continue
     echo "[$(date '+%F %T')] GPU $gpu: ${CONFIGS[$i]}"
-    if ! CUDA_VISIBLE_DEVICES="$gpu" "$RUNNER" --config "$HERE/${CONFIGS[$i]}" --device cuda:0 --resume auto "$@"; then
+    if ! CUDA_VISIBLE_DEVICES="$gpu" "$RUNNER" --config "$HERE/${CONFIGS[$i]}" ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} --resume auto "$@"; then
       echo "FAILED on GPU $gpu: ${CONFIGS[$i]}" >&2
       failed=1
     fi

@@ -8,6 +8,9 @@
 # Every run is started with `--resume auto`: a run whose work dir holds a checkpoint
 # continues from it, a finished run (result.json) is skipped, any other starts fresh, so
 # re-running this script after an interruption completes a half-finished sweep.
+# Device: every run gets `--device cuda:0` (the GPU that CUDA_VISIBLE_DEVICES selects)
+# unless the extra arguments name one (`--device cpu`, `--device=cuda:1`), which is then
+# passed instead (the runner takes a single --device).
 # Environment:
 #   RUNNER    runner binary (default: target/release/runner, relative to the working
 #             directory; build it with `cargo build --release -p runner --features cuda`)
@@ -17,6 +20,12 @@ set -uo pipefail
 RUNNER="${RUNNER:-target/release/runner}"
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEVICE_ARGS=(--device cuda:0)
+for arg in "$@"; do
+  case "$arg" in
+    --device | --device=*) DEVICE_ARGS=() ;;
+  esac
+done
 CONFIGS=(
   mix_modevanilla/rx50_mixups_CE_none_alpha1_ep400.json
   mix_modevanilla/rx50_mixups_CE_none_alpha1_ep800.json
@@ -62,7 +71,7 @@ CONFIGS=(
 failed=0
 for cfg in "${CONFIGS[@]}"; do
   echo "[$(date '+%F %T')] GPU $CUDA_VISIBLE_DEVICES: $cfg"
-  if ! "$RUNNER" --config "$HERE/$cfg" --device cuda:0 --resume auto "$@"; then
+  if ! "$RUNNER" --config "$HERE/$cfg" ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} --resume auto "$@"; then
     echo "FAILED: $cfg" >&2
     failed=$((failed + 1))
   fi

@@ -22,6 +22,9 @@
 # before its time limit Slurm sends SIGTERM to this script (--signal=B:TERM@120), which
 # forwards it to the runner; the runner writes a checkpoint and exits, and the requeued
 # task (or the next submission) resumes from it.
+# Device: every run gets `--device cuda:0` (the GPU that CUDA_VISIBLE_DEVICES selects)
+# unless the extra arguments name one (`--device cpu`, `--device=cuda:1`), which is then
+# passed instead (the runner takes a single --device).
 # Environment:
 #   RUNNER    runner binary (default: target/release/runner, relative to the working
 #             directory; build it with `cargo build --release -p runner --features cuda`)
@@ -84,6 +87,12 @@ fi
 : "${MIXBENCH_CONFIG_DIR:?submit with bash (not sbatch) so the task knows the config directory}"
 RUNNER="${RUNNER:-target/release/runner}"
 cfg="${CONFIGS[$SLURM_ARRAY_TASK_ID]}"
+DEVICE_ARGS=(--device cuda:0)
+for arg in "$@"; do
+  case "$arg" in
+    --device | --device=*) DEVICE_ARGS=() ;;
+  esac
+done
 echo "[$(date '+%F %T')] task $SLURM_ARRAY_TASK_ID on $(hostname): $cfg"
 # The runner runs in the background so that this shell can take SIGTERM and pass it on.
 child=""
@@ -93,7 +102,7 @@ on_term() {
 }
 trap on_term TERM
 # shellcheck disable=SC2086
-srun ${SRUN_EXTRA:-} "$RUNNER" --config "$MIXBENCH_CONFIG_DIR/$cfg" --device cuda:0 \
+srun ${SRUN_EXTRA:-} "$RUNNER" --config "$MIXBENCH_CONFIG_DIR/$cfg" ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} \
   --resume auto "$@" &
 child=$!
 status=0
