@@ -1,5 +1,6 @@
 //! AutoMix / SAMix hyper-parameters (spec §5.12, §5.13), adapted to CIFAR-10.
 
+use backbones::{Arch, CifarResNetConfig};
 use serde::{Deserialize, Serialize};
 
 /// Which learned-mixing method.
@@ -79,6 +80,10 @@ pub struct AutoMixConfig {
     pub upsampling: Option<Upsampling>,
     /// SAMix λ-rescale constant `k` of `r(λ)` (`lam_mul_k`, default 0.25; AutoMix ignores it).
     pub lam_mul_k: f64,
+    /// Hidden width of SAMix's ConvNeck value net (upstream `value_neck_cfg.hid_channels`);
+    /// `None` = upstream's value for the backbone, whatever its `base_width`
+    /// ([`AutoMixConfig::value_neck_channels_for`]). AutoMix ignores it.
+    pub value_neck_channels: Option<usize>,
     /// Probability per iteration of rescaling the backbone mask toward λ_mb (§5.13.3);
     /// `None` = 0 (AutoMix) / 0.25 (SAMix, the "CIFAR" generated config).
     pub mask_adjust: Option<f64>,
@@ -121,6 +126,7 @@ impl Default for AutoMixConfig {
             mixblock_reduction: 2,
             upsampling: None,
             lam_mul_k: 0.25,
+            value_neck_channels: None,
             mask_adjust: None,
             lam_margin: 0.08,
             mask_loss_weight: 0.1,
@@ -166,6 +172,17 @@ impl AutoMixConfig {
         })
     }
 
+    /// SAMix ConvNeck hidden width actually used with `backbone`: `value_neck_channels`, or
+    /// upstream's `hid_channels` — 128 in the ResNet-18 config, 512 in the ResNeXt-50 one (half
+    /// the stage-3 width at the benchmark's base width 64). Upstream fixes the number in the
+    /// config, so it does not follow a narrower `base_width`.
+    pub fn value_neck_channels_for(&self, backbone: &CifarResNetConfig) -> usize {
+        self.value_neck_channels.unwrap_or(match backbone.arch {
+            Arch::ResNet18 => 128,
+            Arch::ResNeXt50 => 512,
+        })
+    }
+
     /// Mask-loss form actually used.
     pub fn mask_loss_mode(&self) -> MaskLossMode {
         self.mask_loss_mode.unwrap_or(match self.variant {
@@ -202,6 +219,11 @@ impl AutoMixConfig {
             self.lam_mul_k > 0.0 && self.lam_mul_k.is_finite(),
             "lam_mul_k",
             "must be > 0",
+        )?;
+        check(
+            self.value_neck_channels != Some(0),
+            "value_neck_channels",
+            "must be ≥ 1 (or null for upstream's width)",
         )?;
         check(
             (0.0..=1.0).contains(&self.mask_adjust()),
@@ -295,6 +317,37 @@ mod tests {
             ..AutoMixConfig::default()
         };
         assert!(bad.validate().unwrap_err().contains("alpha"));
+        let bad = AutoMixConfig {
+            value_neck_channels: Some(0),
+            ..AutoMixConfig::samix()
+        };
+        assert!(bad.validate().unwrap_err().contains("value_neck_channels"));
         assert!(AutoMixConfig::samix().validate().is_ok());
+    }
+
+    #[test]
+    fn value_neck_width_is_upstreams_whatever_the_base_width() {
+        let samix = AutoMixConfig::samix();
+        for base_width in [8, 16, 64] {
+            let r18 = CifarResNetConfig {
+                base_width,
+                ..CifarResNetConfig::default()
+            };
+            let rx50 = CifarResNetConfig {
+                base_width,
+                ..CifarResNetConfig::resnext50()
+            };
+            assert_eq!(samix.value_neck_channels_for(&r18), 128);
+            assert_eq!(samix.value_neck_channels_for(&rx50), 512);
+        }
+        // At the benchmark width it is half the MixBlock's input channels, as upstream's configs.
+        assert_eq!(CifarResNetConfig::default().stage_channels(3), 2 * 128);
+        assert_eq!(CifarResNetConfig::resnext50().stage_channels(3), 2 * 512);
+        let set: AutoMixConfig =
+            serde_json::from_str(r#"{"variant": "samix", "value_neck_channels": 32}"#).unwrap();
+        assert_eq!(
+            set.value_neck_channels_for(&CifarResNetConfig::default()),
+            32
+        );
     }
 }

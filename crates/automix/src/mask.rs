@@ -53,6 +53,10 @@ pub fn apply_lam_margin(mask: &Tensor, lambda: f64, margin: f64) -> Result<Tenso
 /// (λ_mb): `weight·max(|1 − m̄ − λ| − margin, 0)`, minus `weight·2·max(Var(m), 0)` for
 /// [`MaskLossMode::L1Variance`], where `m = mask[:,1]`, `m̄` its mean over N×H×W and `Var` the
 /// biased variance over the same elements. Returns a scalar f32 tensor.
+///
+/// The loss is computed in f64 and rounded to f32 once at the end: the two means run over
+/// N·H·W elements (102,400 at batch 100), and candle sums a strided view one element at a
+/// time, so an f32 sum drifts by ~1e−4 relative (PyTorch's pairwise sum does not).
 pub fn mask_loss(
     mask: &Tensor,
     lambda: f64,
@@ -60,7 +64,7 @@ pub fn mask_loss(
     margin: f64,
     mode: MaskLossMode,
 ) -> Result<Tensor> {
-    let m = mask.narrow(1, 1, 1)?.to_dtype(DType::F32)?;
+    let m = mask.narrow(1, 1, 1)?.to_dtype(DType::F64)?;
     let m_bar = m.mean_all()?;
     let l1 = ((1.0 - &m_bar)? - lambda)?.abs()?;
     let l1 = (l1 - margin)?.relu()?;
@@ -71,13 +75,13 @@ pub fn mask_loss(
             (l1 - (var * 2.0)?)?
         }
     };
-    loss * weight
+    (loss * weight)?.to_dtype(DType::F32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
 
     fn scalar(t: &Tensor) -> f64 {
         t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
@@ -152,6 +156,59 @@ mod tests {
         assert!(l1_in.abs() < 1e-7, "{l1_in}");
         let lv = scalar(&mask_loss(&mask, 0.3, 0.1, 0.1, MaskLossMode::L1Variance).unwrap());
         assert!((lv - (0.02 - 0.1 * 2.0 * 0.04)).abs() < 1e-6, "{lv}");
+    }
+
+    /// `mask_loss` in f64 on the host, from the mask's f32 values.
+    fn host_mask_loss(m: &[f32], lambda: f64, weight: f64, margin: f64, var_term: bool) -> f64 {
+        let n = m.len() as f64;
+        let mean = m.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = m.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let l1 = ((1.0 - mean - lambda).abs() - margin).max(0.0);
+        weight
+            * if var_term {
+                l1 - 2.0 * var.max(0.0)
+            } else {
+                l1
+            }
+    }
+
+    #[test]
+    fn mask_loss_is_exact_to_f32_rounding_at_batch_100() {
+        // Batch 100, constant m = 0.3, λ 0.2, the default weight and margin: a sequential f32
+        // sum over the strided channel-1 view put m̄ at 0.30029 and the loss off by −2.9e−5.
+        let m = Tensor::full(0.3f32, (100, 1, 32, 32), &Device::Cpu).unwrap();
+        let mask = Tensor::cat(&[&(1.0 - &m).unwrap(), &m], 1).unwrap();
+        let exact = host_mask_loss(&[0.3f32], 0.2, 0.1, 0.1, false);
+        for mode in [MaskLossMode::L1, MaskLossMode::L1Variance] {
+            let loss = mask_loss(&mask, 0.2, 0.1, 0.1, mode).unwrap();
+            assert_eq!(loss.dtype(), DType::F32);
+            let err = scalar(&loss) - exact;
+            assert!(err.abs() < 1e-8, "{mode:?}: loss off by {err:e}");
+        }
+        // Spread values: both terms within f32 rounding of the f64 value.
+        let m = Tensor::rand(0.25f32, 0.35, (100, 1, 32, 32), &Device::Cpu).unwrap();
+        let host: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        let mask = Tensor::cat(&[&(1.0 - &m).unwrap(), &m], 1).unwrap();
+        for (mode, var_term) in [(MaskLossMode::L1, false), (MaskLossMode::L1Variance, true)] {
+            let exact = host_mask_loss(&host, 0.2, 0.1, 0.1, var_term);
+            let err = scalar(&mask_loss(&mask, 0.2, 0.1, 0.1, mode).unwrap()) - exact;
+            assert!(err.abs() < 1e-8, "{mode:?}: loss off by {err:e}");
+        }
+    }
+
+    #[test]
+    fn mask_loss_gradient_reaches_the_f32_mask() {
+        let m = Var::from_tensor(&Tensor::rand(0.2f32, 0.4, (2, 1, 4, 4), &Device::Cpu).unwrap())
+            .unwrap();
+        let mask = Tensor::cat(&[&(1.0 - m.as_tensor()).unwrap(), m.as_tensor()], 1).unwrap();
+        let loss = mask_loss(&mask, 0.2, 0.1, 0.1, MaskLossMode::L1).unwrap();
+        let grad = loss.backward().unwrap().get(m.as_tensor()).unwrap().clone();
+        assert_eq!(grad.dtype(), DType::F32);
+        // 1 − m̄ − λ > margin, so d loss / d m_i = −weight / (N·H·W).
+        let g: Vec<f32> = grad.flatten_all().unwrap().to_vec1().unwrap();
+        for v in g {
+            assert!((v as f64 + 0.1 / 32.0).abs() < 1e-9, "{v}");
+        }
     }
 
     #[test]

@@ -173,7 +173,8 @@ impl Conv1x1 {
 enum ValueNet {
     /// AutoMix: conv1×1 `C → 1` with bias.
     Linear(Conv1x1),
-    /// SAMix `ConvNeck`: conv1×1 `C → C/2` (no bias) → BN → ELU(1) → conv1×1 `C/2 → 1` (no bias).
+    /// SAMix `ConvNeck`: conv1×1 `C → H` (no bias) → BN → ELU(1) → conv1×1 `H → 1` (no bias),
+    /// `H` = [`AutoMixConfig::value_neck_channels_for`] (128 for ResNet-18).
     Neck {
         conv1: Conv1x1,
         bn: BatchNorm,
@@ -197,10 +198,12 @@ pub struct MixBlock {
 
 impl MixBlock {
     /// Creates the block's variables in `vm` under `prefix` (`""` for none), for stage
-    /// features with `in_channels` channels. Call [`MixBlock::reset`] to initialise them.
+    /// features with `in_channels` channels; SAMix's ConvNeck gets `value_neck_channels`
+    /// hidden channels (AutoMix ignores it). Call [`MixBlock::reset`] to initialise them.
     pub fn new(
         cfg: &AutoMixConfig,
         in_channels: usize,
+        value_neck_channels: usize,
         vm: &VarMap,
         prefix: &str,
         dev: &Device,
@@ -220,7 +223,7 @@ impl MixBlock {
                 ValueNet::Linear(Conv1x1::new(vm, &p("value"), in_channels, 1, true, dev)?),
             ),
             Variant::SAMix => {
-                let half = (in_channels / 2).max(1);
+                let hidden = value_neck_channels;
                 (
                     Conv1x1::new(vm, &p("query"), 2 * in_channels, inter, true, dev)?,
                     Some(Conv1x1::new(
@@ -236,12 +239,12 @@ impl MixBlock {
                             vm,
                             &p("value_neck.conv1"),
                             in_channels,
-                            half,
+                            hidden,
                             false,
                             dev,
                         )?,
-                        bn: BatchNorm::new(vm, &p("value_neck.bn"), half, dev)?,
-                        conv2: Conv1x1::new(vm, &p("value_neck.conv2"), half, 1, false, dev)?,
+                        bn: BatchNorm::new(vm, &p("value_neck.bn"), hidden, dev)?,
+                        conv2: Conv1x1::new(vm, &p("value_neck.conv2"), hidden, 1, false, dev)?,
                     },
                 )
             }
@@ -380,7 +383,7 @@ mod tests {
 
     fn block(cfg: &AutoMixConfig, c: usize) -> (MixBlock, VarMap) {
         let vm = VarMap::new();
-        let mb = MixBlock::new(cfg, c, &vm, "mixblock", &Device::Cpu).unwrap();
+        let mb = MixBlock::new(cfg, c, c / 2, &vm, "mixblock", &Device::Cpu).unwrap();
         mb.reset(&mut ChaCha8Rng::seed_from_u64(3)).unwrap();
         (mb, vm)
     }

@@ -171,6 +171,7 @@ impl AutoMixModel {
         let mixblock = MixBlock::new(
             &cfg,
             q.net.feature_channels(stage),
+            cfg.value_neck_channels_for(&backbone_cfg),
             &vm_mixblock,
             "",
             device,

@@ -318,3 +318,33 @@ fn few_steps_train_and_stay_finite() {
         }
     }
 }
+
+#[test]
+fn samix_value_neck_is_upstreams_128_wide_at_base_width_16() {
+    // Upstream's SAMix config fixes `hid_channels = 128`; at base width 16 the MixBlock input
+    // has 64 channels, so the hidden width is not C/2 = 32.
+    let net = CifarResNetConfig {
+        base_width: 16,
+        stage_blocks: Some([1, 1, 1, 1]),
+        ..Default::default()
+    };
+    let shape = |cfg: AutoMixConfig, name: &str| {
+        let model = AutoMixModel::new(cfg, net, &Device::Cpu, 0).unwrap();
+        let (_, vm) = model.varmaps()[2];
+        let data = vm.data().lock().unwrap();
+        data[name].as_tensor().dims().to_vec()
+    };
+    let samix = AutoMixConfig::samix();
+    assert_eq!(
+        shape(samix.clone(), "value_neck.conv1.weight"),
+        [128, 64, 1, 1]
+    );
+    assert_eq!(shape(samix.clone(), "value_neck.bn.running_var"), [128]);
+    assert_eq!(shape(samix, "value_neck.conv2.weight"), [1, 128, 1, 1]);
+    // A config can ask for another width (e.g. to load a checkpoint made with C/2).
+    let narrow = AutoMixConfig {
+        value_neck_channels: Some(32),
+        ..AutoMixConfig::samix()
+    };
+    assert_eq!(shape(narrow, "value_neck.conv1.weight"), [32, 64, 1, 1]);
+}

@@ -2,9 +2,16 @@
 //! 4-connected grid, as needed by PuzzleMix (spec §5.9.4).
 //!
 //! Graphs are tiny (≤ 256 sites plus two terminals) but many (PuzzleMix solves several per
-//! sample and step), so the solver is plain Dinic over flat arrays. All capacities and energies are integers (`i64`), like
-//! the quantized energies of the reference (GCO), so moves are exact and the swap
-//! loop terminates.
+//! sample and step), so the solver is plain Dinic over flat arrays. All capacities and energies
+//! are integers (`i64`), like the quantized energies of the reference (GCO), so moves are exact
+//! and the swap loop terminates.
+//!
+//! Where a move has several minimizers, the one chosen is GCO's (v3, as wrapped by
+//! `gco-wrapper`): its max-flow labels a variable 1 only when it can still reach the sink in
+//! the residual network, so a site takes the larger label of a swap only when every
+//! minimizing move gives it that label. The swap loop also applies every move, improving or not,
+//! as GCO does. Later moves start from the labelling a tie produced, so both rules can change
+//! the final labelling and even its energy.
 
 /// A directed flow network with integer capacities, solved with Dinic's algorithm.
 ///
@@ -158,6 +165,33 @@ impl FlowNetwork {
         seen
     }
 
+    /// Nodes from which `sink` is reachable in the residual network. Once
+    /// [`FlowNetwork::max_flow`] has run, these are the nodes on the sink side of *every*
+    /// minimum cut (the smallest sink side), whatever maximum flow was found.
+    pub fn sink_side(&self, sink: usize) -> Vec<bool> {
+        if !self.adjacency_is_current() {
+            let mut fresh = self.clone();
+            fresh.build_adjacency();
+            return fresh.sink_side(sink);
+        }
+        let mut seen = vec![false; self.num_nodes()];
+        let mut queue = vec![sink];
+        seen[sink] = true;
+        let mut next = 0;
+        while let Some(&v) = queue.get(next) {
+            next += 1;
+            // Arc `a` leaves `v`; its pair `a ^ 1` enters `v` from `head[a]`.
+            for &arc in self.arcs(v) {
+                let u = self.head[arc];
+                if self.residual[arc ^ 1] > 0 && !seen[u] {
+                    seen[u] = true;
+                    queue.push(u);
+                }
+            }
+        }
+        seen
+    }
+
     /// Breadth-first levels from `source` over arcs with residual capacity; whether the
     /// sink is reachable. `queue` is scratch space.
     fn bfs_levels(
@@ -220,6 +254,10 @@ impl FlowNetwork {
 /// Minimizes a submodular binary energy
 /// `E(x) = Σ_s unary[s][x_s] + Σ_(s,t,w) w·[x_s ≠ x_t]` (`w ≥ 0`) exactly by one
 /// min-cut. Returns the minimizing `x` (`false` = label 0) and its energy.
+///
+/// Of several minimizers it returns the one with the fewest `true`s, as GCO does: `x_s` is
+/// `true` only when every minimizer sets it (the minimizers of a submodular energy are closed
+/// under intersection, so that labelling is itself a minimizer).
 pub fn minimize_binary(unary: &[[i64; 2]], pairs: &[(usize, usize, i64)]) -> (Vec<bool>, i64) {
     let n = unary.len();
     let (source, sink) = (n, n + 1);
@@ -244,8 +282,8 @@ pub fn minimize_binary(unary: &[[i64; 2]], pairs: &[(usize, usize, i64)]) -> (Ve
         }
     }
     let flow = net.max_flow(source, sink);
-    let side = net.source_side(source);
-    let labels: Vec<bool> = (0..n).map(|s| !side[s]).collect();
+    let mut labels = net.sink_side(sink);
+    labels.truncate(n);
     (labels, constant + flow)
 }
 
@@ -346,6 +384,9 @@ impl GridEnergy {
     /// The optimal α-β swap move: relabels the sites currently holding `a` or `b`
     /// with whichever of `a`/`b` minimizes the energy, all other sites fixed.
     /// Returns the proposed labelling and its energy (never above the current one).
+    /// Among equal-energy moves, a site gets `b` only when every one of them gives it `b`
+    /// (see [`minimize_binary`]); with `a < b` that is GCO's rule of keeping tied sites on the
+    /// smaller label.
     pub fn best_swap(&self, labels: &[usize], a: usize, b: usize) -> (Vec<usize>, i64) {
         let l = self.num_labels;
         let sites = self.rows * self.cols;
@@ -392,27 +433,23 @@ impl GridEnergy {
         (proposal, fixed_energy + moved_energy)
     }
 
-    /// α-β-swap minimization from `initial` (GCO's `swap` algorithm): each cycle
+    /// α-β-swap minimization from `initial`, with GCO's `swap(-1)` rules: each cycle
     /// visits the label pairs `(a, b)` for `a = 0..L` and `b = L−1` down to `a+1`
-    /// (for 3 labels: (0,2), (0,1), (1,2)), applies a swap only when it strictly
-    /// lowers the energy, and stops after a cycle without any decrease.
+    /// (for 3 labels: (0,2), (0,1), (1,2)) and applies every [`GridEnergy::best_swap`] move,
+    /// also those that leave the energy unchanged (they can move tied sites to `a`); it stops
+    /// after a cycle that ends without a lower energy than it started with.
     pub fn alpha_beta_swap(&self, initial: &[usize]) -> Vec<usize> {
         let l = self.num_labels;
         let mut labels = initial.to_vec();
         let mut energy = self.energy(&labels);
         loop {
-            let mut improved = false;
+            let cycle_start = energy;
             for a in 0..l {
                 for b in (a + 1..l).rev() {
-                    let (proposal, proposed) = self.best_swap(&labels, a, b);
-                    if proposed < energy {
-                        labels = proposal;
-                        energy = proposed;
-                        improved = true;
-                    }
+                    (labels, energy) = self.best_swap(&labels, a, b);
                 }
             }
-            if !improved {
+            if energy >= cycle_start {
                 return labels;
             }
         }

@@ -16,11 +16,15 @@
 //! * the graph-cut prior `α0 ~ Beta(α, α)` is *not* the label weight; λ is the
 //!   mask mean;
 //! * energies are truncated to integers before the α-β-swap (GCO's int32 costs),
-//!   starting from all labels 0 and stopping after a cycle with no decrease;
+//!   which starts from all labels 0, applies every swap move, keeps tied sites on the smaller
+//!   label and stops after a cycle with no decrease, as GCO's `swap` (see [`crate::graphcut`]);
 //! * the greedy transport can leave destination patches without a source; they
 //!   become zeros (the normalized value 0) where the final mask selects them.
 //!
 //! Deviations, documented:
+//! * the data costs stay exact (i64). The reference's gco-wrapper scales its int32 data costs
+//!   by 100,000 in int32, which wraps around when one block holds a large share of the
+//!   saliency (about a third at `B = 8`, under a tenth at `B = 16`) and then drops that block;
 //! * a sample whose pooled saliency sums to zero (or is not finite) gets a
 //!   uniform saliency instead of the reference's division by zero (NaN costs);
 //! * negative quantized edge weights, only possible when de-normalized pixels

@@ -124,6 +124,15 @@ fn max_flow_equals_brute_force_min_cut_on_random_graphs() {
         let side = net.source_side(s);
         assert!(side[s] && !side[t]);
         assert_eq!(cut_value(&|u| side[u]), flow, "residual cut is not minimal");
+        // The nodes that still reach the sink form the smallest sink side of a minimum cut.
+        let sink_side = net.sink_side(t);
+        assert!(sink_side[t] && !sink_side[s]);
+        assert_eq!(
+            cut_value(&|u| !sink_side[u]),
+            flow,
+            "sink-side cut is not minimal"
+        );
+        assert!((0..n).all(|u| !(side[u] && sink_side[u])), "{caps:?}");
     }
 }
 
@@ -151,13 +160,16 @@ fn binary_minimization_equals_brute_force() {
                 .sum();
             u + p
         };
-        let brute = (0..1u32 << n)
-            .map(|m| energy(&(0..n).map(|s| (m >> s) & 1 == 1).collect::<Vec<_>>()))
-            .min()
-            .unwrap();
+        let bits = |m: u32| (0..n).map(|s| (m >> s) & 1 == 1).collect::<Vec<_>>();
+        let brute = (0..1u32 << n).map(|m| energy(&bits(m))).min().unwrap();
         let (x, e) = minimize_binary(&unary, &pairs);
         assert_eq!(e, brute);
         assert_eq!(energy(&x), e);
+        // GCO's choice among minimizers: label 1 only where every minimizer puts it.
+        let fewest_ones = (0..1u32 << n)
+            .filter(|&m| energy(&bits(m)) == brute)
+            .fold(u32::MAX, |acc, m| acc & m);
+        assert_eq!(x, bits(fewest_ones), "unary {unary:?} pairs {pairs:?}");
     }
 }
 
@@ -250,6 +262,99 @@ fn alpha_beta_swap_never_increases_energy_and_is_swap_optimal() {
                 );
             }
         }
+    }
+}
+
+/// A grid energy with PuzzleMix's label cost `(l − l')²`.
+fn squared_label_cost_energy(
+    rows: usize,
+    cols: usize,
+    labels: usize,
+    data: Vec<i64>,
+    vertical: Vec<i64>,
+    horizontal: Vec<i64>,
+) -> GridEnergy {
+    GridEnergy {
+        rows,
+        cols,
+        num_labels: labels,
+        data,
+        label_cost: (0..labels * labels)
+            .map(|i| {
+                let d = (i / labels) as i64 - (i % labels) as i64;
+                d * d
+            })
+            .collect(),
+        vertical,
+        horizontal,
+    }
+}
+
+#[test]
+fn alpha_beta_swap_breaks_ties_like_gco() {
+    // 2×2 grid, every edge weight 1. From all-0, the (0,2) swap moves site 0 to label 2 and
+    // leaves site 1 tied between 0 and 2: GCO keeps it on 0, the smaller label. Labelling
+    // [2,2,0,0] has the same energy but is not GCO's answer.
+    let energy = squared_label_cost_energy(
+        2,
+        2,
+        3,
+        vec![50, 90, 10, 30, 70, 30, 20, 60, 80, 20, 60, 80],
+        vec![1, 1],
+        vec![1, 1],
+    );
+    energy.validate().unwrap();
+    assert_eq!(energy.energy(&[2, 0, 0, 0]), energy.energy(&[2, 2, 0, 0]));
+    assert_eq!(energy.alpha_beta_swap(&[0; 4]), vec![2, 0, 0, 0]);
+}
+
+#[derive(serde::Deserialize)]
+struct GcoSwapFixture {
+    cases: Vec<GcoSwapCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct GcoSwapCase {
+    rows: usize,
+    cols: usize,
+    labels: usize,
+    data: Vec<i64>,
+    vertical: Vec<i64>,
+    horizontal: Vec<i64>,
+    gco_labels: Vec<usize>,
+}
+
+#[test]
+fn alpha_beta_swap_matches_gco_on_recorded_cases() {
+    // Labellings computed by GCO itself (gco-wrapper's `cut_grid_graph(…, algorithm='swap')`,
+    // see the fixture's description): tie-heavy small grids where GCO's two rules (every swap
+    // applied, ties kept on the smaller label) change the result, larger tie-heavy grids, and
+    // PuzzleMix-sized costs.
+    let fixture: GcoSwapFixture =
+        serde_json::from_str(include_str!("fixtures/gco_swap.json")).unwrap();
+    assert!(fixture.cases.len() >= 20);
+    for (i, case) in fixture.cases.into_iter().enumerate() {
+        let sites = case.rows * case.cols;
+        let energy = squared_label_cost_energy(
+            case.rows,
+            case.cols,
+            case.labels,
+            case.data,
+            case.vertical,
+            case.horizontal,
+        );
+        energy.validate().unwrap();
+        let ours = energy.alpha_beta_swap(&vec![0; sites]);
+        assert_eq!(
+            ours,
+            case.gco_labels,
+            "case {i} ({}×{}, {} labels): energy {} vs GCO's {}",
+            case.rows,
+            case.cols,
+            case.labels,
+            energy.energy(&ours),
+            energy.energy(&case.gco_labels)
+        );
     }
 }
 
@@ -610,6 +715,47 @@ fn concentrated_saliency_keeps_its_own_block_and_gives_up_the_partners() {
             assert_eq!(pixel(partner), 0.0);
         }
     }
+}
+
+#[test]
+fn a_block_with_two_fifths_of_the_saliency_is_kept_at_8x8() {
+    // Upstream's gco-wrapper multiplies the int32 data costs by 100,000 in int32. At B = 8 the
+    // cost of dropping this block is at least ⌊1000·B²·0.4⌋ = 25,600, and 25,600·100,000 passes
+    // i32::MAX: upstream's cost wraps negative and the block is dropped. We keep it.
+    const B: usize = 8;
+    assert!(1000 * (B * B) as i64 * 4 / 10 * 100_000 > i32::MAX as i64);
+    let (x, y, _) = batch(2, 4);
+    let hot = 27;
+    let (br, bc) = (hot / B, hot % B);
+    // Sample 0: block `hot` holds 42/(42 + 63) = 40 % of the saliency; sample 1: uniform.
+    let mut sal = vec![1.0f32; 2 * 1024];
+    for r in 0..4 {
+        for c in 0..4 {
+            sal[(br * 4 + r) * 32 + bc * 4 + c] = 42.0;
+        }
+    }
+    let saliency = Tensor::from_vec(sal, (2, 32, 32), &Device::Cpu).unwrap();
+    let draws = PuzzleDraws {
+        alpha0: 0.5,
+        perm: vec![1, 0],
+        blocks: B,
+    };
+    let method = PuzzleMix {
+        args: PuzzleMixArgs {
+            transport: false,
+            ..PuzzleMixArgs::default()
+        },
+        ..PuzzleMix::default()
+    };
+    let (_, trace) = method.mix_with(&x, &y, &saliency, &draws).unwrap();
+    assert_eq!(
+        trace.block_masks[0][hot], 1.0,
+        "sample 0 lost its salient block"
+    );
+    assert_eq!(
+        trace.block_masks[1][hot], 0.0,
+        "sample 1 kept its partner's salient block"
+    );
 }
 
 #[test]
