@@ -33,6 +33,14 @@ pub enum DataError {
         /// What was searched, e.g. the candidate directories.
         detail: String,
     },
+    /// A path that must be a directory (the data dir) or a regular file (a batch) is not.
+    #[error("{path}: {what}", path = path.display())]
+    WrongKind {
+        /// The offending path.
+        path: PathBuf,
+        /// What it is and what was expected, e.g. "is a directory, not a CIFAR-10 batch file".
+        what: String,
+    },
     /// A binary batch file whose length is not a whole number of 3073-byte records.
     #[error(
         "{path}: size {size} bytes is not a positive multiple of the 3073-byte CIFAR-10 record \

@@ -36,7 +36,7 @@ mod loader;
 mod pickle;
 mod split;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use augment::{
     augment_image, batch_augment_params, epoch_permutation, AugmentParams, PaddingMode,
@@ -67,8 +67,22 @@ pub const CLASSES: [&str; 10] = [
     "truck",
 ];
 
+/// A relative path from the environment, resolved against the directory the command was
+/// typed in: cargo runs each test binary in its package's directory, but leaves `PWD` (set by
+/// the shell) alone; without `PWD`, the workspace root (where the README's commands run).
+fn resolve_from_invocation_dir(path: PathBuf) -> PathBuf {
+    if path.is_absolute() {
+        return path;
+    }
+    let base = std::env::var_os("PWD")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    base.join(path)
+}
+
 /// Where tests that need the full dataset find it: the directory in the `CIFAR10_DIR`
-/// environment variable.
+/// environment variable (a relative one is taken relative to where `cargo test` was typed).
 ///
 /// When the variable is unset this returns `None` after printing a loud
 /// `SKIPPED: set CIFAR10_DIR=...` line to stderr, so the calling test can return early —
@@ -76,7 +90,7 @@ pub const CLASSES: [&str; 10] = [
 /// failing the test.
 pub fn cifar10_dir_for_tests() -> Option<PathBuf> {
     match std::env::var_os("CIFAR10_DIR") {
-        Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
+        Some(dir) if !dir.is_empty() => Some(resolve_from_invocation_dir(PathBuf::from(dir))),
         _ => {
             if std::env::var("CI").as_deref() == Ok("true") {
                 panic!(

@@ -222,6 +222,18 @@ pub enum Layout {
 /// `cifar-10-batches-bin` (binary) / `cifar-10-batches-py` (pickle) subdirectory. The binary
 /// layout wins when both are present.
 pub fn detect_layout(dir: &Path) -> Result<(PathBuf, Layout), DataError> {
+    if dir.is_file() {
+        return Err(DataError::WrongKind {
+            path: dir.to_path_buf(),
+            what: "is a file; name the directory holding the CIFAR-10 batches".into(),
+        });
+    }
+    if !dir.exists() {
+        return Err(DataError::Missing {
+            path: dir.to_path_buf(),
+            detail: "the data directory does not exist".into(),
+        });
+    }
     let candidates = [
         (dir.to_path_buf(), Layout::Binary),
         (dir.join("cifar-10-batches-bin"), Layout::Binary),
@@ -233,6 +245,9 @@ pub fn detect_layout(dir: &Path) -> Result<(PathBuf, Layout), DataError> {
             Layout::Binary => [TRAIN_BINARY_FILES[0], TEST_BINARY_FILE],
             Layout::Pickle => [TRAIN_PICKLE_FILES[0], TEST_PICKLE_FILE],
         };
+        for f in probe {
+            check_not_other_kind(&base.join(f))?;
+        }
         if probe.iter().any(|f| base.join(f).is_file()) {
             return Ok((base.clone(), *layout));
         }
@@ -247,6 +262,21 @@ pub fn detect_layout(dir: &Path) -> Result<(PathBuf, Layout), DataError> {
     })
 }
 
+/// A batch path that exists but is not a file (a directory, a FIFO …) is named as such, not
+/// reported absent.
+fn check_not_other_kind(path: &Path) -> Result<(), DataError> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(DataError::WrongKind {
+            path: path.to_path_buf(),
+            what: format!(
+                "is {}, not a CIFAR-10 batch file",
+                if m.is_dir() { "a directory" } else { "not a regular file" }
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn load_files(dir: &Path, binary: &[&str], pickled: &[&str]) -> Result<CifarSplit, DataError> {
     let (base, layout) = detect_layout(dir)?;
     let names = match layout {
@@ -256,6 +286,7 @@ fn load_files(dir: &Path, binary: &[&str], pickled: &[&str]) -> Result<CifarSpli
     let mut split = CifarSplit::default();
     for name in names {
         let path = base.join(name);
+        check_not_other_kind(&path)?;
         if !path.is_file() {
             return Err(DataError::Missing {
                 path,
