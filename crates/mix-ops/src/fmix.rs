@@ -207,7 +207,7 @@ impl MixMethod for FMix {
         let drawn = Beta::new(a, b)
             .map_err(|e| candle_core::Error::Msg(format!("fmix: bad alpha {}: {e}", self.alpha)))?
             .sample(&mut *ctx.rng);
-        let lambda = ctx.fixed_lambda.unwrap_or(drawn);
+        let lambda = ctx.take_fixed_lambda(drawn);
         let image = low_freq_image(ctx.rng, h, w, self.args.decay_power);
         let keep = binarize(ctx.rng, &image, lambda, self.args.max_soft);
         let perm = partner_permutation(ctx.rng, n, self.args.avoid_fixed_points);

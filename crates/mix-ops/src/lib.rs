@@ -95,6 +95,10 @@ pub struct MixContext<'a> {
     /// A λ to use instead of the Beta draw (figures: `runner preview --lam`);
     /// `None` in training.
     pub fixed_lambda: Option<f64>,
+    /// Set when a method used [`MixContext::fixed_lambda`]: methods whose λ does not come from
+    /// a Beta(α, α) draw (PuzzleMix, ResizeMix, SmoothMix, …) leave it unset, so a caller can
+    /// say that the fixed λ was ignored.
+    pub used_fixed_lambda: bool,
 }
 
 impl<'a> MixContext<'a> {
@@ -104,6 +108,7 @@ impl<'a> MixContext<'a> {
             rng,
             model: None,
             fixed_lambda: None,
+            used_fixed_lambda: false,
         }
     }
 
@@ -113,6 +118,7 @@ impl<'a> MixContext<'a> {
             rng,
             model: Some(model),
             fixed_lambda: None,
+            used_fixed_lambda: false,
         }
     }
 
@@ -121,7 +127,18 @@ impl<'a> MixContext<'a> {
     /// a fixed λ.
     pub fn draw_lambda(&mut self, alpha: f64) -> f64 {
         let drawn = sample::beta_lambda(self.rng, alpha);
-        self.fixed_lambda.unwrap_or(drawn)
+        self.take_fixed_lambda(drawn)
+    }
+
+    /// [`MixContext::fixed_lambda`] when set (and noted as used), else `drawn`.
+    pub fn take_fixed_lambda(&mut self, drawn: f64) -> f64 {
+        match self.fixed_lambda {
+            Some(l) => {
+                self.used_fixed_lambda = true;
+                l
+            }
+            None => drawn,
+        }
     }
 }
 

@@ -96,7 +96,9 @@ impl MixMethod for SmoothMix {
 
     fn mix(&self, images: &Tensor, labels: &Tensor, ctx: &mut MixContext<'_>) -> Result<Mixed> {
         let (n, _, h, w) = images.dims4()?;
-        let _unused_lambda = ctx.draw_lambda(self.alpha);
+        // Upstream draws a Beta λ it never uses (λ is the kernel's mean); drawn here too so
+        // the random stream stays upstream's.
+        let _unused_lambda = crate::sample::beta_lambda(ctx.rng, self.alpha);
         let perm = perm_tensor(&permutation(ctx.rng, n), images.device())?;
         let kernel = SmoothKernel::sample(ctx.rng, h, w).values(h, w);
         let mean_k = kernel.iter().sum::<f64>() / (h * w) as f64;
