@@ -15,6 +15,45 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+/// Every `model.mix_mode` the runner knows: the hand-crafted methods of `mix-ops` and the
+/// learned ones of `automix` (the runner checks that both agree with this list).
+pub const MIX_MODES: [&str; 13] = [
+    "vanilla",
+    "mixup",
+    "cutmix",
+    "manifoldmix",
+    "smoothmix",
+    "saliencymix",
+    "attentivemix",
+    "fmix",
+    "puzzlemix",
+    "gridmix",
+    "resizemix",
+    "automix",
+    "samix",
+];
+
+/// `model.mix_mode` in the schema: a known mode or a list of 1 to 5 of them.
+fn mix_mode_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "anyOf": [
+            {"type": "string", "enum": MIX_MODES},
+            {"type": "array", "items": {"type": "string", "enum": MIX_MODES}, "minItems": 1, "maxItems": 5}
+        ]
+    })
+}
+
+/// `model.alpha` in the schema: omitted/null, a number > 0, or a list of 1 to 5 of them.
+fn alpha_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "anyOf": [
+            {"type": "null"},
+            {"type": "number", "exclusiveMinimum": 0},
+            {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1, "maxItems": 5}
+        ]
+    })
+}
+
 /// A value that may be given as one item or as a list (`"mixup"` or `["mixup", "cutmix"]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
@@ -40,6 +79,7 @@ impl<T: Clone> OneOrMany<T> {
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     /// Experiment name; default: the config file's stem (set by the loader).
+    #[schemars(regex(pattern = r"^[^/\\]*$"), extend("not" = {"enum": [".", ".."]}))]
     pub name: String,
     /// Network and mixing settings.
     pub model: ModelConfig,
@@ -50,6 +90,7 @@ pub struct RunConfig {
     /// Learning-rate schedule (spec §3.2).
     pub lr_config: LrConfig,
     /// Number of training epochs (default 400, the base configs' value).
+    #[schemars(range(min = 1))]
     pub max_epochs: usize,
     /// Seed of every random stream of the run (default 0, as `dist_train.sh`).
     pub seed: u64,
@@ -112,8 +153,10 @@ pub struct BackboneConfig {
     /// `resnet18` (default) or `resnext50`.
     pub arch: Arch,
     /// Channels of the stem and first stage (64 in the benchmark; smaller for tests).
+    #[schemars(range(min = 1))]
     pub base_width: usize,
     /// Blocks per stage; `None` = the architecture's own (`[2,2,2,2]` / `[3,4,6,3]`).
+    #[schemars(inner(range(min = 1)))]
     pub stage_blocks: Option<[usize; 4]>,
     /// Initialisation scheme (default `benchmark`).
     pub init: InitScheme,
@@ -151,6 +194,7 @@ pub struct HeadConfig {
     /// Loss (default `CE_none`).
     pub loss: HeadLoss,
     /// Number of classes (default 10).
+    #[schemars(range(min = 2))]
     pub num_classes: usize,
 }
 
@@ -168,18 +212,23 @@ impl Default for HeadConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Mixing mode or list of modes (default `"mixup"`).
+    #[schemars(schema_with = "mix_mode_schema")]
     pub mix_mode: OneOrMany<String>,
     /// α per mode, same length as `mix_mode`; omitted (default) = each mode's benchmark α
     /// for the configured backbone (the README table: MixUp 1, CutMix 0.2, …).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "alpha_schema")]
     pub alpha: Option<OneOrMany<f64>>,
     /// Probability of each mode; `None` (default) = uniform.
+    #[schemars(inner(range(min = 0.0, max = 1.0)), length(min = 1, max = 5))]
     pub mix_prob: Option<Vec<f64>>,
     /// Mixing repeats per batch, at least 1 (default 1).
+    #[schemars(range(min = 1))]
     pub mix_repeat: usize,
     /// Per-mode overrides of the methods' hyper-parameters, keyed by mode name
     /// (e.g. `{"manifoldmix": {"layer": [0, 3]}}`); omitted fields keep the
     /// CIFAR-10 benchmark values.
+    #[schemars(extend("propertyNames" = {"enum": MIX_MODES}, "additionalProperties" = {"type": "object"}))]
     pub mix_args: BTreeMap<String, serde_json::Value>,
     /// Backbone.
     pub backbone: BackboneConfig,
@@ -190,6 +239,7 @@ pub struct ModelConfig {
     /// AutoMix/SAMix settings (the fields of `automix::AutoMixConfig`, e.g.
     /// `{"mask_adjust": 0.25}`); `None` (default) = the adapted CIFAR config of the
     /// chosen mode. Only allowed with `mix_mode` `automix` or `samix`.
+    #[schemars(extend("type" = ["object", "null"]))]
     pub automix: Option<serde_json::Value>,
 }
 
@@ -229,8 +279,10 @@ pub struct DataConfig {
     /// Download the official archive into `dir` when the files are missing (default false).
     pub download: bool,
     /// Images per training batch (default 100).
+    #[schemars(range(min = 1))]
     pub batch_size: usize,
     /// Images per evaluation batch (default 100).
+    #[schemars(range(min = 1))]
     pub test_batch_size: usize,
     /// Background threads producing augmented batches (default 2).
     pub workers: usize,
@@ -239,8 +291,10 @@ pub struct DataConfig {
     /// Crop padding mode (default `constant`).
     pub padding_mode: PaddingMode,
     /// Use only the first N training images (smoke runs); `None` = all.
+    #[schemars(range(min = 1))]
     pub limit_train: Option<usize>,
     /// Use only the first N test images (smoke runs); `None` = all.
+    #[schemars(range(min = 1))]
     pub limit_test: Option<usize>,
 }
 
@@ -265,10 +319,13 @@ impl Default for DataConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerConfig {
     /// Base learning rate (default 0.1).
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub lr: f64,
     /// Momentum (default 0.9).
+    #[schemars(range(min = 0.0))]
     pub momentum: f64,
     /// Weight decay applied to every parameter (default 1e-4).
+    #[schemars(range(min = 0.0))]
     pub weight_decay: f64,
     /// Nesterov momentum (default false).
     pub nesterov: bool,
@@ -290,6 +347,7 @@ impl Default for OptimizerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LrConfig {
     /// Final learning rate (default 0; AutoMix/SAMix use 0.05).
+    #[schemars(range(min = 0.0))]
     pub min_lr: f64,
 }
 
@@ -304,8 +362,10 @@ impl Default for LrConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Save every N epochs, and always after the last one (default 10).
+    #[schemars(range(min = 1))]
     pub interval: usize,
     /// Keep this many newest epoch checkpoints (default 1).
+    #[schemars(range(min = 1))]
     pub max_keep: usize,
 }
 
@@ -323,6 +383,7 @@ impl Default for CheckpointConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// Write a train line every N iterations (default 50).
+    #[schemars(range(min = 1))]
     pub interval: usize,
 }
 
@@ -337,6 +398,7 @@ impl Default for LogConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     /// Evaluate every N epochs (default 1).
+    #[schemars(range(min = 1))]
     pub interval: usize,
     /// The reported metric is the median top-1 over the last `median_window + 1`
     /// evaluations, epochs `E−window..E` (default 10, i.e. 11 values, as the upstream summarizer).
