@@ -33,15 +33,44 @@ fn every_committed_config_passes_check_config() {
     let mut files = Vec::new();
     json_files(&repo_root().join("configs"), &mut files);
     assert!(!files.is_empty(), "no configs under configs/");
+    // AttentiveMix+ configs name an attention network each user makes (docs/methods.md): the
+    // check refuses them while it is missing, and accepts them once it is there.
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("attention.safetensors");
+    std::fs::write(&weights, b"checked for existence only").unwrap();
     for f in &files {
-        let out = runner()
-            .arg("--check-config")
-            .arg("--config")
-            .arg(f)
-            .arg("--data")
-            .arg(&data)
-            .output()
-            .unwrap();
+        let check = |extra: &[String]| {
+            runner()
+                .arg("--check-config")
+                .arg("--config")
+                .arg(f)
+                .arg("--data")
+                .arg(&data)
+                .args(extra)
+                .output()
+                .unwrap()
+        };
+        let attentive = f.to_string_lossy().contains("attentivemix");
+        if attentive {
+            let out = check(&[]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success()
+                    && err.contains("model.attention_weights")
+                    && err.contains("docs/methods.md"),
+                "{}: {err}",
+                f.display()
+            );
+        }
+        let extra = if attentive {
+            vec![
+                "--set".to_string(),
+                format!("model.attention_weights={}", weights.display()),
+            ]
+        } else {
+            vec![]
+        };
+        let out = check(&extra);
         assert!(
             out.status.success(),
             "{}: {}",
@@ -75,7 +104,10 @@ fn bad_configs_fail_with_one_line_naming_file_and_field() {
             r#"{"model": {"mix_mode": "cutmix", "alpha": 0.2, "mix_args": {"cutmix": {"boxes": 2}}}}"#,
             "boxes",
         ),
-        (r#"{"model": {"mix_mode": "puzzlemix"}}"#, "model.head.loss"),
+        (
+            r#"{"model": {"mix_mode": "puzzlemix", "head": {"loss": "CE_none"}}}"#,
+            "model.head.loss",
+        ),
         (r#"{"max_epochs": "many"}"#, "max_epochs"),
         ("{ not json", "config.json"),
     ];
@@ -127,5 +159,129 @@ fn schema_describes_every_section_with_its_documentation() {
     assert!(
         text.contains("Images per training batch"),
         "field docs missing"
+    );
+}
+
+/// Configs every check must refuse: the runner (before it reads any data) and the schema it
+/// prints, so that an editor flags what a run would refuse. (Cross-field rules — `min_lr` ≤
+/// `lr`, `mix_args` keys among the configured modes, probabilities summing to 1 — are the
+/// runner's alone: a JSON Schema cannot state them.)
+const REFUSED: &[&str] = &[
+    r#"{"model": {"mix_mode": "mixupp"}}"#,
+    r#"{"model": {"mix_mode": []}}"#,
+    r#"{"model": {"mix_mode": ["mixup", "cutmix", "fmix", "gridmix", "resizemix", "vanilla"]}}"#,
+    r#"{"model": {"alpha": 0}}"#,
+    r#"{"model": {"alpha": -1}}"#,
+    r#"{"model": {"alpha": "1"}}"#,
+    r#"{"model": {"mix_mode": ["mixup", "cutmix"], "alpha": [1, 0]}}"#,
+    r#"{"model": {"mix_repeat": 0}}"#,
+    r#"{"model": {"mix_prob": [1.5]}}"#,
+    r#"{"model": {"mix_prob": [-0.5]}}"#,
+    r#"{"model": {"mix_args": {"cutmixx": {}}}}"#,
+    r#"{"model": {"mix_mode": "cutmix", "mix_args": {"cutmix": 3}}}"#,
+    r#"{"model": {"backbone": {"arch": "resnet34"}}}"#,
+    r#"{"model": {"backbone": {"base_width": 0}}}"#,
+    r#"{"model": {"backbone": {"stage_blocks": [0, 1, 1, 1]}}}"#,
+    r#"{"model": {"backbone": {"stage_blocks": [1, 1, 1]}}}"#,
+    r#"{"model": {"backbone": {"init": "xavier"}}}"#,
+    r#"{"model": {"head": {"loss": "CE_hard"}}}"#,
+    r#"{"model": {"head": {"num_classes": 1}}}"#,
+    r#"{"model": {"automix": 3}}"#,
+    r#"{"model": {"attention_weights": 3}}"#,
+    r#"{"data": {"batch_size": 0}}"#,
+    r#"{"data": {"test_batch_size": 0}}"#,
+    r#"{"data": {"limit_train": 0}}"#,
+    r#"{"data": {"limit_test": 0}}"#,
+    r#"{"data": {"padding_mode": "edge"}}"#,
+    r#"{"data": {"workers": -1}}"#,
+    r#"{"data": {"dir": 5}}"#,
+    r#"{"optimizer": {"lr": 0}}"#,
+    r#"{"optimizer": {"lr": -0.1}}"#,
+    r#"{"optimizer": {"momentum": -0.9}}"#,
+    r#"{"optimizer": {"weight_decay": -0.0001}}"#,
+    r#"{"lr_config": {"min_lr": -0.1}}"#,
+    r#"{"max_epochs": 0}"#,
+    r#"{"seed": -1}"#,
+    r#"{"checkpoint": {"interval": 0}}"#,
+    r#"{"checkpoint": {"max_keep": 0}}"#,
+    r#"{"log": {"interval": 0}}"#,
+    r#"{"evaluation": {"interval": 0}}"#,
+    r#"{"evaluation": {"median_window": -1}}"#,
+    r#"{"name": "../escape"}"#,
+    r#"{"name": ".."}"#,
+    r#"{"train": {"precision": "fp16"}}"#,
+    r#"{"optimiser": {}}"#,
+];
+
+#[test]
+fn the_schema_refuses_what_the_runner_refuses_and_takes_every_committed_config() {
+    let out = runner().arg("schema").output().unwrap();
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("a valid JSON Schema");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("config.json");
+    for text in REFUSED {
+        std::fs::write(&path, text).unwrap();
+        let out = runner()
+            .arg("--config")
+            .arg(&path)
+            .arg("--print-config")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the runner accepts {text}");
+        let doc: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert!(!validator.is_valid(&doc), "the schema accepts {text}");
+    }
+    let mut files = Vec::new();
+    json_files(&repo_root().join("configs"), &mut files);
+    for f in files {
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        let errors: Vec<String> = validator.iter_errors(&doc).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", f.display());
+    }
+    assert!(validator.is_valid(&serde_json::json!({})));
+}
+
+#[test]
+fn the_schemas_mode_list_is_the_runners() {
+    let mut known: Vec<&str> = mix_ops::registry::MIX_MODES.to_vec();
+    known.extend(["automix", "samix"]);
+    known.sort();
+    let mut listed = bench_config::MIX_MODES.to_vec();
+    listed.sort();
+    assert_eq!(known, listed);
+}
+
+#[test]
+fn list_names_every_method_with_its_recipe_and_the_backbones_with_their_parameters() {
+    let out = runner().args(["list", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let methods = v["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 13);
+    let get = |mode: &str| methods.iter().find(|m| m["mode"] == mode).unwrap().clone();
+    assert_eq!(get("puzzlemix")["loss"], "CE_soft");
+    assert_eq!(get("samix")["min_lr"], 0.05);
+    assert_eq!(
+        get("smoothmix")["alpha"],
+        serde_json::json!({"resnet18": 0.5, "resnext50": 0.2})
+    );
+    let params: Vec<u64> = v["backbones"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["parameters"].as_u64().unwrap())
+        .collect();
+    assert_eq!(params, [11_173_962, 22_992_714]);
+    let table = runner().arg("list").output().unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("11,173,962") && text.contains("samix"),
+        "{text}"
     );
 }

@@ -317,4 +317,38 @@ fn preview_writes_a_png_grid_for_every_method() {
     // Width and height from the IHDR chunk: one row per hand-crafted mode but attentivemix.
     let height = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
     assert!(height > 9 * 64, "height {height}");
+
+    // A fixed λ: methods that do not draw a Beta λ say they ignore it; the others do not.
+    let again = runner()
+        .args([
+            "preview",
+            "--samples",
+            "4",
+            "--lam",
+            "0.5",
+            "--modes",
+            "mixup,puzzlemix",
+        ])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out_png)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(err.contains("puzzlemix ignores --lam"), "{err}");
+    assert!(!err.contains("mixup ignores"), "{err}");
+    // Not a PNG at the path: replaced only with --force.
+    std::fs::write(&out_png, b"my notes").unwrap();
+    let refused = runner()
+        .args(["preview", "--samples", "2", "--modes", "mixup"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out_png)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert_eq!(std::fs::read(&out_png).unwrap(), b"my notes");
 }

@@ -56,6 +56,27 @@ impl Canvas {
         }
     }
 
+    /// Draws a 1-pixel outline just outside the `w×h` area at (x, y), so that a tile as light
+    /// as the background (an all-white mask) still shows its extent.
+    pub fn frame(&mut self, x: usize, y: usize, w: usize, h: usize, rgb: [u8; 3]) {
+        let (x0, y0) = (x.wrapping_sub(1), y.wrapping_sub(1));
+        for c in 0..w + 2 {
+            self.put(x0.wrapping_add(c), y0, rgb);
+            self.put(x0.wrapping_add(c), y + h, rgb);
+        }
+        for r in 0..h + 2 {
+            self.put(x0, y0.wrapping_add(r), rgb);
+            self.put(x + w, y0.wrapping_add(r), rgb);
+        }
+    }
+
+    /// The RGB value at (x, y) (tests).
+    #[cfg(test)]
+    pub fn pixel(&self, x: usize, y: usize) -> [u8; 3] {
+        let o = (y * self.width + x) * 3;
+        [self.pixels[o], self.pixels[o + 1], self.pixels[o + 2]]
+    }
+
     /// Writes ASCII text with its top-left corner at (x, y).
     pub fn text(&mut self, s: &str, x: usize, y: usize, rgb: [u8; 3]) {
         for (k, ch) in s.chars().enumerate() {
@@ -87,5 +108,25 @@ impl Canvas {
         std::io::Write::flush(&mut buffered)
             .with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_outlines_a_white_tile_on_a_white_canvas() {
+        let mut c = Canvas::new(10, 10, [255, 255, 255]);
+        c.blit_gray(&[1.0; 4], 2, 2, 3, 3, 2);
+        c.frame(3, 3, 4, 4, [128, 128, 128]);
+        assert_eq!(c.pixel(2, 2), [128, 128, 128]);
+        assert_eq!(c.pixel(7, 7), [128, 128, 128]);
+        assert_eq!(c.pixel(5, 2), [128, 128, 128]);
+        assert_eq!(c.pixel(4, 4), [255, 255, 255], "inside stays the tile");
+        assert_eq!(c.pixel(1, 1), [255, 255, 255], "nothing beyond the outline");
+        // At the canvas edge the outline is clipped, not wrapped.
+        c.frame(0, 0, 2, 2, [0, 0, 0]);
+        assert_eq!(c.pixel(2, 0), [0, 0, 0]);
     }
 }

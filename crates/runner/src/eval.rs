@@ -79,6 +79,9 @@ pub fn parse_corruptions(list: &str) -> Result<Vec<Corruption>> {
     }
     let mut out = Vec::new();
     for name in list.split(',').map(str::trim) {
+        if name == "all" || name == "none" {
+            bail!("--corruptions: `{name}` stands alone (got `{list}`); give `all`, `none` or a list of names");
+        }
         let Some(c) = Corruption::from_name(name) else {
             let known: Vec<&str> = Corruption::ALL.iter().map(|c| c.name()).collect();
             bail!(
@@ -375,6 +378,8 @@ mod tests {
         );
         let err = parse_corruptions("fog").unwrap_err().to_string();
         assert!(err.contains("fog") && err.contains("pixelate"), "{err}");
+        let err = parse_corruptions("all,none").unwrap_err().to_string();
+        assert!(err.contains("`all` stands alone"), "{err}");
         assert_eq!(check_severities(&[3, 1, 3]).unwrap(), vec![1, 3]);
         assert!(check_severities(&[0]).is_err());
         assert!(check_severities(&[6]).is_err());

@@ -9,6 +9,7 @@ mod config;
 mod device;
 mod eval;
 mod export;
+mod list;
 mod mixmodel;
 mod net_step;
 mod output;
@@ -63,6 +64,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Write a checkpoint's backbone as a PyTorch-named safetensors file.
     Export(export::ExportArgs),
+    /// List the methods with their CIFAR-10 recipe and the backbones with their parameters.
+    List(list::ListArgs),
 }
 
 /// Options shared by training and config checking.
@@ -188,7 +191,30 @@ fn main() -> ExitCode {
     exit_code(result)
 }
 
+/// Subcommands whose work is their standard output (`runner list | head`): a closed pipe ends
+/// them quietly, as for any Unix filter, instead of a panic in `println!`. Training keeps
+/// Rust's default (SIGPIPE ignored), so a reader that goes away never kills a run without
+/// its checkpoint.
+fn quiet_on_closed_stdout(cli: &Cli) {
+    let printing = match &cli.command {
+        None => cli.train.print_config,
+        Some(Command::Train(a)) => a.print_config,
+        Some(Command::Preview(_)) => false,
+        Some(_) => true,
+    };
+    #[cfg(unix)]
+    if printing {
+        // SAFETY: restoring the default disposition of a signal, before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = printing;
+}
+
 fn run_command(cli: Cli) -> anyhow::Result<()> {
+    quiet_on_closed_stdout(&cli);
     match cli.command {
         None => train(&cli.train),
         Some(Command::Train(args)) => train(&args),
@@ -196,12 +222,32 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(args)) => bench::run(&args),
         Some(Command::Eval(args)) => eval::run(&args),
         Some(Command::Export(args)) => export::run(&args),
+        Some(Command::List(args)) => list::run(&args),
         Some(Command::Schema) => {
             serde_json::to_string_pretty(&bench_config::RunConfig::json_schema())
                 .map(|s| println!("{s}"))
                 .map_err(Into::into)
         }
     }
+}
+
+/// The error's chain of causes joined by `: `, each cause's first line only, skipping a cause
+/// whose text the message already ends with (errors that print their source themselves,
+/// such as `path: No space left on device`).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.lines().next().unwrap_or_default();
+        if text.is_empty() || msg.ends_with(text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(text);
+    }
+    msg
 }
 
 fn exit_code(result: anyhow::Result<()>) -> ExitCode {
@@ -216,9 +262,29 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
             // One line: the chain of causes joined, the outermost naming the file or field.
             // The first line only: candle appends a backtrace after a newline when
             // RUST_BACKTRACE is set.
-            let msg = format!("{e:#}");
-            eprintln!("error: {}", msg.lines().next().unwrap_or_default());
+            eprintln!("error: {}", one_line(&e));
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_one_line_without_a_repeated_cause() {
+        let io = std::io::Error::other("No space left on device");
+        let e = anyhow::Error::new(train::TrainError::io(
+            std::path::Path::new("/w/metrics.csv"),
+            io,
+        ))
+        .context("starting the run");
+        assert_eq!(
+            one_line(&e),
+            "starting the run: /w/metrics.csv: No space left on device"
+        );
+        let multi = anyhow::anyhow!("first line\nbacktrace ...").context("outer");
+        assert_eq!(one_line(&multi), "outer: first line");
     }
 }

@@ -51,9 +51,14 @@ pub struct PreviewArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Use this λ instead of drawing it (for figures; box methods still round it to pixels).
+    /// Use this λ instead of drawing it (for figures; box methods still round it to pixels;
+    /// methods whose λ is not a Beta draw — PuzzleMix, ResizeMix, SmoothMix — say they ignore it).
     #[arg(long, value_name = "LAMBDA")]
     pub lam: Option<f64>,
+    /// Keep the first partner draw even when it pairs a sample with itself (by default a row
+    /// is drawn again, up to 50 times, until every sample has another partner).
+    #[arg(long)]
+    pub allow_self_pairs: bool,
 }
 
 const SCALE: usize = 2;
@@ -168,20 +173,39 @@ pub fn run(args: &PreviewArgs) -> Result<()> {
             .map(|(_, a)| *a)
             .unwrap_or_else(|| mix_ops::registry::default_alpha(mode, backbone).unwrap_or(1.0));
         let mut rng = ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(row as u64));
-        let mixed = if setup::LEARNED_MODES.contains(&mode.as_str()) {
-            let Some(model) = &learned else {
-                bail!("--modes: `{mode}` previews need an {mode} config (and its --checkpoint)");
+        let own = labels.to_vec1::<u32>()?;
+        let mut attempts = 0;
+        let (mixed, used_lam) = loop {
+            attempts += 1;
+            let (mixed, used_lam) = if setup::LEARNED_MODES.contains(&mode.as_str()) {
+                let Some(model) = &learned else {
+                    bail!(
+                        "--modes: `{mode}` previews need an {mode} config (and its --checkpoint)"
+                    );
+                };
+                (model.masks_for_preview(&images, &labels, &mut rng)?, false)
+            } else {
+                let method =
+                    mix_ops::registry::build_method(mode, alpha, cfg.model.mix_args.get(mode))
+                        .with_context(|| format!("--modes: {mode}"))?;
+                let mut ctx = MixContext::with_model(&mut rng, &mix_model);
+                ctx.fixed_lambda = args.lam;
+                let mixed = method
+                    .mix(&images, &labels, &mut ctx)
+                    .with_context(|| format!("preview of {mode}"))?;
+                (mixed, ctx.used_fixed_lambda)
             };
-            model.masks_for_preview(&images, &labels, &mut rng)?
-        } else {
-            let method = mix_ops::registry::build_method(mode, alpha, cfg.model.mix_args.get(mode))
-                .with_context(|| format!("--modes: {mode}"))?;
-            let mut ctx = MixContext::with_model(&mut rng, &mix_model);
-            ctx.fixed_lambda = args.lam;
-            method
-                .mix(&images, &labels, &mut ctx)
-                .with_context(|| format!("preview of {mode}"))?
+            // A sample paired with itself shows no mixing at all: draw the row again (the
+            // same random stream, continued), unless asked not to. Vanilla never pairs.
+            let partners = mixed.labels.y_b.to_vec1::<u32>()?;
+            let self_pairs = own.iter().zip(&partners).filter(|(a, b)| a == b).count();
+            if self_pairs == 0 || args.allow_self_pairs || mode == "vanilla" || attempts == 50 {
+                break (mixed, used_lam);
+            }
         };
+        if args.lam.is_some() && !used_lam && mode != "vanilla" {
+            eprintln!("note: {mode} ignores --lam (its λ is not a Beta draw); its row shows the λ it made");
+        }
         draw_row(
             &mut canvas,
             20 + row * row_h,
@@ -291,6 +315,8 @@ fn draw_row(
             y0,
             SCALE,
         );
+        // An all-white mask (all original) would vanish into the background.
+        canvas.frame(tiles_x(2), y0, TILE, TILE, [160, 160, 160]);
         canvas.blit_chw(
             &mixed_u8[i * 3072..(i + 1) * 3072],
             32,

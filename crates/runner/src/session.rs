@@ -223,7 +223,7 @@ fn buffer_elements(vm: &VarMap) -> usize {
 }
 
 /// `11173962` as `11,173,962`.
-fn thousands(n: usize) -> String {
+pub fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

@@ -66,10 +66,13 @@ impl WorkDir {
                 return Err(e).with_context(|| format!("{}: cannot lock", lock_path.display()));
             }
         }
-        lock.set_len(0)?;
-        lock.rewind()?;
-        writeln!(lock, "{}", std::process::id())?;
-        lock.flush()?;
+        (|| {
+            lock.set_len(0)?;
+            lock.rewind()?;
+            writeln!(lock, "{}", std::process::id())?;
+            lock.flush()
+        })()
+        .with_context(|| format!("{}: cannot write the lock file", lock_path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
             _lock: lock,
