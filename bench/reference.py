@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch reference of the mixbench CIFAR-10 recipe, for speed and accuracy comparisons.
 
-Follows /work/shared/spec/openmixup-cifar10.md: CIFAR ResNet-18 and ResNeXt-50 32x4d (§2) with
+Follows the benchmark specification (docs/methods.md and docs/benchmark.md): CIFAR ResNet-18 and ResNeXt-50 32x4d (§2) with
 the benchmark-era initialisation (§2.6), pad-4 random crop + horizontal flip (§1.3), MixUp /
 CutMix (§5.2 / §5.3) with the CE_none loss (§3.4), SGD momentum 0.9, weight decay 1e-4 on every
 parameter (§3.1), cosine learning rate per epoch (§3.2), batch 100 (§1.5).
@@ -12,7 +12,7 @@ parameter (§3.1), cosine learning rate per epoch (§3.2), batch 100 (§1.5).
   # (b) per-layer convolution times on the shapes of crates/kernels/examples/conv_layers.rs:
   python3 bench/reference.py conv-layers --base-width 64 --threads 2
   # (c) accuracy reference: one JSON line per epoch with the test top-1:
-  python3 bench/reference.py train --data /work/cifar10 --epochs 200 --device cuda
+  python3 bench/reference.py train --data data/cifar10 --epochs 200 --device cuda
 """
 
 import argparse

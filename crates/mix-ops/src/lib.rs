@@ -150,3 +150,14 @@ pub trait MixMethod: Send + Sync {
     /// Mixes one batch. `images`: `N×C×H×W`; `labels`: `N` (`u32`).
     fn mix(&self, images: &Tensor, labels: &Tensor, ctx: &mut MixContext<'_>) -> Result<Mixed>;
 }
+
+/// Threads for the CPU work of a method (PuzzleMix's per-sample graph cuts): the
+/// `RAYON_NUM_THREADS` the process's thread pool honours (`runner --threads N` sets it), else
+/// every core. Results never depend on it.
+pub fn worker_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}

@@ -482,13 +482,11 @@ impl MixMethod for PuzzleMix {
     }
 }
 
-/// Maps `f` over `0..n` on up to `available_parallelism()` threads (the graph
+/// Maps `f` over `0..n` on up to [`crate::worker_threads`] threads (the graph
 /// cuts and transport plans of different samples are independent); the result
 /// does not depend on the thread count.
 fn par_map<T: Send, F: Fn(usize) -> T + Sync>(n: usize, f: F) -> Vec<T> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |t| t.get())
-        .min(n);
+    let threads = crate::worker_threads().min(n);
     if threads <= 1 {
         return (0..n).map(f).collect();
     }

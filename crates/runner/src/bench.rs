@@ -574,10 +574,9 @@ fn puzzlemix_parts(
     }))
 }
 
+/// The CPU kernels' thread pool size (`--threads`, `RAYON_NUM_THREADS`, or every core).
 fn rayon_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    rayon::current_num_threads()
 }
 
 /// The id the next candle tensor will get. Tensor ids come from one process-wide counter that

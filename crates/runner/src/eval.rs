@@ -334,11 +334,9 @@ pub fn fgsm(net: &CifarResNet, x: &Tensor, y: &Tensor, eps: f64) -> Result<Tenso
 }
 
 /// Batch `b` (whose first image is test image `start`) under corruption `c` at severity `s`,
-/// every image with its own generator ([`cifar_data::image_rng`]), on all cores.
+/// every image with its own generator ([`cifar_data::image_rng`]), on the process's threads.
 fn corrupt_batch(b: &U8Batch, start: usize, c: Corruption, s: usize, seed: u64) -> U8Batch {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, b.len.max(1));
+    let threads = rayon::current_num_threads().clamp(1, b.len.max(1));
     let per_thread = b.len.div_ceil(threads).max(1);
     let mut pixels = vec![0u8; b.pixels.len()];
     std::thread::scope(|scope| {
