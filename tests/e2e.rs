@@ -245,6 +245,16 @@ fn automix_and_samix_train_and_resume_identically() {
             !losses.is_empty() && losses.iter().all(|v| v.is_finite()),
             "{mode}: {losses:?}"
         );
+        // metrics.csv: a finite train accuracy (the q encoder's, on the mixed batch) and the
+        // four heads' columns.
+        let csv = std::fs::read_to_string(whole.path().join("work/metrics.csv")).unwrap();
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let acc_col = header.iter().position(|h| *h == "train_acc").unwrap();
+        assert!(header.contains(&"acc_one_q_top1"), "{mode}: {header:?}");
+        for row in csv.lines().skip(1) {
+            let acc: f64 = row.split(',').nth(acc_col).unwrap().parse().unwrap();
+            assert!((0.0..=100.0).contains(&acc), "{mode}: train_acc {acc} in {row}");
+        }
         let val = a.iter().find(|l| l["mode"] == "val").expect("a val line");
         for head in ["acc_mix_k", "acc_one_k", "acc_mix_q", "acc_one_q"] {
             assert!(
