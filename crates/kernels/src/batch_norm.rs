@@ -8,17 +8,28 @@ use candle_core::{
     Shape, Storage, Tensor,
 };
 
-/// Views `x [N, C, ...]` as `[N, C, plane]`.
+/// Views `x [N, C, ...]` as `[N, C, plane]`, refusing an input without values: no statistics
+/// exist for it in training mode, and in evaluation mode the kernels would be launched over
+/// nothing (a CUDA launch has at least one block, which must not write into a 1-element
+/// placeholder buffer), so every mode and device gives the same error.
 fn geometry(x: &Shape) -> Result<BnGeom> {
     let dims = x.dims();
     if dims.len() < 2 {
         bail!("kernels::batch_norm: input must be [N, C, ...], got {dims:?}");
     }
-    Ok(BnGeom {
+    let geom = BnGeom {
         batch: dims[0],
         channels: dims[1],
         plane: dims[2..].iter().product(),
-    })
+    };
+    if geom.batch * geom.plane == 0 || geom.channels == 0 {
+        bail!(
+            "kernels::batch_norm: input {dims:?} is empty (N·H·W = {}, C = {}); BatchNorm needs at least one value per channel",
+            geom.batch * geom.plane,
+            geom.channels
+        );
+    }
+    Ok(geom)
 }
 
 fn check_params(name: &str, t: &Tensor, channels: usize) -> Result<()> {
@@ -226,6 +237,18 @@ fn backward_packed(
     relu: bool,
 ) -> Result<(Tensor, Tensor)> {
     let geom = geometry(x.shape())?;
+    // The kernels read every argument by x's geometry: on CUDA a wrong shape reads out of
+    // bounds, so check them all before any launch.
+    if grad_y.shape() != x.shape() {
+        bail!(
+            "kernels::batch_norm_train_backward: grad_y {:?} does not match x {:?}",
+            grad_y.dims(),
+            x.dims()
+        );
+    }
+    check_params("weight", weight, geom.channels)?;
+    check_params("bias", bias, geom.channels)?;
+    check_params("stats", stats, 2 * geom.channels)?;
     if !fused_covers(&[x, weight, bias, stats, grad_y]) {
         bail!("kernels::batch_norm_train_backward: f32 on the CPU or one CUDA device only");
     }

@@ -200,6 +200,16 @@ pub fn conv2d_backward(
     need_w: bool,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let geom = geometry(x.shape(), w.shape(), cfg)?;
+    let out_dims = [geom.batch, geom.c_out, geom.h_out, geom.w_out];
+    if grad_out.dims() != out_dims {
+        // The kernels read grad_out by this shape: on CUDA a wrong one reads out of bounds.
+        bail!(
+            "kernels::conv2d_backward: grad_out must be {out_dims:?} (the output of x {:?} and w {:?}), got {:?}",
+            x.dims(),
+            w.dims(),
+            grad_out.dims()
+        );
+    }
     let f32_args = x.dtype() == DType::F32 && w.dtype() == DType::F32;
     let on_cpu = matches!(x.device(), Device::Cpu) && matches!(w.device(), Device::Cpu);
     if on_cpu && f32_args {
