@@ -9,6 +9,7 @@
 // Reductions are per-channel, one block per channel, accumulated in f64 with a fixed tree order,
 // so they are deterministic run to run (no atomics).
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define MAX_THREADS 1024
@@ -171,10 +172,14 @@ __device__ __forceinline__ void sgd_elem(float *__restrict__ theta, const float 
   theta[i] = __fsub_rn(th, __fadd_rn(__fmul_rn(d, lr), 0.0f));
 }
 
-#define SGD_MULTI_MAX 96
+// Tensors per multi-tensor launch: build.rs passes -DSGD_MULTI_MAX from the one definition that
+// the Rust side uses too (src/sgd_multi_max.in).
+#ifndef SGD_MULTI_MAX
+#error "SGD_MULTI_MAX is defined by build.rs (nvcc -DSGD_MULTI_MAX=...)"
+#endif
 
-// Argument block of the multi-tensor update, passed by value (3,080 bytes); mirrors
-// SgdMultiArgs in src/cuda/sgd.rs.
+// Argument block of the multi-tensor update, passed by value; mirrors SgdMultiArgs in
+// src/cuda/sgd.rs, which asserts the same size and offsets.
 struct SgdMultiArgs {
   float *theta[SGD_MULTI_MAX];
   const float *grad[SGD_MULTI_MAX];
@@ -183,6 +188,11 @@ struct SgdMultiArgs {
   unsigned int count;
   unsigned int pad;
 };
+static_assert(sizeof(SgdMultiArgs) == 32 * SGD_MULTI_MAX + 8, "SgdMultiArgs layout differs from src/cuda/sgd.rs");
+static_assert(offsetof(SgdMultiArgs, n) == 24 * SGD_MULTI_MAX, "SgdMultiArgs.n offset differs from src/cuda/sgd.rs");
+static_assert(offsetof(SgdMultiArgs, count) == 32 * SGD_MULTI_MAX, "SgdMultiArgs.count offset differs from src/cuda/sgd.rs");
+// With the kernel's four 4-byte scalars, under the 4 KiB parameter limit of every CUDA version.
+static_assert(sizeof(SgdMultiArgs) + 16 <= 4096, "SgdMultiArgs exceeds the 4 KiB kernel-parameter limit");
 
 // Multi-tensor SGD: blockIdx.y selects the tensor, blocks along x stride over its elements.
 extern "C" __global__ void mixbench_sgd_multi_f32(const SgdMultiArgs args, float wd, float mu, float lr,
