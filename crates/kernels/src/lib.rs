@@ -33,6 +33,7 @@ mod counters;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod device;
 mod ema;
 mod loss;
 mod memory;
@@ -40,6 +41,8 @@ pub mod reference;
 mod residual;
 mod settings;
 mod sgd;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod thread_rule;
 
 pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_backward_input, batch_norm_eval_backward_input_generic,
@@ -49,6 +52,7 @@ pub use batch_norm::{
 };
 pub use conv::{conv2d, conv2d_backward, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
+pub use device::cuda_device;
 pub use ema::ema_update;
 pub use loss::soft_cross_entropy;
 pub use memory::keep_freed_memory;
