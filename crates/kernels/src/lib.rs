@@ -29,6 +29,8 @@
 
 mod batch_norm;
 mod conv;
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+mod conv_algo;
 mod counters;
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -59,6 +61,12 @@ pub use memory::keep_freed_memory;
 pub use residual::{add_relu, add_relu_backward};
 pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};
 pub use sgd::{sgd_update, sgd_update_multi, SgdParam, SgdStep};
+
+/// Hooks for the device tests (`tests/cuda_agreement.rs`); not part of the API.
+#[doc(hidden)]
+pub mod test_hooks {
+    pub use crate::conv_algo::{conv_algorithms_skipped, fail_first_conv_algorithm};
+}
 
 /// Timing hooks for the kernel benchmarks (`examples/`); not part of the API.
 #[doc(hidden)]
