@@ -516,8 +516,8 @@ impl CustomOp2 for BnEvalBackwardOp {
 }
 
 /// `x -> [mean (C), biased var (C)]`; with `running`, also updates the running mean and
-/// variance in place (CPU: two nested in-place ops over `C` values; CUDA: the stats kernel writes
-/// them, one launch in all).
+/// variance in place (CPU: two nested in-place ops over `C` values; CUDA: the statistics'
+/// second pass writes them, two launches in all).
 struct BnStatsOp {
     geom: BnGeom,
     running: Option<(Tensor, Tensor, cpu::batch_norm::RunningCoefs)>,
@@ -529,7 +529,7 @@ impl CustomOp1 for BnStatsOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        crate::counters::record(crate::OpKind::BnStats, 1);
+        crate::counters::record(crate::OpKind::BnStats, 2);
         let x = cpu::f32_slice(s, l, self.name(), "input")?;
         let stats = cpu::batch_norm::bn_stats(&self.geom, x);
         if let Some((mean, var, coefs)) = &self.running {
@@ -552,7 +552,7 @@ impl CustomOp1 for BnStatsOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::counters::record(crate::OpKind::BnStats, 1);
+        crate::counters::record(crate::OpKind::BnStats, 2);
         let running = match &self.running {
             Some((mean, var, coefs)) => Some((
                 crate::cuda::tensor_ptr(mean, self.name(), "running mean")?,

@@ -28,6 +28,8 @@
 //! generic ops ([`reference`](mod@reference)), so callers never need to branch.
 
 mod batch_norm;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod bn_grid;
 mod conv;
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
 mod conv_algo;

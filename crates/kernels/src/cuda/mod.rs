@@ -90,8 +90,8 @@ pub(crate) fn tensor_ptr(t: &candle_core::Tensor, op: &str, arg: &str) -> Result
     }
 }
 
-/// A fresh, uninitialised device buffer of `len` elements of `dtype` (f32 or bf16), with its
-/// address. Every caller overwrites all of it.
+/// A fresh, uninitialised device buffer of `len` elements of `dtype` (f32, bf16, or f64 for
+/// scratch sums), with its address. Every caller overwrites all of it.
 pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, len: usize) -> Result<(CudaStorage, u64)> {
     // Every op allocates its output before launching: refuse here, before any allocation.
     check_thread(dev, "kernels")?;
@@ -106,11 +106,16 @@ pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, len: usize) -> Result<(CudaS
             let s = unsafe { dev.alloc::<half::bf16>(len.max(1))? };
             CudaStorage::wrap_cuda_slice(s, dev.clone())
         }
+        DType::F64 => {
+            let s = unsafe { dev.alloc::<f64>(len.max(1))? };
+            CudaStorage::wrap_cuda_slice(s, dev.clone())
+        }
         other => bail!("kernels: cannot allocate {other:?} on CUDA"),
     };
     let ptr = match &storage.slice {
         CudaStorageSlice::F32(v) => v.device_ptr(&stream).0,
         CudaStorageSlice::BF16(v) => v.device_ptr(&stream).0,
+        CudaStorageSlice::F64(v) => v.device_ptr(&stream).0,
         _ => unreachable!(),
     };
     Ok((storage, ptr))
