@@ -6,9 +6,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+/// Tensors per multi-tensor SGD launch (`src/sgd.rs` includes the same file).
+const SGD_MULTI_MAX: usize = include!("src/sgd_multi_max.in");
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/cuda/kernels.cu");
+    println!("cargo:rerun-if-changed=src/sgd_multi_max.in");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -32,6 +36,8 @@ fn main() {
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17"])
         .arg(format!("-arch=compute_{cap}"))
+        // The multi-tensor SGD argument block's size, from the definition the Rust side uses.
+        .arg(format!("-DSGD_MULTI_MAX={SGD_MULTI_MAX}"))
         .arg("src/cuda/kernels.cu")
         .arg("-o")
         .arg(&ptx)

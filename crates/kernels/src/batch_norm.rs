@@ -8,17 +8,28 @@ use candle_core::{
     Shape, Storage, Tensor,
 };
 
-/// Views `x [N, C, ...]` as `[N, C, plane]`.
+/// Views `x [N, C, ...]` as `[N, C, plane]`, refusing an input without values: no statistics
+/// exist for it in training mode, and in evaluation mode the kernels would be launched over
+/// nothing (a CUDA launch has at least one block, which must not write into a 1-element
+/// placeholder buffer), so every mode and device gives the same error.
 fn geometry(x: &Shape) -> Result<BnGeom> {
     let dims = x.dims();
     if dims.len() < 2 {
         bail!("kernels::batch_norm: input must be [N, C, ...], got {dims:?}");
     }
-    Ok(BnGeom {
+    let geom = BnGeom {
         batch: dims[0],
         channels: dims[1],
         plane: dims[2..].iter().product(),
-    })
+    };
+    if geom.batch * geom.plane == 0 || geom.channels == 0 {
+        bail!(
+            "kernels::batch_norm: input {dims:?} is empty (N·H·W = {}, C = {}); BatchNorm needs at least one value per channel",
+            geom.batch * geom.plane,
+            geom.channels
+        );
+    }
+    Ok(geom)
 }
 
 fn check_params(name: &str, t: &Tensor, channels: usize) -> Result<()> {
@@ -226,6 +237,18 @@ fn backward_packed(
     relu: bool,
 ) -> Result<(Tensor, Tensor)> {
     let geom = geometry(x.shape())?;
+    // The kernels read every argument by x's geometry: on CUDA a wrong shape reads out of
+    // bounds, so check them all before any launch.
+    if grad_y.shape() != x.shape() {
+        bail!(
+            "kernels::batch_norm_train_backward: grad_y {:?} does not match x {:?}",
+            grad_y.dims(),
+            x.dims()
+        );
+    }
+    check_params("weight", weight, geom.channels)?;
+    check_params("bias", bias, geom.channels)?;
+    check_params("stats", stats, 2 * geom.channels)?;
     if !fused_covers(&[x, weight, bias, stats, grad_y]) {
         bail!("kernels::batch_norm_train_backward: f32 on the CPU or one CUDA device only");
     }
@@ -493,8 +516,8 @@ impl CustomOp2 for BnEvalBackwardOp {
 }
 
 /// `x -> [mean (C), biased var (C)]`; with `running`, also updates the running mean and
-/// variance in place (CPU: two nested in-place ops over `C` values; CUDA: the stats kernel writes
-/// them, one launch in all).
+/// variance in place (CPU: two nested in-place ops over `C` values; CUDA: the statistics'
+/// second pass writes them, two launches in all).
 struct BnStatsOp {
     geom: BnGeom,
     running: Option<(Tensor, Tensor, cpu::batch_norm::RunningCoefs)>,
@@ -506,7 +529,7 @@ impl CustomOp1 for BnStatsOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        crate::counters::record(crate::OpKind::BnStats, 1);
+        crate::counters::record(crate::OpKind::BnStats, 2);
         let x = cpu::f32_slice(s, l, self.name(), "input")?;
         let stats = cpu::batch_norm::bn_stats(&self.geom, x);
         if let Some((mean, var, coefs)) = &self.running {
@@ -529,7 +552,7 @@ impl CustomOp1 for BnStatsOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::counters::record(crate::OpKind::BnStats, 1);
+        crate::counters::record(crate::OpKind::BnStats, 2);
         let running = match &self.running {
             Some((mean, var, coefs)) => Some((
                 crate::cuda::tensor_ptr(mean, self.name(), "running mean")?,

@@ -159,7 +159,9 @@ impl CustomOp2 for Conv2dOp {
     }
 }
 
-/// Runs [`Conv2dBackwardOp`] and unpacks its result into gradients shaped like `x` and `w`.
+/// Runs [`Conv2dBackwardOp`] and unpacks its result into gradients shaped like `x` and `w`:
+/// on the CPU one op whose packed result both gradients view (one chunked pass computes both),
+/// on CUDA one op per gradient.
 fn backward_op(
     geom: ConvGeom,
     x: &Tensor,
@@ -170,6 +172,14 @@ fn backward_op(
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     if !need_x && !need_w {
         return Ok((None, None));
+    }
+    if need_x && need_w && x.device().is_cuda() {
+        // Two ops, two buffers (cuDNN's backward-data and backward-filter are two calls
+        // anyway): a weight gradient kept until the optimizer step must not keep the
+        // activation-sized input gradient alive, as a view of one packed buffer would.
+        let (grad_x, _) = backward_op(geom, x, w, grad_out, true, false)?;
+        let (_, grad_w) = backward_op(geom, x, w, grad_out, false, true)?;
+        return Ok((grad_x, grad_w));
     }
     let op = Conv2dBackwardOp {
         geom,
@@ -200,6 +210,16 @@ pub fn conv2d_backward(
     need_w: bool,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let geom = geometry(x.shape(), w.shape(), cfg)?;
+    let out_dims = [geom.batch, geom.c_out, geom.h_out, geom.w_out];
+    if grad_out.dims() != out_dims {
+        // The kernels read grad_out by this shape: on CUDA a wrong one reads out of bounds.
+        bail!(
+            "kernels::conv2d_backward: grad_out must be {out_dims:?} (the output of x {:?} and w {:?}), got {:?}",
+            x.dims(),
+            w.dims(),
+            grad_out.dims()
+        );
+    }
     let f32_args = x.dtype() == DType::F32 && w.dtype() == DType::F32;
     let on_cpu = matches!(x.device(), Device::Cpu) && matches!(w.device(), Device::Cpu);
     if on_cpu && f32_args {
@@ -263,7 +283,8 @@ impl Conv2dBackwardOp {
         }
     }
 
-    /// One cuDNN call per needed gradient (backward-data, backward-filter).
+    /// One cuDNN call per needed gradient (backward-data, backward-filter; on CUDA the front
+    /// makes one op call per gradient).
     fn count(&self) {
         let launches = self.need_x as u64 + self.need_w as u64;
         crate::counters::record(crate::OpKind::ConvBackward, launches);

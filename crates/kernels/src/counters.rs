@@ -14,11 +14,13 @@ pub enum OpKind {
     ConvForward,
     /// `conv2d` backward (1 cuDNN call per needed gradient: data, filter).
     ConvBackward,
-    /// BatchNorm batch statistics, with the running-statistics update folded in (1 launch).
+    /// BatchNorm batch statistics, with the running-statistics update folded in (2 launches:
+    /// partial sums per chunk of images and channel, then one thread per channel).
     BnStats,
     /// BatchNorm(+ReLU) normalisation (1 launch).
     BnForward,
-    /// BatchNorm(+ReLU) backward (2 launches: reduction, input gradient).
+    /// BatchNorm(+ReLU) backward (2 launches: partial sums, then the input gradient, whose
+    /// blocks finish the sums).
     BnBackward,
     /// Running-statistics update as a separate in-place op (CPU side of the folded update:
     /// 0 CUDA launches, the CUDA stats kernel writes them).

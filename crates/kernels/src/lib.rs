@@ -28,11 +28,16 @@
 //! generic ops ([`reference`](mod@reference)), so callers never need to branch.
 
 mod batch_norm;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod bn_grid;
 mod conv;
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+mod conv_algo;
 mod counters;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod device;
 mod ema;
 mod loss;
 mod memory;
@@ -40,6 +45,8 @@ pub mod reference;
 mod residual;
 mod settings;
 mod sgd;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod thread_rule;
 
 pub use batch_norm::{
     batch_norm_eval, batch_norm_eval_backward_input, batch_norm_eval_backward_input_generic,
@@ -49,12 +56,19 @@ pub use batch_norm::{
 };
 pub use conv::{conv2d, conv2d_backward, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
+pub use device::cuda_device;
 pub use ema::ema_update;
 pub use loss::soft_cross_entropy;
 pub use memory::keep_freed_memory;
 pub use residual::{add_relu, add_relu_backward};
 pub use settings::{deterministic, precision, set_deterministic, set_precision, Precision};
 pub use sgd::{sgd_update, sgd_update_multi, SgdParam, SgdStep};
+
+/// Hooks for the device tests (`tests/cuda_agreement.rs`); not part of the API.
+#[doc(hidden)]
+pub mod test_hooks {
+    pub use crate::conv_algo::{conv_algorithms_skipped, fail_first_conv_algorithm};
+}
 
 /// Timing hooks for the kernel benchmarks (`examples/`); not part of the API.
 #[doc(hidden)]

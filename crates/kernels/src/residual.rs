@@ -94,6 +94,17 @@ impl CustomOp2 for AddReluOp {
 /// (`grad · [a + b >= 0]`), for a caller that runs its own backward pass: the same op candle's
 /// autograd runs for [`add_relu`] (generic ops where that op does not run).
 pub fn add_relu_backward(a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    // The kernels read b and grad by a's element count: on CUDA a wrong shape reads out of
+    // bounds, so check before any launch.
+    for (name, t) in [("b", b), ("grad", grad)] {
+        if t.shape() != a.shape() {
+            bail!(
+                "kernels::add_relu_backward: {name} {:?} does not match a {:?}",
+                t.dims(),
+                a.dims()
+            );
+        }
+    }
     if !crate::fused_covers(&[a, b, grad]) {
         let mask = (a + b)?.ge(0.0)?.to_dtype(grad.dtype())?;
         return grad * mask;

@@ -139,8 +139,9 @@ pub fn sgd_update_multi(params: &[SgdParam<'_>]) -> Result<()> {
     Ok(())
 }
 
-/// Tensors per multi-tensor CUDA launch (see `cuda::sgd::update_multi`).
-pub(crate) const MULTI_MAX_TENSORS: usize = 96;
+/// Tensors per multi-tensor CUDA launch (see `cuda::sgd::update_multi`); the same number sizes
+/// the kernel's argument block in kernels.cu (build.rs passes it to nvcc).
+pub(crate) const MULTI_MAX_TENSORS: usize = include!("sgd_multi_max.in");
 
 /// Shape and buffer checks shared by the single and multi-tensor updates.
 fn check(theta: &Tensor, grad: &Tensor, buf: Option<&Tensor>, step: &SgdStep) -> Result<()> {

@@ -597,3 +597,141 @@ fn batch_norm_eval_backward_input_rejects_mismatched_shapes() -> Result<()> {
     assert!(format!("{err}").contains("stats"), "{err}");
     Ok(())
 }
+
+/// The error of `result`, whose message (its first line: candle appends a backtrace when
+/// `RUST_BACKTRACE` is set) must contain every one of `parts`.
+fn expect_error<T: std::fmt::Debug>(what: &str, result: Result<T>, parts: &[&str]) {
+    let err = result.expect_err(what).to_string();
+    let message = err.lines().next().unwrap_or_default();
+    for part in parts {
+        assert!(message.contains(part), "{what}: {message:?} lacks {part:?}");
+    }
+}
+
+/// The backward functions check every argument's shape before their kernels run (on CUDA the
+/// kernels read by the input's geometry, so a wrong shape would read out of bounds): the error
+/// names the argument and both shapes.
+#[test]
+fn backward_functions_reject_mismatched_shapes() -> Result<()> {
+    let cfg = ConvParams {
+        stride: 2,
+        padding: 1,
+        groups: 1,
+    };
+    let x = pseudo_random(&[2, 4, 6, 6], 1)?;
+    let w = pseudo_random(&[8, 4, 3, 3], 2)?;
+    // The output is [2, 8, 3, 3]; a larger grad_out would be read in part, a smaller one past
+    // its end.
+    for bad in [[2, 8, 3, 4], [2, 8, 2, 3], [1, 8, 3, 3]] {
+        let g = pseudo_random(&bad, 3)?;
+        let got = format!("got {bad:?}");
+        expect_error(
+            "conv2d_backward",
+            kernels::conv2d_backward(&x, &w, &g, cfg, true, true),
+            &[
+                "kernels::conv2d_backward: grad_out must be [2, 8, 3, 3]",
+                "x [2, 4, 6, 6]",
+                &got,
+            ],
+        );
+    }
+
+    let x = pseudo_random(&[4, 3, 5, 5], 4)?;
+    let (w, b) = (pseudo_random(&[3], 5)?, pseudo_random(&[3], 6)?);
+    let stats = (pseudo_random(&[6], 7)?.abs()? + 0.5)?;
+    let gy = pseudo_random(&[4, 3, 5, 5], 8)?;
+    let (short3, long7) = (pseudo_random(&[2], 9)?, pseudo_random(&[7], 10)?);
+    let bn = |w: &Tensor, b: &Tensor, stats: &Tensor, gy: &Tensor| {
+        kernels::batch_norm_train_backward(&x, w, b, stats, gy, 1e-5, true)
+    };
+    let gy_bad = pseudo_random(&[4, 3, 5, 4], 11)?;
+    expect_error(
+        "bn grad_y",
+        bn(&w, &b, &stats, &gy_bad),
+        &[
+            "kernels::batch_norm_train_backward: grad_y [4, 3, 5, 4]",
+            "x [4, 3, 5, 5]",
+        ],
+    );
+    expect_error(
+        "bn stats",
+        bn(&w, &b, &long7, &gy),
+        &["stats must have shape [6], got [7]"],
+    );
+    expect_error(
+        "bn weight",
+        bn(&short3, &b, &stats, &gy),
+        &["weight must have shape [3], got [2]"],
+    );
+    expect_error(
+        "bn bias",
+        bn(&w, &short3, &stats, &gy),
+        &["bias must have shape [3], got [2]"],
+    );
+    // The right shapes pass (the checks reject only what is wrong).
+    bn(&w, &b, &stats, &gy)?;
+
+    let a = pseudo_random(&[2, 3, 4, 4], 12)?;
+    let (b_bad, dy_bad) = (pseudo_random(&[2, 3, 4, 5], 13)?, pseudo_random(&[96], 14)?);
+    expect_error(
+        "add_relu_backward b",
+        kernels::add_relu_backward(&a, &b_bad, &a),
+        &[
+            "kernels::add_relu_backward: b [2, 3, 4, 5]",
+            "a [2, 3, 4, 4]",
+        ],
+    );
+    // Same element count, other shape: refused too.
+    expect_error(
+        "add_relu_backward grad",
+        kernels::add_relu_backward(&a, &a, &dy_bad),
+        &["kernels::add_relu_backward: grad [96]", "a [2, 3, 4, 4]"],
+    );
+    kernels::add_relu_backward(&a, &a, &a)?;
+    Ok(())
+}
+
+/// An input with no value per channel (empty batch or planes, or no channels) is refused by
+/// every BatchNorm function, evaluation mode included, instead of launching kernels over nothing.
+#[test]
+fn batch_norm_rejects_empty_inputs() -> Result<()> {
+    let (w, b) = (pseudo_random(&[3], 1)?, pseudo_random(&[3], 2)?);
+    let (mean, var) = (
+        pseudo_random(&[3], 3)?,
+        (pseudo_random(&[3], 4)?.abs()? + 0.5)?,
+    );
+    let stats = Tensor::cat(&[&mean, &var], 0)?;
+    for dims in [[0, 3, 4, 4], [2, 3, 0, 4]] {
+        let x = Tensor::zeros(&dims, DType::F32, &Device::Cpu)?;
+        let msg = format!("input {dims:?} is empty");
+        let parts = [
+            "kernels::batch_norm:",
+            msg.as_str(),
+            "at least one value per channel",
+        ];
+        expect_error(
+            "eval",
+            kernels::batch_norm_eval(&x, &mean, &var, &w, &b, 1e-5),
+            &parts,
+        );
+        expect_error(
+            "eval relu",
+            kernels::batch_norm_relu_eval(&x, &mean, &var, &w, &b, 1e-5),
+            &parts,
+        );
+        expect_error(
+            "eval packed",
+            kernels::batch_norm_eval_packed(&x, &stats, &w, &b, 1e-5, true),
+            &parts,
+        );
+        expect_error("train", kernels::batch_norm_train(&x, &w, &b, 1e-5), &parts);
+    }
+    let no_channels = Tensor::zeros((2, 0, 4, 4), DType::F32, &Device::Cpu)?;
+    let empty = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
+    expect_error(
+        "no channels",
+        kernels::batch_norm_eval(&no_channels, &empty, &empty, &empty, &empty, 1e-5),
+        &["input [2, 0, 4, 4] is empty", "C = 0"],
+    );
+    Ok(())
+}

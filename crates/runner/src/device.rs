@@ -5,8 +5,9 @@ use candle_core::Device;
 
 pub use backbones::kernels::Precision;
 
-/// Parses `cpu`, `cuda` or `cuda:N` into a candle device. A CUDA device comes back tuned for
-/// training (see [`tune_cuda`]).
+/// Parses `cpu`, `cuda` or `cuda:N` into a candle device. A CUDA device is opened by
+/// `kernels::cuda_device`: on one explicit stream that every host thread queues onto, event
+/// tracking off, the memory pool keeping freed memory.
 pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
@@ -20,9 +21,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {s}: this runner was built without CUDA; rebuild with `--features cuda`");
             }
-            let device = Device::new_cuda(ordinal)?;
-            tune_cuda(&device)?;
-            Ok(device)
+            Ok(backbones::kernels::cuda_device(ordinal)?)
         }
         other => bail!("--device: unknown device `{other}` (expected cpu, cuda or cuda:N)"),
     }
@@ -61,42 +60,4 @@ pub fn configure_from(device: &Device, cfg: &bench_config::TrainConfig) -> Resul
         bench_config::Precision::Bf16 => Precision::Bf16,
     };
     configure(device, precision, cfg.deterministic)
-}
-
-/// Host-overhead settings for a freshly opened CUDA device:
-///
-/// * CUDA event tracking off. candle's tensors all live on the device's one stream, where
-///   the two events cudarc creates and records per allocation order nothing; they only cost
-///   driver calls. (Safe only as long as everything uses that one stream, which all of
-///   mixbench does; it applies to tensors created after this call.)
-/// * The default memory pool keeps freed memory (release threshold = max) instead of
-///   returning it to the driver at every synchronisation, so the per-op allocations that
-///   candle makes are served from the pool.
-#[cfg(feature = "cuda")]
-fn tune_cuda(device: &Device) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
-    let Device::Cuda(dev) = device else {
-        return Ok(());
-    };
-    // SAFETY: see the doc comment: one stream per device throughout the process.
-    unsafe { dev.disable_event_tracking() };
-    let stream = dev.cuda_stream();
-    let ctx = stream.context();
-    ctx.bind_to_thread()?;
-    // SAFETY: the device handle comes from a live context; the attribute takes a u64.
-    unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
-        let mut threshold: u64 = u64::MAX;
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut std::ffi::c_void,
-        )?;
-    }
-    Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn tune_cuda(_device: &Device) -> Result<()> {
-    Ok(())
 }

@@ -1,38 +1,84 @@
 //! Fused training-mode BatchNorm(+ReLU) on CUDA: the launches behind the BN ops' `cuda_fwd`.
-//! Same math and packing as `cpu::batch_norm`; kernels in `kernels.cu`.
+//! Same math and packing as `cpu::batch_norm`; kernels in `kernels.cu`, launch geometry in
+//! `bn_grid` (reductions on a (chunk, channel) grid with a fixed-order second pass; element-wise
+//! passes striding over each channel's values).
 
-use super::{alloc, cfg, dev_ptr, launch, threads_for};
+use super::{alloc, dev_ptr, launch, threads_for};
+use crate::bn_grid::{self, MAX_THREADS};
 use crate::cpu::batch_norm::{BnGeom, RunningCoefs};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{DType, Layout, Result};
 
-/// Threads of the per-channel reduction blocks.
-const REDUCE_THREADS: usize = 512;
+/// Grid `(blocks, channels)` of `threads` threads.
+fn grid(blocks: usize, channels: usize, threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, channels.max(1) as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
 
-/// `[mean (C), biased var (C)]`; with `running = (mean ptr, var ptr, coefs)` the same launch
-/// updates the running statistics in place (thread 0 of each channel's block).
+/// The reduction grid of `g` with its launch configuration, and a scratch buffer of two f64
+/// partial sums per (channel, chunk).
+fn reduce_launch(
+    g: &BnGeom,
+    dev: &candle_core::cuda_backend::CudaDevice,
+) -> Result<(bn_grid::ReduceGrid, LaunchConfig, CudaStorage, u64)> {
+    let r = bn_grid::reduce_grid(g);
+    let threads = threads_for(r.images_per_chunk * g.plane, MAX_THREADS);
+    let (scratch, ptr) = alloc(dev, DType::F64, 2 * g.channels * r.chunks)?;
+    Ok((r, grid(r.chunks, g.channels, threads), scratch, ptr))
+}
+
+/// Launch configuration of the element-wise passes (normalisation, input gradient).
+fn elementwise_launch(g: &BnGeom) -> LaunchConfig {
+    let threads = threads_for(g.batch * g.plane, MAX_THREADS);
+    grid(bn_grid::elementwise_blocks(g), g.channels, threads)
+}
+
+/// `[mean (C), biased var (C)]`; with `running = (mean ptr, var ptr, coefs)` the second pass
+/// also updates the running statistics in place. Two launches: partial sums per (chunk,
+/// channel), then one thread per channel.
 pub(crate) fn stats(
     g: &BnGeom,
     x: &CudaStorage,
     xl: &Layout,
     running: Option<(u64, u64, RunningCoefs)>,
 ) -> Result<CudaStorage> {
+    let name = "kernels-batch-norm-stats";
+    bn_grid::check_fits(g, name)?;
     let dev = &x.device;
-    let xp = dev_ptr(x, xl, "kernels-batch-norm-stats", "input")?;
+    let xp = dev_ptr(x, xl, name, "input")?;
     let (out, op) = alloc(dev, DType::F32, 2 * g.channels)?;
     let (n, c, p) = (g.batch as i32, g.channels as i32, g.plane as i32);
-    let (rm, rv, k) = running.unwrap_or((0, 0, RunningCoefs::new(0.0, 2)));
-    let update = running.is_some() as i32;
-    let threads = threads_for(g.batch * g.plane, REDUCE_THREADS);
+    let (r, cfg, _scratch, part) = reduce_launch(g, dev)?;
+    let ipc = r.images_per_chunk as i32;
     launch!(
         dev,
-        "mixbench_bn_stats_f32",
-        cfg(g.channels, threads),
+        "mixbench_bn_stats_partial_f32",
+        cfg,
         &xp,
-        &op,
+        &part,
         &n,
         &c,
         &p,
+        &ipc
+    );
+    let (rm, rv, k) = running.unwrap_or((0, 0, RunningCoefs::new(0.0, 2)));
+    let update = running.is_some() as i32;
+    let chunks = r.chunks as i32;
+    let count = (g.batch * g.plane) as f64;
+    let threads = threads_for(g.channels, MAX_THREADS);
+    launch!(
+        dev,
+        "mixbench_bn_stats_final_f32",
+        grid(g.channels.div_ceil(threads), 1, threads),
+        &part,
+        &op,
+        &c,
+        &chunks,
+        &count,
         &rm,
         &rv,
         &k.keep,
@@ -40,6 +86,7 @@ pub(crate) fn stats(
         &k.unbias,
         &update
     );
+    // The scratch buffer is freed stream-ordered, after the launches that read it.
     Ok(out)
 }
 
@@ -53,24 +100,29 @@ pub(crate) fn forward(
     eps: f64,
     relu: bool,
 ) -> Result<CudaStorage> {
-    let dev = &x.device;
     let name = "kernels-batch-norm-train";
+    bn_grid::check_fits(g, name)?;
+    let dev = &x.device;
     let xp = dev_ptr(x, xl, name, "input")?;
     let wp = dev_ptr(w, wl, name, "weight")?;
     let bp = dev_ptr(b, bl, name, "bias")?;
     let (out, yp) = alloc(dev, DType::F32, g.batch * g.channels * g.plane)?;
-    let (c, p, r) = (g.channels as i32, g.plane as i32, relu as i32);
-    let planes = g.batch * g.channels;
-    let threads = threads_for(g.plane, 256);
+    let (n, c, p, r) = (
+        g.batch as i32,
+        g.channels as i32,
+        g.plane as i32,
+        relu as i32,
+    );
     launch!(
         dev,
         "mixbench_bn_fwd_f32",
-        cfg(planes, threads),
+        elementwise_launch(g),
         &xp,
         &wp,
         &bp,
         &stats,
         &yp,
+        &n,
         &c,
         &p,
         &eps,
@@ -80,7 +132,8 @@ pub(crate) fn forward(
 }
 
 /// `[grad_x (N·C·P), grad_weight (C), grad_bias (C)]`, as `cpu::batch_norm::bn_backward`;
-/// `(w, b)` are device addresses.
+/// `(w, b)` are device addresses. Two launches: the two sums per (chunk, channel), then the
+/// input gradient, whose blocks finish the sums (and write the parameter gradients).
 pub(crate) fn backward(
     g: &BnGeom,
     (x, xl): (&CudaStorage, &Layout),
@@ -90,8 +143,9 @@ pub(crate) fn backward(
     eps: f64,
     relu: bool,
 ) -> Result<CudaStorage> {
-    let dev = &x.device;
     let name = "kernels-batch-norm-backward";
+    bn_grid::check_fits(g, name)?;
+    let dev = &x.device;
     let xp = dev_ptr(x, xl, name, "input")?;
     let dyp = dev_ptr(dy, dyl, name, "output gradient")?;
     let sp = dev_ptr(stats, sl, name, "statistics")?;
@@ -104,33 +158,36 @@ pub(crate) fn backward(
         g.plane as i32,
         relu as i32,
     );
-    let threads = threads_for(g.batch * g.plane, REDUCE_THREADS);
+    let (rg, cfg, _scratch, part) = reduce_launch(g, dev)?;
+    let (ipc, chunks) = (rg.images_per_chunk as i32, rg.chunks as i32);
     launch!(
         dev,
-        "mixbench_bn_bwd_reduce_f32",
-        cfg(g.channels, threads),
+        "mixbench_bn_bwd_partial_f32",
+        cfg,
         &xp,
         &wp,
         &bp,
         &sp,
         &dyp,
-        &gpp,
+        &part,
         &n,
         &c,
         &p,
+        &ipc,
         &eps,
         &r
     );
-    let threads = threads_for(g.plane, 256);
     launch!(
         dev,
         "mixbench_bn_bwd_dx_f32",
-        cfg(g.batch * g.channels, threads),
+        elementwise_launch(g),
         &xp,
         &wp,
         &bp,
         &sp,
         &dyp,
+        &part,
+        &chunks,
         &gpp,
         &dxp,
         &n,

@@ -6,9 +6,11 @@
 // them the SGD update is bit-identical to the CPU one and the BN forward differs from CPU only
 // through the statistics (whose summation order necessarily differs).
 //
-// Reductions are per-channel, one block per channel, accumulated in f64 with a fixed tree order,
-// so they are deterministic run to run (no atomics).
+// Reductions are per channel over a 2-D grid (channel x chunk of images), accumulated in f64: each
+// block reduces its chunk with a fixed tree, and a second pass adds the chunks in chunk order, so
+// results are deterministic run to run (no atomics).
 
+#include <stddef.h>
 #include <stdint.h>
 
 #define MAX_THREADS 1024
@@ -40,58 +42,98 @@ __device__ __forceinline__ float scale_of(float w, float var, double eps) {
   return __fdiv_rn(w, (float)sqrt((double)var + eps));
 }
 
-// stats = [mean (C), biased var (C)]; grid = C blocks. With `update`, thread 0 also applies the
-// running-statistics update in place, rounded as the CPU's running_update():
-// running = (running*keep + 0) + (batch*take + 0), the variance first unbiased as var*unbias + 0.
-extern "C" __global__ void mixbench_bn_stats_f32(const float *__restrict__ x, float *__restrict__ stats,
-                                               int n, int c, int p, float *__restrict__ run_mean,
-                                               float *__restrict__ run_var, float keep, float take,
-                                               float unbias, int update) {
-  __shared__ double sh[33];
-  const int ch = blockIdx.x;
-  const long count = (long)n * p;
-  double s = 0.0;
-  for (long i = threadIdx.x; i < count; i += blockDim.x) {
-    const long img = i / p, q = i - img * p;
-    s += (double)x[(img * c + ch) * p + q];
-  }
-  const double total = block_sum(s, sh);
-  const float mean = (float)(total / (double)count);
-  double sq = 0.0;
-  for (long i = threadIdx.x; i < count; i += blockDim.x) {
-    const long img = i / p, q = i - img * p;
-    const float d = __fsub_rn(x[(img * c + ch) * p + q], mean);
-    sq += (double)__fmul_rn(d, d);
-  }
-  const double sq_total = block_sum(sq, sh);
-  if (threadIdx.x == 0) {
-    const float var = (float)(sq_total / (double)count);
-    stats[ch] = mean;
-    stats[c + ch] = var;
-    if (update) {
-      run_mean[ch] = __fadd_rn(__fadd_rn(__fmul_rn(run_mean[ch], keep), 0.0f),
-                               __fadd_rn(__fmul_rn(mean, take), 0.0f));
-      const float unb = __fadd_rn(__fmul_rn(var, unbias), 0.0f);
-      run_var[ch] = __fadd_rn(__fadd_rn(__fmul_rn(run_var[ch], keep), 0.0f),
-                              __fadd_rn(__fmul_rn(unb, take), 0.0f));
+// A strided walk over the values of one channel of a [N, C, P] tensor, in the flat per-channel
+// index j = img * P + q, that tracks (img, q) without a division per step: the stride is split
+// once into whole images and positions, and a position past the plane carries into the image.
+struct ChannelWalk {
+  int img, q, step_img, step_q, p;
+  // Starts at image img0 plus flat index `start`, advancing by `stride` values per step.
+  __device__ __forceinline__ ChannelWalk(int img0, int start, int stride, int p_)
+      : img(img0 + start / p_), q(start % p_), step_img(stride / p_), step_q(stride % p_), p(p_) {}
+  __device__ __forceinline__ void next() {
+    img += step_img;
+    q += step_q;
+    if (q >= p) {
+      q -= p;
+      ++img;
     }
+  }
+  // Offset of the current value of channel ch.
+  __device__ __forceinline__ long offset(int c, int ch) const { return ((long)img * c + ch) * p + q; }
+};
+
+// Index of the (channel, chunk) partial sums: part[2 * slot] and part[2 * slot + 1].
+__device__ __forceinline__ long partial_slot(int ch, int chunk, int chunks) { return (long)ch * chunks + chunk; }
+
+// Batch statistics, pass 1: grid = (chunks, C); block (k, ch) sums x and x*x (in f64) over images
+// [k * ipc, min(n, (k + 1) * ipc)) of channel ch into part[2 * slot], part[2 * slot + 1].
+extern "C" __global__ void mixbench_bn_stats_partial_f32(const float *__restrict__ x, double *__restrict__ part,
+                                                       int n, int c, int p, int ipc) {
+  __shared__ double sh[33];
+  const int ch = blockIdx.y, k = blockIdx.x;
+  if (ch >= c || p <= 0) return;  // whole block: no barrier is skipped by part of it
+  const int img1 = min(n, (k + 1) * ipc);
+  double s = 0.0, sq = 0.0;
+  for (ChannelWalk it(k * ipc, threadIdx.x, blockDim.x, p); it.img < img1; it.next()) {
+    const double v = (double)x[it.offset(c, ch)];
+    s += v;
+    sq += v * v;
+  }
+  s = block_sum(s, sh);
+  sq = block_sum(sq, sh);
+  if (threadIdx.x == 0) {
+    const long slot = partial_slot(ch, k, gridDim.x);
+    part[2 * slot] = s;
+    part[2 * slot + 1] = sq;
   }
 }
 
-// y = x * scale + shift (+ReLU); w, b (C), stats = [mean, var] (2C); grid = N*C blocks
-// (one per plane), threads stride over the plane.
+// Batch statistics, pass 2: one thread per channel adds its chunks' partial sums in chunk order
+// (so the result does not depend on scheduling), then stats = [mean (C), biased var (C)] with
+// var = E[x^2] - mean^2 in f64. With `update`, also the running statistics in place, rounded as
+// the CPU's running_update(): running = (running*keep + 0) + (batch*take + 0), the variance
+// first unbiased as var*unbias + 0.
+extern "C" __global__ void mixbench_bn_stats_final_f32(const double *__restrict__ part, float *__restrict__ stats,
+                                                     int c, int chunks, double count, float *__restrict__ run_mean,
+                                                     float *__restrict__ run_var, float keep, float take,
+                                                     float unbias, int update) {
+  const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+  if (ch >= c) return;
+  double s = 0.0, sq = 0.0;
+  for (int k = 0; k < chunks; ++k) {
+    const long slot = partial_slot(ch, k, chunks);
+    s += part[2 * slot];
+    sq += part[2 * slot + 1];
+  }
+  const double m = s / count;
+  const float mean = (float)m;
+  const float var = (float)fmax(sq / count - m * m, 0.0);
+  stats[ch] = mean;
+  stats[c + ch] = var;
+  if (update) {
+    run_mean[ch] = __fadd_rn(__fadd_rn(__fmul_rn(run_mean[ch], keep), 0.0f),
+                             __fadd_rn(__fmul_rn(mean, take), 0.0f));
+    const float unb = __fadd_rn(__fmul_rn(var, unbias), 0.0f);
+    run_var[ch] = __fadd_rn(__fadd_rn(__fmul_rn(run_var[ch], keep), 0.0f),
+                            __fadd_rn(__fmul_rn(unb, take), 0.0f));
+  }
+}
+
+// y = x * scale + shift (+ReLU); w, b (C), stats = [mean, var] (2C). grid = (blocks, C): the
+// blocks of channel ch stride over its n * p values (a grid-stride loop per channel, so small
+// planes keep every lane busy). Nothing runs for an empty channel.
 extern "C" __global__ void mixbench_bn_fwd_f32(const float *__restrict__ x, const float *__restrict__ w,
                                              const float *__restrict__ bias, const float *__restrict__ st,
-                                             float *__restrict__ y, int c, int p, double eps, int relu) {
-  const long plane = blockIdx.x;
-  const int ch = (int)(plane % c);
+                                             float *__restrict__ y, int n, int c, int p, double eps, int relu) {
+  const int ch = blockIdx.y;
+  if (ch >= c || p <= 0) return;
   const float s = scale_of(w[ch], st[c + ch], eps);
   const float t = __fsub_rn(bias[ch], __fmul_rn(st[ch], s));
-  const float *xp = x + plane * p;
-  float *yp = y + plane * p;
-  for (int q = threadIdx.x; q < p; q += blockDim.x) {
-    float v = __fadd_rn(__fmul_rn(xp[q], s), t);
-    yp[q] = relu ? fmaxf(v, 0.0f) : v;
+  for (ChannelWalk it(0, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x, p); it.img < n;
+       it.next()) {
+    const long o = it.offset(c, ch);
+    const float v = __fadd_rn(__fmul_rn(x[o], s), t);
+    y[o] = relu ? fmaxf(v, 0.0f) : v;
   }
 }
 
@@ -99,59 +141,74 @@ __device__ __forceinline__ float masked_grad(float xv, float dy, float s, float 
   return (relu && __fadd_rn(__fmul_rn(xv, s), t) <= 0.0f) ? 0.0f : dy;
 }
 
-// Backward, pass 1: gp = [d weight = sum(dy*xhat), d bias = sum(dy)] (2C); grid = C.
-extern "C" __global__ void mixbench_bn_bwd_reduce_f32(const float *__restrict__ x, const float *__restrict__ w,
-                                                    const float *__restrict__ bias, const float *__restrict__ st,
-                                                    const float *__restrict__ dy, float *__restrict__ gp,
-                                                    int n, int c, int p, double eps, int relu) {
+// Backward, pass 1: grid = (chunks, C) as the statistics' pass 1; part[2 * slot] = sum(dy),
+// part[2 * slot + 1] = sum(dy * xhat) over the block's images (dy masked by the ReLU).
+extern "C" __global__ void mixbench_bn_bwd_partial_f32(const float *__restrict__ x, const float *__restrict__ w,
+                                                     const float *__restrict__ bias, const float *__restrict__ st,
+                                                     const float *__restrict__ dy, double *__restrict__ part, int n,
+                                                     int c, int p, int ipc, double eps, int relu) {
   __shared__ double sh[33];
-  const int ch = blockIdx.x;
-  const long count = (long)n * p;
+  const int ch = blockIdx.y, k = blockIdx.x;
+  if (ch >= c || p <= 0) return;
   const float s = scale_of(w[ch], st[c + ch], eps);
   const float t = __fsub_rn(bias[ch], __fmul_rn(st[ch], s));
   const float m = st[ch];
   const float is = inv_std_of(st[c + ch], eps);
+  const int img1 = min(n, (k + 1) * ipc);
   double a = 0.0, b = 0.0;
-  for (long i = threadIdx.x; i < count; i += blockDim.x) {
-    const long img = i / p, q = i - img * p;
-    const long off = (img * c + ch) * p + q;
-    const float xv = x[off];
-    const float d = masked_grad(xv, dy[off], s, t, relu);
+  for (ChannelWalk it(k * ipc, threadIdx.x, blockDim.x, p); it.img < img1; it.next()) {
+    const long o = it.offset(c, ch);
+    const float xv = x[o];
+    const float d = masked_grad(xv, dy[o], s, t, relu);
     a += (double)d;
     b += (double)__fmul_rn(__fmul_rn(d, __fsub_rn(xv, m)), is);
   }
-  const double sum_dy = block_sum(a, sh);
-  const double sum_dy_xhat = block_sum(b, sh);
+  a = block_sum(a, sh);
+  b = block_sum(b, sh);
   if (threadIdx.x == 0) {
-    gp[ch] = (float)sum_dy_xhat;
-    gp[c + ch] = (float)sum_dy;
+    const long slot = partial_slot(ch, k, gridDim.x);
+    part[2 * slot] = a;
+    part[2 * slot + 1] = b;
   }
 }
 
-// Backward, pass 2: dx = w*inv_std * (d - mean(d) - xhat * mean(d*xhat)); grid = N*C planes.
+// Backward, pass 2: dx = w*inv_std * (d - mean(d) - xhat * mean(d*xhat)); grid = (blocks, C) as
+// the forward. Every block first adds its channel's `chunks` partial sums in chunk order (the
+// same values in every block, deterministic); blocks with blockIdx.x == 0 also write
+// gp = [d weight = sum(dy*xhat) (C), d bias = sum(dy) (C)].
 extern "C" __global__ void mixbench_bn_bwd_dx_f32(const float *__restrict__ x, const float *__restrict__ w,
                                                 const float *__restrict__ bias, const float *__restrict__ st,
-                                                const float *__restrict__ dy, const float *__restrict__ gp,
-                                                float *__restrict__ dx, int n, int c, int p, double eps,
-                                                int relu) {
-  const long plane = blockIdx.x;
-  const int ch = (int)(plane % c);
+                                                const float *__restrict__ dy, const double *__restrict__ part,
+                                                int chunks, float *__restrict__ gp, float *__restrict__ dx, int n,
+                                                int c, int p, double eps, int relu) {
+  const int ch = blockIdx.y;
+  if (ch >= c || p <= 0) return;
+  double sum_dy = 0.0, sum_dy_xhat = 0.0;
+  for (int j = 0; j < chunks; ++j) {
+    const long slot = partial_slot(ch, j, chunks);
+    sum_dy += part[2 * slot];
+    sum_dy_xhat += part[2 * slot + 1];
+  }
+  const float gw = (float)sum_dy_xhat, gb = (float)sum_dy;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    gp[ch] = gw;
+    gp[c + ch] = gb;
+  }
   const float cnt = (float)((long)n * p);
   const float s = scale_of(w[ch], st[c + ch], eps);
   const float t = __fsub_rn(bias[ch], __fmul_rn(st[ch], s));
   const float m = st[ch];
   const float is = inv_std_of(st[c + ch], eps);
   const float k = __fmul_rn(w[ch], is);
-  const float mdy = __fdiv_rn(gp[c + ch], cnt);
-  const float mdyx = __fdiv_rn(gp[ch], cnt);
-  const float *xp = x + plane * p;
-  const float *dp = dy + plane * p;
-  float *op = dx + plane * p;
-  for (int q = threadIdx.x; q < p; q += blockDim.x) {
-    const float xv = xp[q];
-    const float d = masked_grad(xv, dp[q], s, t, relu);
+  const float mdy = __fdiv_rn(gb, cnt);
+  const float mdyx = __fdiv_rn(gw, cnt);
+  for (ChannelWalk it(0, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x, p); it.img < n;
+       it.next()) {
+    const long o = it.offset(c, ch);
+    const float xv = x[o];
+    const float d = masked_grad(xv, dy[o], s, t, relu);
     const float xhat = __fmul_rn(__fsub_rn(xv, m), is);
-    op[q] = __fmul_rn(k, __fsub_rn(__fsub_rn(d, mdy), __fmul_rn(xhat, mdyx)));
+    dx[o] = __fmul_rn(k, __fsub_rn(__fsub_rn(d, mdy), __fmul_rn(xhat, mdyx)));
   }
 }
 
@@ -171,10 +228,14 @@ __device__ __forceinline__ void sgd_elem(float *__restrict__ theta, const float 
   theta[i] = __fsub_rn(th, __fadd_rn(__fmul_rn(d, lr), 0.0f));
 }
 
-#define SGD_MULTI_MAX 96
+// Tensors per multi-tensor launch: build.rs passes -DSGD_MULTI_MAX from the one definition that
+// the Rust side uses too (src/sgd_multi_max.in).
+#ifndef SGD_MULTI_MAX
+#error "SGD_MULTI_MAX is defined by build.rs (nvcc -DSGD_MULTI_MAX=...)"
+#endif
 
-// Argument block of the multi-tensor update, passed by value (3,080 bytes); mirrors
-// SgdMultiArgs in src/cuda/sgd.rs.
+// Argument block of the multi-tensor update, passed by value; mirrors SgdMultiArgs in
+// src/cuda/sgd.rs, which asserts the same size and offsets.
 struct SgdMultiArgs {
   float *theta[SGD_MULTI_MAX];
   const float *grad[SGD_MULTI_MAX];
@@ -183,6 +244,11 @@ struct SgdMultiArgs {
   unsigned int count;
   unsigned int pad;
 };
+static_assert(sizeof(SgdMultiArgs) == 32 * SGD_MULTI_MAX + 8, "SgdMultiArgs layout differs from src/cuda/sgd.rs");
+static_assert(offsetof(SgdMultiArgs, n) == 24 * SGD_MULTI_MAX, "SgdMultiArgs.n offset differs from src/cuda/sgd.rs");
+static_assert(offsetof(SgdMultiArgs, count) == 32 * SGD_MULTI_MAX, "SgdMultiArgs.count offset differs from src/cuda/sgd.rs");
+// With the kernel's four 4-byte scalars, under the 4 KiB parameter limit of every CUDA version.
+static_assert(sizeof(SgdMultiArgs) + 16 <= 4096, "SgdMultiArgs exceeds the 4 KiB kernel-parameter limit");
 
 // Multi-tensor SGD: blockIdx.y selects the tensor, blocks along x stride over its elements.
 extern "C" __global__ void mixbench_sgd_multi_f32(const SgdMultiArgs args, float wd, float mu, float lr,

@@ -5,6 +5,12 @@
 //! candle's storages. That is sound because all work of a device is on that one stream: the
 //! pointer is only used by work queued after the producers and before any free, and candle frees
 //! memory stream-ordered (`cuMemFreeAsync`).
+//!
+//! "One stream" needs a device opened on an explicit stream ([`crate::cuda_device`], candle's
+//! `Device::new_cuda_with_stream`): then every host thread queues onto it. On a device from
+//! `Device::new_cuda` (the per-thread default stream: one stream per host thread) the ops run
+//! only on the thread that used the device first and return an error elsewhere
+//! ([`check_thread`], `crate::thread_rule`).
 
 pub(crate) mod batch_norm;
 #[cfg(feature = "cudnn")]
@@ -28,6 +34,7 @@ macro_rules! launch {
     ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
+        $crate::cuda::check_thread(&$dev, $name)?;
         let f = $dev.get_or_load_custom_func($name, $crate::cuda::MODULE, $crate::cuda::PTX)?;
         let mut b = f.builder();
         $( b.arg($arg); )+
@@ -36,6 +43,25 @@ macro_rules! launch {
     }};
 }
 pub(crate) use launch;
+
+/// The handle cudarc gives the per-thread default stream (`CU_STREAM_PER_THREAD`).
+const PER_THREAD_STREAM: usize = 0x2;
+
+/// First users of the devices that run on the per-thread default stream.
+static PER_THREAD_STREAM_USERS: crate::thread_rule::FirstThread<
+    candle_core::cuda_backend::DeviceId,
+> = crate::thread_rule::FirstThread::new();
+
+/// Refuses to queue work for `dev` from this thread when that would not be ordered with the
+/// device's other work: only for a device on the per-thread default stream used before by
+/// another thread (see the module docs). Explicit streams pass with one comparison.
+pub(crate) fn check_thread(dev: &CudaDevice, op: &str) -> Result<()> {
+    if dev.cuda_stream().cu_stream() as usize == PER_THREAD_STREAM {
+        PER_THREAD_STREAM_USERS.check(dev.id(), op)
+    } else {
+        Ok(())
+    }
+}
 
 /// Raw device address of a contiguous tensor argument (its layout's start offset applied).
 pub(crate) fn dev_ptr(s: &CudaStorage, l: &Layout, op: &str, arg: &str) -> Result<u64> {
@@ -64,9 +90,11 @@ pub(crate) fn tensor_ptr(t: &candle_core::Tensor, op: &str, arg: &str) -> Result
     }
 }
 
-/// A fresh, uninitialised device buffer of `len` elements of `dtype` (f32 or bf16), with its
-/// address. Every caller overwrites all of it.
+/// A fresh, uninitialised device buffer of `len` elements of `dtype` (f32, bf16, or f64 for
+/// scratch sums), with its address. Every caller overwrites all of it.
 pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, len: usize) -> Result<(CudaStorage, u64)> {
+    // Every op allocates its output before launching: refuse here, before any allocation.
+    check_thread(dev, "kernels")?;
     let stream = dev.cuda_stream();
     // SAFETY: the buffer is fully written by the kernel or cuDNN call that follows.
     let storage = match dtype {
@@ -78,11 +106,16 @@ pub(crate) fn alloc(dev: &CudaDevice, dtype: DType, len: usize) -> Result<(CudaS
             let s = unsafe { dev.alloc::<half::bf16>(len.max(1))? };
             CudaStorage::wrap_cuda_slice(s, dev.clone())
         }
+        DType::F64 => {
+            let s = unsafe { dev.alloc::<f64>(len.max(1))? };
+            CudaStorage::wrap_cuda_slice(s, dev.clone())
+        }
         other => bail!("kernels: cannot allocate {other:?} on CUDA"),
     };
     let ptr = match &storage.slice {
         CudaStorageSlice::F32(v) => v.device_ptr(&stream).0,
         CudaStorageSlice::BF16(v) => v.device_ptr(&stream).0,
+        CudaStorageSlice::F64(v) => v.device_ptr(&stream).0,
         _ => unreachable!(),
     };
     Ok((storage, ptr))

@@ -56,12 +56,13 @@ pub(crate) fn update(
     Ok(())
 }
 
-/// Tensors per multi-tensor launch: the by-value argument block below stays under the 4 KiB
-/// kernel-parameter limit of every CUDA version (96 × 32 B + 8 B = 3,080 B).
-pub(crate) const MAX_TENSORS: usize = 96;
-const _: () = assert!(MAX_TENSORS == crate::sgd::MULTI_MAX_TENSORS);
+/// Tensors per multi-tensor launch: `src/sgd_multi_max.in`, which build.rs also passes to nvcc
+/// as `SGD_MULTI_MAX`, the array length of the CUDA struct.
+pub(crate) const MAX_TENSORS: usize = crate::sgd::MULTI_MAX_TENSORS;
 
 /// The kernel's by-value argument `SgdMultiArgs` (kernels.cu): same field order and layout.
+/// Both sides assert the same size and offsets (kernels.cu with `static_assert`), so a change
+/// to one alone fails the build instead of passing garbage pointers.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct SgdMultiArgs {
@@ -72,6 +73,14 @@ struct SgdMultiArgs {
     count: u32,
     _pad: u32,
 }
+
+const _: () = {
+    assert!(std::mem::size_of::<SgdMultiArgs>() == 32 * MAX_TENSORS + 8);
+    assert!(std::mem::offset_of!(SgdMultiArgs, n) == 24 * MAX_TENSORS);
+    assert!(std::mem::offset_of!(SgdMultiArgs, count) == 32 * MAX_TENSORS);
+    // With the kernel's four 4-byte scalars, under the 4 KiB kernel-parameter limit.
+    assert!(std::mem::size_of::<SgdMultiArgs>() + 16 <= 4096);
+};
 
 // SAFETY: plain old data with C layout, mirrored field by field by the CUDA struct.
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for SgdMultiArgs {}
