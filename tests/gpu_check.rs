@@ -436,3 +436,56 @@ fn a_gpu_run_stops_at_once_without_binaries_libraries_or_a_device() {
     );
     assert_stopped_at_prereq(&c, "hides every GPU");
 }
+
+#[test]
+fn a_pack_is_verified_before_anything_runs_and_its_data_subset_is_used() {
+    // A pack as scripts/gpu-pack.sh writes it, less the CUDA binaries (a dry run does not use
+    // them): a synthetic subset of 400/150 records and the manifest over it.
+    let pack = tempfile::tempdir().unwrap();
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/gpu-check-helper.py");
+    let data = pack.path().join("data");
+    let ok = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+    ok(Command::new("python3").arg(&helper).args([
+        "synthetic",
+        data.to_str().unwrap(),
+        "--train",
+        "400",
+        "--test",
+        "150",
+    ]));
+    ok(Command::new("python3").arg(&helper).args([
+        "manifest-write",
+        pack.path().to_str().unwrap(),
+        "commit=0123abc",
+        "features=cuda,cudnn",
+    ]));
+    let pack_arg = pack.path().to_str().unwrap();
+
+    let c = check(
+        &[
+            "--dry-run",
+            "--pack",
+            pack_arg,
+            "--skip",
+            "bench,pytorch,resnext50",
+        ],
+        &[("CIFAR10_DIR", "")],
+    );
+    assert_eq!(c.code, Some(0), "{}", c.dump());
+    let prereq = &c.summary["prereq"];
+    assert_eq!(prereq["pack"]["commit"], "0123abc", "{}", c.dump());
+    assert_eq!(prereq["data"]["source"], "pack subset");
+    assert_eq!(prereq["data"]["train_records"], 400);
+    assert_eq!(prereq["data"]["test_records"], 150);
+    // The dry run's sizes, within the pack's subset.
+    assert_eq!(c.summary["epoch"]["train_images"], 300);
+    assert_eq!(c.status("epoch"), "ok", "{}", c.dump());
+
+    // One changed byte: the manifest check stops the run.
+    let file = data.join("test_batch.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[5] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let c = check(&["--dry-run", "--pack", pack_arg], &[]);
+    assert_stopped_at_prereq(&c, "test_batch.bin: sha256 differs from the manifest");
+}
