@@ -419,6 +419,9 @@ if [[ $mode == gpu ]]; then
             [[ ";$libs" == *";$lib="* ]] || libs="$libs$lib=$path;"
         done < <(printf '%s\n' "$ldd_out" | awk '$1 ~ /^lib(cuda|cudart|cublas|cublasLt|curand|cudnn|nvrtc)\.so/ {print $1, $3}')
     done
+    # The build's link-only libcuda stub must never stand in for the driver.
+    libcuda=$(tr ';' '\n' <<<"$libs" | grep '^libcuda\.so' || true)
+    [[ $libcuda != *stub* ]] || prereq_fail "libcuda resolves to the build's link stub, not the driver: $libcuda"
     meta libraries "$libs"
     log "libraries: ${libs//;/ }"
 
