@@ -365,11 +365,11 @@ unpack() { # SRC NAME: prints the path of the runnable binary; .gz / .xz (or not
     esac || return 1
     chmod +x "$dst" && echo "$dst"
 }
-pick() { # explicit source, else the pack's bin/NAME.gz / .xz / plain
+pick() { # explicit source, else the pack's bin/NAME.xz / .gz / plain
     local given=$1 name=$2 ext
     if [[ -n $given ]]; then echo "$given"; return; fi
     [[ -n $pack ]] || return 0
-    for ext in .gz .xz ""; do
+    for ext in .xz .gz ""; do
         [[ -f $pack/bin/$name$ext ]] && { echo "$pack/bin/$name$ext"; return; }
     done
 }

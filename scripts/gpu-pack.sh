@@ -5,7 +5,8 @@
 #
 #   scripts/gpu-pack.sh [DIR]         # DIR defaults to gpu-pack (ignored by git)
 #
-#   DIR/bin/runner.gz, cuda_agreement.gz, cuda_trajectory.gz   stripped, gzip -9
+#   DIR/bin/runner.xz, cuda_agreement.xz, cuda_trajectory.xz   stripped, xz -9 (half the size
+#                               of gzip -9 for these binaries)
 #   DIR/data/data_batch_1.bin   the first 5,000 training records (official binary format)
 #   DIR/data/test_batch.bin     the first 1,000 test records
 #   DIR/manifest.json           commit, features, toolchain, sizes and sha256s (gpu-check
@@ -77,8 +78,8 @@ for pair in "runner=$CARGO_TARGET_DIR/release/runner" "cuda_agreement=$agreement
     "cuda_trajectory=$trajectory"; do
     name=${pair%%=*} src=${pair#*=}
     strip -o "$stage/bin/$name" "$src"
-    gzip -9 -n "$stage/bin/$name"
-    log "bin/$name.gz: $(stat -c %s "$stage/bin/$name.gz") bytes (from $src)"
+    xz -9 -T1 "$stage/bin/$name"
+    log "bin/$name.xz: $(stat -c %s "$stage/bin/$name.xz") bytes (from $src)"
 done
 
 if [[ -n ${CIFAR10_DIR:-} ]]; then
