@@ -420,8 +420,10 @@ if [[ $mode == gpu ]]; then
         done < <(printf '%s\n' "$ldd_out" | awk '$1 ~ /^lib(cuda|cudart|cublas|cublasLt|curand|cudnn|nvrtc)\.so/ {print $1, $3}')
     done
     # The build's link-only libcuda stub must never stand in for the driver.
-    libcuda=$(tr ';' '\n' <<<"$libs" | grep '^libcuda\.so' || true)
-    [[ $libcuda != *stub* ]] || prereq_fail "libcuda resolves to the build's link stub, not the driver: $libcuda"
+    libcuda=$(tr ';' '\n' <<<"$libs" | sed -n 's/^libcuda\.so[^=]*=//p' | head -n 1)
+    if [[ -n $libcuda && $(readlink -f "$libcuda") == */stubs/* ]]; then
+        prereq_fail "libcuda resolves to the build's link-only stub, not the driver: $libcuda -> $(readlink -f "$libcuda")"
+    fi
     meta libraries "$libs"
     log "libraries: ${libs//;/ }"
 
