@@ -17,7 +17,9 @@
 #                              and data/cifar10-jpegq75.pack when CIFAR10_DIR is not set
 #   MIXBENCH_CUDA_TARGET_DIR   the CUDA build's target dir (else CARGO_TARGET_DIR, else
 #                              $HOME/.cache/mixbench/cuda-target, as .ci/run); the cold build
-#                              takes about 18 minutes on 2 cores, later ones seconds
+#                              takes about 18 minutes on 2 cores, later ones seconds. Cargo
+#                              goes by modification times: in a target dir copied from another
+#                              checkout, touch this tree's crates/ first
 #   CIFAR10_DIR                the official .bin files to take the subset from
 #   GPU_PACK_TRAIN, GPU_PACK_TEST   records in the subset (default 5000 and 1000)
 set -euo pipefail
