@@ -6,9 +6,9 @@ the benchmark-era initialisation (§2.6), pad-4 random crop + horizontal flip (�
 CutMix (§5.2 / §5.3) with the CE_none loss (§3.4), SGD momentum 0.9, weight decay 1e-4 on every
 parameter (§3.1), cosine learning rate per epoch (§3.2), batch 100 (§1.5).
 
-  # (a) train-step throughput and peak memory, one JSON object:
+  # (a) train-step throughput and peak memory, one JSON object per --dtype:
   python3 bench/reference.py bench --arch resnet18 --mix mixup --device cpu --batch 32
-  python3 bench/reference.py bench --arch resnext50 --device cuda --dtype bf16
+  python3 bench/reference.py bench --arch resnext50 --device cuda --dtype f32,tf32,bf16 --step-only
   # (b) per-layer convolution times on the shapes of crates/kernels/examples/conv_layers.rs:
   python3 bench/reference.py conv-layers --base-width 64 --threads 2
   # (c) accuracy reference: one JSON line per epoch with the test top-1:
@@ -222,6 +222,27 @@ def cosine_lr(epoch, epochs, base=0.1, min_lr=0.0):
     return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
 
 
+def set_tf32(enabled):
+    """Whether cuDNN convolutions and cuBLAS f32 matmuls may use TF32 tensor cores: off for
+    `--dtype f32` (strict f32, like `runner bench --precision f32`), on for tf32 and bf16 (like
+    the runner's tf32 and bf16, which also run candle's f32 GEMMs in TF32)."""
+    mode = "tf32" if enabled else "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # PyTorch >= 2.9
+        conv.fp32_precision = mode
+        torch.backends.cuda.matmul.fp32_precision = mode
+    else:
+        torch.backends.cudnn.allow_tf32 = enabled
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+def check_dtype(device, dtype):
+    if dtype != "f32" and device.type != "cuda":
+        sys.exit(f"--dtype {dtype} is only benchmarked on cuda (f32 on cpu)")
+    if device.type == "cuda":
+        set_tf32(dtype != "f32")
+
+
 def autocast(device, dtype):
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -246,8 +267,15 @@ def sync(device):
 
 def cmd_bench(args):
     device = torch.device(args.device)
-    if args.dtype == "bf16" and device.type != "cuda":
-        sys.exit("--dtype bf16 is only benchmarked on cuda (autocast)")
+    for dtype in args.dtype:
+        check_dtype(device, dtype)
+    for dtype in args.dtype:
+        print(json.dumps(bench_one(args, device, dtype)), flush=True)
+
+
+def bench_one(args, device, dtype):
+    """Median train-step time of one dtype on a fresh model (same seed for every dtype)."""
+    check_dtype(device, dtype)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = CifarNet(args.arch, base_width=args.base_width).to(device).train()
@@ -258,12 +286,15 @@ def cmd_bench(args):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # §3.5
         torch.cuda.reset_peak_memory_stats(device)
+    # --step-only: the batch is augmented, uploaded and normalised once, so the timed step is
+    # what `runner bench` times (mixing, forward, loss, backward, SGD on a device batch).
+    x_fixed = normalize(augment(u8, rng), device) if args.step_only else None
     times = []
     for i in range(args.warmup + args.steps):
         sync(device)
         start = time.perf_counter()
-        x = normalize(augment(u8, rng), device)
-        train_step(model, opt, x, y, args.mix, rng, device, args.dtype)
+        x = x_fixed if args.step_only else normalize(augment(u8, rng), device)
+        train_step(model, opt, x, y, args.mix, rng, device, dtype)
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -272,25 +303,24 @@ def cmd_bench(args):
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(
-        json.dumps(
-            {
-                "impl": "pytorch",
-                "arch": args.arch,
-                "mix": args.mix,
-                "device": device.type,
-                "dtype": args.dtype,
-                "batch": args.batch,
-                "base_width": args.base_width,
-                "images_per_s": args.batch / step_s,
-                "step_ms": step_s * 1e3,
-                "peak_mem_mb": peak_mb,
-                "threads": torch.get_num_threads(),
-                "steps": args.steps,
-                "torch": torch.__version__,
-            }
-        )
-    )
+    return {
+        "impl": "pytorch",
+        "arch": args.arch,
+        "mix": args.mix,
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "dtype": dtype,
+        "tf32": device.type == "cuda" and dtype != "f32",
+        "timed": "step only" if args.step_only else "input pipeline and step",
+        "batch": args.batch,
+        "base_width": args.base_width,
+        "images_per_s": args.batch / step_s,
+        "step_ms": step_s * 1e3,
+        "peak_mem_mb": peak_mb,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "torch": torch.__version__,
+    }
 
 
 def cmd_conv_layers(args):
@@ -373,6 +403,8 @@ def evaluate(model, images, labels, device, dtype, batch=100):
 
 def cmd_train(args):
     device = torch.device(args.device)
+    if device.type == "cuda":
+        set_tf32(args.dtype != "f32")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     train_x, train_y = load_split(args.data, train=True)
@@ -411,6 +443,17 @@ def cmd_train(args):
         print(json.dumps(record), flush=True)
 
 
+DTYPES = ["f32", "tf32", "bf16"]
+
+
+def dtype_list(text):
+    dtypes = [d for d in text.split(",") if d]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(DTYPES)}")
+    return dtypes
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -419,15 +462,26 @@ def main():
         s.add_argument("--arch", default="resnet18", choices=["resnet18", "resnext50"])
         s.add_argument("--mix", default="mixup", choices=sorted(ALPHA))
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        s.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
         s.add_argument("--batch", type=int, default=100)
         s.add_argument("--base-width", type=int, default=64, help="stem width (64: the benchmark)")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     b = sub.choices["bench"]
+    b.add_argument(
+        "--dtype",
+        default=["f32"],
+        type=dtype_list,
+        help="comma list of f32 (strict, TF32 off), tf32, bf16 (autocast); one JSON line each",
+    )
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=2)
+    b.add_argument(
+        "--step-only",
+        action="store_true",
+        help="time the step on a batch already on the device, as `runner bench` does",
+    )
     t = sub.choices["train"]
+    t.add_argument("--dtype", default="f32", choices=DTYPES)
     t.add_argument("--data", required=True, help="directory with the CIFAR-10 .bin files")
     t.add_argument("--epochs", type=int, default=200)
     t.add_argument("--limit", type=int, default=0, help="use only the first N train images")
