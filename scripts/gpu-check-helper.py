@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import random
 import sys
 
@@ -81,11 +82,9 @@ def cmd_synthetic(args):
 
 
 def cmd_layout(args):
-    """The runner's loader wants data_batch_1..5.bin and test_batch.bin of exactly 10,000
-    records each. The subset's records come first; the rest of each file is zero bytes (label
-    0, black images: valid records, written sparse, so nothing is stored), and data_batch_2..5
-    are links to data_batch_1. A run with --limit-train / --limit-test no larger than the
-    subset therefore sees only real records."""
+    """The subset as the runner reads it: data_batch_1.bin and test_batch.bin holding the first
+    records of the official files. The loader takes such a prefix when --limit-train /
+    --limit-test do not exceed it (cifar_data::load_train_limited), so nothing is padded."""
     os.makedirs(args.dst, exist_ok=True)
     counts = {}
     for name in (TRAIN_FILE, TEST_FILE):
@@ -94,15 +93,10 @@ def cmd_layout(args):
         if size % RECORD or size == 0 or size > RECORDS_PER_FILE * RECORD:
             fail(f"{src}: {size} bytes is not 1..{RECORDS_PER_FILE} records of {RECORD} bytes")
         dst = os.path.join(args.dst, name)
-        with open(src, "rb") as f, open(dst, "wb") as g:
-            g.write(f.read())
-            g.truncate(RECORDS_PER_FILE * RECORD)
+        if os.path.lexists(dst):
+            os.remove(dst)
+        shutil.copyfile(src, dst)
         counts[name] = size // RECORD
-    for i in range(2, 6):
-        link = os.path.join(args.dst, f"data_batch_{i}.bin")
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(TRAIN_FILE, link)
     print(f"{counts[TRAIN_FILE]} {counts[TEST_FILE]}")
 
 

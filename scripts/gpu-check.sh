@@ -522,11 +522,11 @@ if gate tests; then
                 env "${require[@]}" CIFAR10_DIR="$data" "$trajectory" --nocapture
         fi
     else
-        # Dry run without test binaries: the runner checks the epoch stage's config, data and
-        # model (a 1-epoch run has one evaluation, hence the median window of 0).
+        # Dry run without test binaries: the runner checks the epoch stage's config, data (the
+        # subset, with the epoch stage's limits) and model.
         run check-config check-config 1 logs/tests-check-config.log "" -- \
             "$runner" --config "$epoch_config" --data "$data" --epochs 1 --check-config \
-            --set evaluation.median_window=0 "${epoch_set[@]}"
+            --limit-train "$epoch_train" --limit-test "$epoch_test" "${epoch_set[@]}"
     fi
     stage_finish
     [[ $last_status == ok ]] || stop_reason="tests $last_status"

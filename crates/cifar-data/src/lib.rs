@@ -48,9 +48,9 @@ pub use download::{download, download_from_url, install_archive, md5_hex, OFFICI
 pub use error::{DataError, OFFICIAL_BINARY_URL};
 pub use loader::{bench_load_augment, test_batches, LoaderConfig, TrainLoader, U8Batch};
 pub use split::{
-    detect_layout, load_binary_file, load_pickle_file, load_test, load_train, write_binary_batch,
-    CifarSplit, Layout, IMAGE_BYTES, NUM_CLASSES, RECORDS_PER_FILE, RECORD_BYTES, TEST_BINARY_FILE,
-    TRAIN_BINARY_FILES,
+    detect_layout, load_binary_file, load_pickle_file, load_test, load_test_limited, load_train,
+    load_train_limited, write_binary_batch, CifarSplit, Layout, IMAGE_BYTES, NUM_CLASSES,
+    RECORDS_PER_FILE, RECORD_BYTES, TEST_BINARY_FILE, TRAIN_BINARY_FILES,
 };
 
 /// Class names in label order (torchvision order).

@@ -270,14 +270,27 @@ fn check_not_other_kind(path: &Path) -> Result<(), DataError> {
             path: path.to_path_buf(),
             what: format!(
                 "is {}, not a CIFAR-10 batch file",
-                if m.is_dir() { "a directory" } else { "not a regular file" }
+                if m.is_dir() {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                }
             ),
         }),
         _ => Ok(()),
     }
 }
 
-fn load_files(dir: &Path, binary: &[&str], pickled: &[&str]) -> Result<CifarSplit, DataError> {
+/// Reads the files in order until `limit` records are in (all of them when `None`). Every file
+/// read must hold 10,000 records, except that the file in which the limit ends may be shorter
+/// if it holds the records needed: a prefix of the official files (records are fixed-size) is
+/// a valid subset, and the files after it need not exist.
+fn load_files(
+    dir: &Path,
+    binary: &[&str],
+    pickled: &[&str],
+    limit: Option<usize>,
+) -> Result<CifarSplit, DataError> {
     let (base, layout) = detect_layout(dir)?;
     let names = match layout {
         Layout::Binary => binary,
@@ -285,6 +298,9 @@ fn load_files(dir: &Path, binary: &[&str], pickled: &[&str]) -> Result<CifarSpli
     };
     let mut split = CifarSplit::default();
     for name in names {
+        if limit.is_some_and(|l| split.len() >= l) {
+            break;
+        }
         let path = base.join(name);
         check_not_other_kind(&path)?;
         if !path.is_file() {
@@ -304,7 +320,10 @@ fn load_files(dir: &Path, binary: &[&str], pickled: &[&str]) -> Result<CifarSpli
             Layout::Binary => load_binary_file(&path)?,
             Layout::Pickle => load_pickle_file(&path)?,
         };
-        if part.len() != RECORDS_PER_FILE {
+        let needed = limit.map_or(RECORDS_PER_FILE, |l| {
+            (l - split.len()).min(RECORDS_PER_FILE)
+        });
+        if part.len() != RECORDS_PER_FILE && part.len() < needed {
             return Err(DataError::RecordCount {
                 path,
                 found: part.len(),
@@ -313,16 +332,31 @@ fn load_files(dir: &Path, binary: &[&str], pickled: &[&str]) -> Result<CifarSpli
         }
         split.extend(part);
     }
+    if let Some(l) = limit {
+        split.truncate(l);
+    }
     Ok(split)
 }
 
 /// Loads the 50,000 training images (batches 1..5 in order) from `dir`, auto-detecting the
 /// layout (see [`detect_layout`]). Every file must hold exactly 10,000 valid records.
 pub fn load_train(dir: &Path) -> Result<CifarSplit, DataError> {
-    load_files(dir, &TRAIN_BINARY_FILES, &TRAIN_PICKLE_FILES)
+    load_files(dir, &TRAIN_BINARY_FILES, &TRAIN_PICKLE_FILES, None)
 }
 
 /// Loads the 10,000 test images from `dir`, auto-detecting the layout like [`load_train`].
 pub fn load_test(dir: &Path) -> Result<CifarSplit, DataError> {
-    load_files(dir, &[TEST_BINARY_FILE], &[TEST_PICKLE_FILE])
+    load_files(dir, &[TEST_BINARY_FILE], &[TEST_PICKLE_FILE], None)
+}
+
+/// The first `limit` training images (all 50,000 when `None`). Only the files holding them
+/// are read, and a prefix of the official files is enough: `data_batch_1.bin` cut after 5,000
+/// records serves `limit = Some(5000)` without the other four files.
+pub fn load_train_limited(dir: &Path, limit: Option<usize>) -> Result<CifarSplit, DataError> {
+    load_files(dir, &TRAIN_BINARY_FILES, &TRAIN_PICKLE_FILES, limit)
+}
+
+/// The first `limit` test images, like [`load_train_limited`].
+pub fn load_test_limited(dir: &Path, limit: Option<usize>) -> Result<CifarSplit, DataError> {
+    load_files(dir, &[TEST_BINARY_FILE], &[TEST_PICKLE_FILE], limit)
 }

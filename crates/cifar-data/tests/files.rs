@@ -5,8 +5,8 @@ mod common;
 use std::path::Path;
 
 use cifar_data::{
-    load_binary_file, load_pickle_file, load_test, load_train, write_binary_batch, CifarSplit,
-    DataError, Layout, OFFICIAL_BINARY_URL,
+    load_binary_file, load_pickle_file, load_test, load_test_limited, load_train,
+    load_train_limited, write_binary_batch, CifarSplit, DataError, Layout, OFFICIAL_BINARY_URL,
 };
 use common::{py2_numpy_pickle, shared_dir, synthetic, TempDir};
 
@@ -193,12 +193,51 @@ fn a_batch_that_is_a_directory_and_a_data_dir_that_is_a_file_are_named_as_such()
     std::fs::create_dir(&batch).unwrap();
     let msg = one_line(&load_train(tmp.path()).unwrap_err());
     assert!(
-        msg.contains("data_batch_1.bin") && msg.contains("is a directory, not a CIFAR-10 batch file"),
+        msg.contains("data_batch_1.bin")
+            && msg.contains("is a directory, not a CIFAR-10 batch file"),
         "{msg}"
     );
     let file = tmp.path().join("test_batch.bin");
     let msg = one_line(&load_test(&file).unwrap_err());
-    assert!(msg.contains("test_batch.bin: is a file; name the directory"), "{msg}");
+    assert!(
+        msg.contains("test_batch.bin: is a file; name the directory"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_prefix_of_the_files_serves_a_limited_run() {
+    let tmp = TempDir::new("prefix");
+    let (images, labels) = synthetic(300, 11);
+    write_binary_batch(&tmp.path().join("data_batch_1.bin"), &images, &labels).unwrap();
+    write_binary_batch(
+        &tmp.path().join("test_batch.bin"),
+        &images[..100 * 3072],
+        &labels[..100],
+    )
+    .unwrap();
+    let train = load_train_limited(tmp.path(), Some(250)).unwrap();
+    assert_eq!(train.len(), 250);
+    assert_eq!(train.image(249), &images[249 * 3072..250 * 3072]);
+    assert_eq!(load_test_limited(tmp.path(), Some(100)).unwrap().len(), 100);
+    // More than the prefix holds, or no limit at all: the short file is named.
+    for result in [
+        load_train_limited(tmp.path(), Some(301)),
+        load_train(tmp.path()),
+    ] {
+        let msg = one_line(&result.unwrap_err());
+        assert!(msg.contains("data_batch_1.bin: holds 300 records"), "{msg}");
+    }
+    // A full first file and a limit beyond it reads on into the (absent) second file.
+    let full = TempDir::new("prefix-full");
+    let (images, labels) = synthetic(10_000, 3);
+    write_binary_batch(&full.path().join("data_batch_1.bin"), &images, &labels).unwrap();
+    assert_eq!(
+        load_train_limited(full.path(), Some(10_000)).unwrap().len(),
+        10_000
+    );
+    let msg = one_line(&load_train_limited(full.path(), Some(10_001)).unwrap_err());
+    assert!(msg.contains("data_batch_2.bin"), "{msg}");
 }
 
 #[test]

@@ -147,10 +147,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     crate::device::configure_from(&device, &cfg.train)?;
 
     let dir = Path::new(&cfg.data.dir);
-    let mut test = cifar_data::load_test(dir)?;
-    if let Some(n) = args.limit {
-        test.truncate(n);
-    }
+    let test = cifar_data::load_test_limited(dir, args.limit)?;
     if test.is_empty() {
         bail!("data.dir {}: no test images", dir.display());
     }

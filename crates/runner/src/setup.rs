@@ -196,14 +196,10 @@ pub fn padding_mode(cfg: &RunConfig) -> cifar_data::PaddingMode {
 /// the limits; every label must be a class of the head.
 pub fn load_data(cfg: &RunConfig) -> Result<(Arc<CifarSplit>, Arc<CifarSplit>)> {
     let dir = data_dir(cfg)?;
-    let mut train = cifar_data::load_train(dir)?;
-    let mut test = cifar_data::load_test(dir)?;
-    if let Some(n) = cfg.data.limit_train {
-        train.truncate(n);
-    }
-    if let Some(n) = cfg.data.limit_test {
-        test.truncate(n);
-    }
+    // With limits, only the files holding the first N images are read (a prefix of the
+    // official files is a valid subset).
+    let train = cifar_data::load_train_limited(dir, cfg.data.limit_train)?;
+    let test = cifar_data::load_test_limited(dir, cfg.data.limit_test)?;
     check_labels(cfg, &[("training", &train), ("test", &test)])?;
     Ok((Arc::new(train), Arc::new(test)))
 }
@@ -265,7 +261,10 @@ pub fn check_config(cfg: &RunConfig) -> Result<()> {
     // reading all 50,000 training images would make checking a sweep's configs slow.
     let dir = data_dir(cfg)?;
     cifar_data::detect_layout(dir)?;
-    check_labels(cfg, &[("test", &cifar_data::load_test(dir)?)])?;
+    check_labels(
+        cfg,
+        &[("test", &cifar_data::load_test_limited(dir, cfg.data.limit_test)?)],
+    )?;
     if LEARNED_MODES.contains(&cfg.model.mix_mode.to_vec()[0].as_str()) {
         build_automix_model(cfg, &Device::Cpu)?;
     } else {
