@@ -253,7 +253,10 @@ fn automix_and_samix_train_and_resume_identically() {
         assert!(header.contains(&"acc_one_q_top1"), "{mode}: {header:?}");
         for row in csv.lines().skip(1) {
             let acc: f64 = row.split(',').nth(acc_col).unwrap().parse().unwrap();
-            assert!((0.0..=100.0).contains(&acc), "{mode}: train_acc {acc} in {row}");
+            assert!(
+                (0.0..=100.0).contains(&acc),
+                "{mode}: train_acc {acc} in {row}"
+            );
         }
         let val = a.iter().find(|l| l["mode"] == "val").expect("a val line");
         for head in ["acc_mix_k", "acc_one_k", "acc_mix_q", "acc_one_q"] {

@@ -263,7 +263,10 @@ pub fn check_config(cfg: &RunConfig) -> Result<()> {
     cifar_data::detect_layout(dir)?;
     check_labels(
         cfg,
-        &[("test", &cifar_data::load_test_limited(dir, cfg.data.limit_test)?)],
+        &[(
+            "test",
+            &cifar_data::load_test_limited(dir, cfg.data.limit_test)?,
+        )],
     )?;
     if LEARNED_MODES.contains(&cfg.model.mix_mode.to_vec()[0].as_str()) {
         build_automix_model(cfg, &Device::Cpu)?;
