@@ -661,7 +661,9 @@ impl RunConfig {
             ));
         }
         if self.optimizer.nesterov && self.optimizer.momentum == 0.0 {
-            return err("optimizer.nesterov: Nesterov momentum needs optimizer.momentum > 0".into());
+            return err(
+                "optimizer.nesterov: Nesterov momentum needs optimizer.momentum > 0".into(),
+            );
         }
         if self.lr_config.min_lr < 0.0 || self.lr_config.min_lr > self.optimizer.lr {
             return err(format!(
@@ -851,8 +853,14 @@ mod tests {
             (r#"{"name": "../escape"}"#, "name"),
             (r#"{"checkpoint": {"max_keep": 0}}"#, "checkpoint.max_keep"),
             (r#"{"optimizer": {"momentum": -0.9}}"#, "optimizer.momentum"),
-            (r#"{"optimizer": {"weight_decay": -1e-4}}"#, "optimizer.weight_decay"),
-            (r#"{"optimizer": {"momentum": 0, "nesterov": true}}"#, "optimizer.nesterov"),
+            (
+                r#"{"optimizer": {"weight_decay": -1e-4}}"#,
+                "optimizer.weight_decay",
+            ),
+            (
+                r#"{"optimizer": {"momentum": 0, "nesterov": true}}"#,
+                "optimizer.nesterov",
+            ),
         ];
         for (json, field) in cases {
             let e = RunConfig::from_json(json, "t")
@@ -911,9 +919,13 @@ mod tests {
         assert_eq!(e.0, "--set optimizer.lr=1e400: the number is out of range");
         let e = RunConfig::from_json_with_overrides("{}", "c.json", &["optimizer.lr=.5".into()])
             .unwrap_err();
-        assert!(e.0.starts_with("--set optimizer.lr=.5: not a JSON number"), "{e}");
+        assert!(
+            e.0.starts_with("--set optimizer.lr=.5: not a JSON number"),
+            "{e}"
+        );
         // Plain words stay strings.
-        let c = RunConfig::from_json_with_overrides("{}", "c.json", &["name=run-2".into()]).unwrap();
+        let c =
+            RunConfig::from_json_with_overrides("{}", "c.json", &["name=run-2".into()]).unwrap();
         assert_eq!(c.name, "run-2");
     }
 

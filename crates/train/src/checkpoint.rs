@@ -242,10 +242,14 @@ pub fn read_checkpoint_meta(path: &Path) -> TrainResult<serde_json::Value> {
     let size = file.metadata().map_err(|e| TrainError::io(path, e))?.len();
     // safetensors caps headers at 100 MB; a larger length is a corrupt or foreign file.
     if len > 100_000_000 || len + 8 > size {
-        return Err(TrainError::format(path, "not a safetensors file: bad header length"));
+        return Err(TrainError::format(
+            path,
+            "not a safetensors file: bad header length",
+        ));
     }
     let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).map_err(|e| TrainError::io(path, e))?;
+    file.read_exact(&mut header)
+        .map_err(|e| TrainError::io(path, e))?;
     let header: serde_json::Value = serde_json::from_slice(&header)
         .map_err(|e| TrainError::format(path, format!("not a safetensors file: {e}")))?;
     let text = header
@@ -620,8 +624,14 @@ mod tests {
         let dir = temp_dir("meta-only");
         for (name, bytes) in [
             ("short", b"abc".to_vec()),
-            ("huge-header", [u64::MAX.to_le_bytes().to_vec(), b"{}".to_vec()].concat()),
-            ("no-meta", [2u64.to_le_bytes().to_vec(), b"{}".to_vec()].concat()),
+            (
+                "huge-header",
+                [u64::MAX.to_le_bytes().to_vec(), b"{}".to_vec()].concat(),
+            ),
+            (
+                "no-meta",
+                [2u64.to_le_bytes().to_vec(), b"{}".to_vec()].concat(),
+            ),
         ] {
             let p = dir.join(name);
             std::fs::write(&p, bytes).unwrap();
@@ -642,7 +652,11 @@ mod tests {
         assert!(!dir.join("a.safetensors.tmp").exists());
         let (loaded, loaded_meta) = load_checkpoint(&path, &Device::Cpu).unwrap();
         assert_eq!(loaded_meta, meta);
-        assert_eq!(read_checkpoint_meta(&path).unwrap(), meta, "from the header alone");
+        assert_eq!(
+            read_checkpoint_meta(&path).unwrap(),
+            meta,
+            "from the header alone"
+        );
         assert_eq!(loaded.len(), tensors.len());
         for (name, t) in &tensors {
             let l = &loaded[name];

@@ -164,7 +164,8 @@ impl EpochCsv {
                     .collect();
                 for line in lines.iter().skip(1).map(|l| l.trim_end()) {
                     let epoch = line.split(',').next().and_then(|e| e.parse::<usize>().ok());
-                    if line.split(',').count() == fields && epoch.is_some_and(|e| e <= keep_through) {
+                    if line.split(',').count() == fields && epoch.is_some_and(|e| e <= keep_through)
+                    {
                         kept.push_str(line);
                         kept.push('\n');
                     }
@@ -743,7 +744,8 @@ mod tests {
         // The first epoch is not evaluated: the head columns are there all the same.
         let mut csv = EpochCsv::open(dir.path(), 0, &["head0"]).unwrap();
         csv.write(&row(1, vec![])).unwrap();
-        csv.write(&row(2, vec![("head0".into(), 40.0, 90.0)])).unwrap();
+        csv.write(&row(2, vec![("head0".into(), 40.0, 90.0)]))
+            .unwrap();
         let text = std::fs::read_to_string(csv.path()).unwrap();
         assert_eq!(
             text.lines().collect::<Vec<_>>(),
