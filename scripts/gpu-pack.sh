@@ -43,7 +43,7 @@ fi
 ((train >= 640)) || die "GPU_PACK_TRAIN=$train: cuda_trajectory needs 640 training records"
 ((train <= 10000 && test >= 1 && test <= 10000)) || die "GPU_PACK_TRAIN / GPU_PACK_TEST: 1..10000 records"
 
-# --- build (the same commands as .ci/run) ----------------------------------------------------
+# --- build (release: these binaries run on the GPU) ----------------------------------------------------
 export CARGO_TARGET_DIR=${MIXBENCH_CUDA_TARGET_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/mixbench/cuda-target}}
 [[ -x $shared/tools/cuda-toolchain.sh ]] || die "$shared/tools/cuda-toolchain.sh: not found (set MIXBENCH_SHARED)"
 cargo fetch --quiet
@@ -53,6 +53,8 @@ trap 'rm -f "$cuda_env"; [[ -n $stage ]] && rm -rf "$stage"' EXIT
 "$shared/tools/cuda-toolchain.sh" --cudnn >"$cuda_env"
 # shellcheck disable=SC1090
 source "$cuda_env"
+# cudaforge gives nvcc half the cores unless told: candle's kernels are most of a cold build.
+export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 log "building runner and the CUDA test binaries (--features $features) in $CARGO_TARGET_DIR"
 cargo build --release -p runner --features "$features"
 executables=$(cargo test --release --features "$features" -p kernels -p backbones --no-run \
