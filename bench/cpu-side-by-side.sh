@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # mixbench vs PyTorch on this CPU, in one run: the same CIFAR ResNet train step (batch 100,
-# MixUp, f32) at each base width, the two programs alternating, best of REPS each. Prints one
-# JSON object with both throughputs and their ratio per width.
+# MixUp, f32) at each base width, the two programs alternating, best of REPS each. PyTorch also
+# runs its bf16 autocast (a user's fastest PyTorch option where the CPU has bf16 units; set
+# BF16=0 to skip it), and mixbench's bf16 row says why it cannot run where it cannot. Prints
+# one JSON object with the throughputs and ratios per width, and the CPU's bf16 units.
 #
 #   bench/cpu-side-by-side.sh [WIDTHS (default 16,64)] [REPS (default 2)]
 #
@@ -19,6 +21,7 @@ steps="${STEPS:-5}"
 py="${PYTHON:-.venv-ref/bin/python}"
 runner="${RUNNER:-target/release/runner}"
 threads="${THREADS:-$(nproc)}"
+bf16="${BF16:-1}"
 
 [[ -x $runner ]] || cargo build --release -p runner >&2
 "$py" -c 'import torch' 2>/dev/null || {
@@ -29,7 +32,7 @@ threads="${THREADS:-$(nproc)}"
 best() { sort -g | tail -1; }
 rows=()
 for w in ${widths//,/ }; do
-    ours=() theirs=()
+    ours=() theirs=() theirs_bf16=()
     for ((r = 0; r < reps; r++)); do
         ours+=("$(RAYON_NUM_THREADS=$threads "$runner" bench --arch "$arch" --batch 100 \
             --base-width "$w" --step-modes mixup --mix-modes mixup --steps "$steps" \
@@ -37,11 +40,29 @@ for w in ${widths//,/ }; do
         theirs+=("$("$py" bench/reference.py bench --arch "$arch" --mix mixup --device cpu \
             --batch 100 --base-width "$w" --threads "$threads" --steps "$steps" \
             | "$py" -c 'import json,sys; print(json.load(sys.stdin)["images_per_s"])')")
+        if [[ $bf16 == 1 ]]; then
+            theirs_bf16+=("$("$py" bench/reference.py bench --arch "$arch" --mix mixup \
+                --device cpu --dtype bf16 --batch 100 --base-width "$w" --threads "$threads" \
+                --steps "$steps" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["images_per_s"])')")
+        fi
     done
     a=$(printf '%s\n' "${ours[@]}" | best)
     b=$(printf '%s\n' "${theirs[@]}" | best)
-    rows+=("{\"base_width\": $w, \"mixbench_img_per_s\": $a, \"pytorch_img_per_s\": $b, \"ratio\": $("$py" -c "print(round($a / $b, 3))")}")
+    row="\"base_width\": $w, \"mixbench_img_per_s\": $a, \"pytorch_img_per_s\": $b, \"ratio\": $("$py" -c "print(round($a / $b, 3))")"
+    if [[ $bf16 == 1 ]]; then
+        c=$(printf '%s\n' "${theirs_bf16[@]}" | best)
+        row+=", \"pytorch_bf16_img_per_s\": $c, \"ratio_f32_to_pytorch_bf16\": $("$py" -c "print(round($a / $c, 3))")"
+    fi
+    rows+=("{$row}")
 done
+# mixbench's bf16: its one-line refusal where it cannot run (the reason goes in the JSON).
+bf16_refusal=$("$runner" bench --arch "$arch" --batch 2 --base-width 8 --steps 1 \
+    --step-modes vanilla --mix-modes mixup --precision bf16 2>&1 >/dev/null | tail -1 || true)
 torch_version=$("$py" -c 'import torch; print(torch.__version__)')
-printf '{"arch": "%s", "batch": 100, "mix": "mixup", "threads": %s, "reps": %s, "steps": %s, "torch": "%s", "rows": [%s]}\n' \
-    "$arch" "$threads" "$reps" "$steps" "$torch_version" "$(IFS=,; echo "${rows[*]}")"
+units=$("$py" -c 'import json
+flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split()
+print(json.dumps([u for u in ("amx_bf16", "avx512_bf16") if u in flags]))')
+printf '{"arch": "%s", "batch": 100, "mix": "mixup", "threads": %s, "reps": %s, "steps": %s, "torch": "%s", "cpu_bf16_units": %s, "mixbench_bf16": %s, "rows": [%s]}\n' \
+    "$arch" "$threads" "$reps" "$steps" "$torch_version" "$units" \
+    "$("$py" -c 'import json,sys; print(json.dumps(sys.argv[1] or "ran"))' "$bf16_refusal")" \
+    "$(IFS=,; echo "${rows[*]}")"

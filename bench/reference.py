@@ -237,10 +237,24 @@ def set_tf32(enabled):
 
 
 def check_dtype(device, dtype):
-    if dtype != "f32" and device.type != "cuda":
-        sys.exit(f"--dtype {dtype} is only benchmarked on cuda (f32 on cpu)")
+    """tf32 is a CUDA notion (PyTorch computes f32 on the CPU whatever it says); bf16 is
+    autocast on either device (on the CPU: oneDNN's bf16 kernels, which use AMX or AVX512-BF16
+    where the CPU has them and convert in software elsewhere; see cpu_bf16_units)."""
+    if dtype == "tf32" and device.type != "cuda":
+        sys.exit("--dtype tf32 is only benchmarked on cuda (the CPU computes f32 whatever it says)")
     if device.type == "cuda":
         set_tf32(dtype != "f32")
+
+
+def cpu_bf16_units():
+    """The CPU's bf16 multiply units as Linux lists them (amx_bf16, avx512_bf16): what decides
+    whether CPU bf16 autocast can be faster than f32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l for l in f if l.startswith("flags")), "").split()
+    except OSError:
+        return None
+    return [u for u in ("amx_bf16", "avx512_bf16") if u in flags]
 
 
 def autocast(device, dtype):
@@ -311,6 +325,7 @@ def bench_one(args, device, dtype):
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": dtype,
         "tf32": device.type == "cuda" and dtype != "f32",
+        "cpu_bf16_units": cpu_bf16_units() if device.type == "cpu" else None,
         "timed": "step only" if args.step_only else "input pipeline and step",
         "batch": args.batch,
         "base_width": args.base_width,

@@ -109,6 +109,11 @@ fn bad_configs_fail_with_one_line_naming_file_and_field() {
             "model.head.loss",
         ),
         (r#"{"max_epochs": "many"}"#, "max_epochs"),
+        // The CPU has no bf16 path: refused, not trained in f32 under a bf16 label.
+        (
+            r#"{"train": {"precision": "bf16"}}"#,
+            "train.precision: \"bf16\" on the CPU",
+        ),
         ("{ not json", "config.json"),
     ];
     for (json, needle) in cases {

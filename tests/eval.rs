@@ -128,6 +128,31 @@ fn eval_reports_accuracy_calibration_fgsm_and_corruptions_and_export_writes_the_
         "{stored}"
     );
 
+    // A network trained in bf16 (on a GPU: the CPU refuses to train in bf16) evaluates in
+    // f32 on the CPU, and says so instead of refusing or pretending.
+    let bf16_cfg = dir.path().join("bf16.json");
+    let mut c: Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    c["train"] = json!({"precision": "bf16"});
+    std::fs::write(&bf16_cfg, c.to_string()).unwrap();
+    let bf16_eval = succeeded(
+        runner()
+            .arg("eval")
+            .arg("--config")
+            .arg(&bf16_cfg)
+            .arg("--checkpoint")
+            .arg(&ckpt)
+            .args(["--limit", "100", "--quiet"])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        stderr_of(&bf16_eval).contains("trained in bf16; the CPU evaluates in f32"),
+        "{}",
+        stderr_of(&bf16_eval)
+    );
+    let v: Value = serde_json::from_slice(&bf16_eval.stdout).unwrap();
+    assert_eq!(v["images"], 100);
+
     // Bad arguments are refused with the flag named.
     let bad = runner()
         .arg("eval")

@@ -436,7 +436,8 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// `"f32"`, `"tf32"` (default) or `"bf16"`; only affects CUDA devices.
+    /// `"f32"`, `"tf32"` (default) or `"bf16"`. On the CPU f32 and tf32 both compute in f32 and
+    /// bf16 is refused.
     pub precision: Precision,
     /// Restrict cuDNN to deterministic algorithms (default false). CPU runs are always
     /// deterministic.

@@ -35,6 +35,7 @@ mod conv;
 mod conv_algo;
 mod counters;
 mod cpu;
+mod cpu_features;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod device;
@@ -56,6 +57,7 @@ pub use batch_norm::{
 };
 pub use conv::{conv2d, conv2d_backward, ConvParams};
 pub use counters::{op_counts, op_views, reset_op_counts, OpCount, OpKind};
+pub use cpu_features::{cpu_bf16_units, CpuBf16Units};
 pub use device::cuda_device;
 pub use ema::ema_update;
 pub use loss::soft_cross_entropy;

@@ -51,8 +51,8 @@ pub struct BenchArgs {
     /// Loader threads for the load+augment measurement.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// CUDA arithmetic of convolutions and matmuls: `f32`, `tf32` or `bf16` (as
-    /// `train.precision`; no effect on CPU).
+    /// Arithmetic of convolutions and matmuls: `f32`, `tf32` or `bf16` (as
+    /// `train.precision`; on the CPU f32 and tf32 both compute in f32, and bf16 is refused).
     #[arg(long, default_value = "tf32")]
     pub precision: crate::device::Precision,
     /// Restrict cuDNN to deterministic algorithms (as `train.deterministic`).
@@ -74,7 +74,7 @@ pub struct BenchArgs {
 /// Entry point of `runner bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
     let device = crate::device::parse_device(&args.device)?;
-    crate::device::configure(&device, args.precision, args.deterministic)?;
+    crate::device::configure(&device, args.precision, args.deterministic, "--precision")?;
     let mut cfg = RunConfig::default();
     cfg.model.backbone.arch = match args.arch.as_str() {
         "resnet18" | "r18" => Arch::Resnet18,

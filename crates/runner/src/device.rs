@@ -33,16 +33,31 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 ///
 /// * `precision` selects cuDNN's math for convolutions (f32: FMA only; tf32: tensor cores;
 ///   bf16: autocast, see `kernels::conv2d`) and whether candle's f32 matmuls may use TF32.
-///   CPU computation is f32 whatever it says.
+///   On the CPU, f32 and tf32 both compute in f32 (as PyTorch ignores TF32 there).
 /// * `deterministic` restricts cuDNN to algorithms it reports as deterministic.
 ///
-/// Errors when the device cannot honour the request (bf16 without cuDNN convolutions).
-pub fn configure(device: &Device, precision: Precision, deterministic: bool) -> Result<()> {
-    if device.is_cuda() && precision == Precision::Bf16 && !backbones::kernels::CUDNN_CONV {
-        bail!(
-            "train.precision: \"bf16\" needs the cuDNN convolutions; rebuild the runner with \
-             `--features cudnn` (or use \"tf32\" / \"f32\")"
-        );
+/// Errors, naming `field` (the config field or flag that asked), when the device cannot
+/// honour the request: bf16 without cuDNN convolutions, or bf16 on the CPU, which has no bf16
+/// path (a run must not train in f32 while its config says bf16).
+pub fn configure(
+    device: &Device,
+    precision: Precision,
+    deterministic: bool,
+    field: &str,
+) -> Result<()> {
+    if precision == Precision::Bf16 {
+        if device.is_cuda() && !backbones::kernels::CUDNN_CONV {
+            bail!(
+                "{field}: \"bf16\" needs the cuDNN convolutions; rebuild the runner with \
+                 `--features cudnn` (or use \"tf32\" / \"f32\")"
+            );
+        }
+        if !device.is_cuda() {
+            bail!(
+                "{}",
+                cpu_bf16_refusal(field, backbones::kernels::cpu_bf16_units())
+            );
+        }
     }
     backbones::kernels::set_precision(precision);
     backbones::kernels::set_deterministic(deterministic);
@@ -59,5 +74,60 @@ pub fn configure_from(device: &Device, cfg: &bench_config::TrainConfig) -> Resul
         bench_config::Precision::Tf32 => Precision::Tf32,
         bench_config::Precision::Bf16 => Precision::Bf16,
     };
-    configure(device, precision, cfg.deterministic)
+    configure(device, precision, cfg.deterministic, "train.precision")
+}
+
+/// Why bf16 is refused on the CPU: the bf16 units this CPU lacks, or, where it has them, that
+/// the CPU bf16 kernels do not exist yet.
+fn cpu_bf16_refusal(field: &str, units: backbones::kernels::CpuBf16Units) -> String {
+    let instead = "use \"f32\" or \"tf32\" (both compute in f32 on the CPU)";
+    if units.any() {
+        format!(
+            "{field}: \"bf16\" on the CPU is not implemented yet (this CPU has {units}); {instead}"
+        )
+    } else {
+        format!(
+            "{field}: \"bf16\" on the CPU needs AMX-BF16 or AVX512-BF16, and this CPU has \
+             {units}; {instead}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backbones::kernels::CpuBf16Units;
+
+    #[test]
+    fn cpu_bf16_refusal_names_the_field_and_the_units() {
+        let none = cpu_bf16_refusal("train.precision", CpuBf16Units::default());
+        assert_eq!(
+            none,
+            "train.precision: \"bf16\" on the CPU needs AMX-BF16 or AVX512-BF16, and this CPU \
+             has neither AMX-BF16 nor AVX512-BF16; use \"f32\" or \"tf32\" (both compute in \
+             f32 on the CPU)"
+        );
+        let amx = CpuBf16Units {
+            amx_bf16: true,
+            avx512_bf16: false,
+        };
+        let msg = cpu_bf16_refusal("--precision", amx);
+        assert!(msg.starts_with("--precision: \"bf16\" on the CPU is not implemented yet"));
+        assert!(
+            msg.contains("this CPU has AMX-BF16 (no AVX512-BF16)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bf16_on_the_cpu_is_refused_and_f32_tf32_are_not() {
+        let cpu = Device::Cpu;
+        let err = configure(&cpu, Precision::Bf16, false, "train.precision").unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("train.precision: \"bf16\" on the CPU"));
+        for p in [Precision::F32, Precision::Tf32] {
+            configure(&cpu, p, false, "train.precision").unwrap();
+        }
+    }
 }

@@ -144,7 +144,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         cfg.data.dir = d.clone();
     }
     cfg.validate().with_context(|| config_source.clone())?;
-    crate::device::configure_from(&device, &cfg.train)?;
+    if !device.is_cuda() && cfg.train.precision == bench_config::Precision::Bf16 {
+        // A network trained in bf16 on a GPU evaluates in f32 on the CPU (which has no bf16
+        // path); the train config's precision is not the evaluation's, so say which ran.
+        eprintln!("note: {config_source} trained in bf16; the CPU evaluates in f32");
+        cfg.train.precision = bench_config::Precision::F32;
+    }
+    crate::device::configure_from(&device, &cfg.train).with_context(|| config_source.clone())?;
 
     let dir = Path::new(&cfg.data.dir);
     let test = cifar_data::load_test_limited(dir, args.limit)?;

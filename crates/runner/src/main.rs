@@ -147,7 +147,7 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let device = device::parse_device(&args.device)?;
-    device::configure_from(&device, &eff.cfg.train)?;
+    device::configure_from(&device, &eff.cfg.train).with_context(|| eff.origin.clone())?;
     if args.check_config {
         setup::check_config(&eff.cfg).with_context(|| eff.origin.clone())?;
         for note in config::notes(&eff) {
