@@ -1,7 +1,7 @@
 //! `conv2d` as a candle custom op with a fast backward (CPU kernels in `cpu::conv`, cuDNN calls
 //! in `cuda::conv`).
 
-use crate::cpu::{self, conv::ConvGeom};
+use crate::cpu::{self, geom::ConvGeom};
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
 };

@@ -4,6 +4,7 @@
 //! Work is split over chunks of whole images. When the output plane is small (late ResNet
 //! stages) several images share one chunk so each GEMM packs the weight once for many columns.
 
+use super::geom::ConvGeom;
 use super::matmul::{matmul, MatRef};
 use super::winograd;
 use super::{
@@ -12,57 +13,12 @@ use super::{
 };
 use rayon::prelude::*;
 
-/// Shape of one convolution (square stride/padding, dilation 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct ConvGeom {
-    pub batch: usize,
-    pub c_in: usize,
-    pub h: usize,
-    pub w: usize,
-    pub c_out: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub padding: usize,
-    pub groups: usize,
-    pub h_out: usize,
-    pub w_out: usize,
-}
-
 /// Columns per GEMM we aim for: enough that packing the weight is amortised.
 const TARGET_GEMM_COLUMNS: usize = 256;
 /// Columns per weight-gradient GEMM (its reduction dimension) we aim for.
 const TARGET_REDUCTION_COLUMNS: usize = 1024;
 
 impl ConvGeom {
-    fn c_in_per_group(&self) -> usize {
-        self.c_in / self.groups
-    }
-    fn c_out_per_group(&self) -> usize {
-        self.c_out / self.groups
-    }
-    /// Rows of one group's column matrix (= columns of one group's weight matrix).
-    fn k_per_group(&self) -> usize {
-        self.c_in_per_group() * self.kh * self.kw
-    }
-    fn plane_out(&self) -> usize {
-        self.h_out * self.w_out
-    }
-    fn image_in(&self) -> usize {
-        self.c_in * self.h * self.w
-    }
-    fn image_out(&self) -> usize {
-        self.c_out * self.plane_out()
-    }
-    /// Elements of an im2col matrix of `cols` output pixels (`c_in · kh · kw` rows).
-    fn k_columns(&self, cols: usize) -> usize {
-        self.c_in * self.kh * self.kw * cols
-    }
-    /// A 1x1, stride-1, unpadded conv reads the input image as its column matrix.
-    fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
-    }
-
     /// Images per chunk, and whether the GEMMs themselves run multithreaded.
     ///
     /// The forward aims for `TARGET_GEMM_COLUMNS` columns and at least two chunks per thread,

@@ -4,6 +4,7 @@
 
 pub(crate) mod batch_norm;
 pub(crate) mod conv;
+pub(crate) mod geom;
 pub(crate) mod loss;
 pub(crate) mod matmul;
 pub(crate) mod winograd;

@@ -19,7 +19,7 @@
 
 use super::{alloc, dev_ptr};
 use crate::conv_algo::{self, Attempt, Heuristic, StatusClass};
-use crate::cpu::conv::ConvGeom;
+use crate::cpu::geom::ConvGeom;
 use crate::Precision;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{result, sys};

@@ -10,7 +10,7 @@
 //! overhead, not the arithmetic, was most of their time.
 
 use super::{give_back, plane_stride, take_buffer, tile_grid, Tile};
-use crate::cpu::conv::ConvGeom;
+use crate::cpu::geom::ConvGeom;
 use crate::cpu::{copy_short, has_avx2};
 use rayon::prelude::*;
 
@@ -247,7 +247,7 @@ fn transform_input_wide(
 /// depending on the code around them.
 mod avx2 {
     use super::tile_grid;
-    use crate::cpu::conv::ConvGeom;
+    use crate::cpu::geom::ConvGeom;
     use crate::cpu::has_avx2;
     #[cfg(target_arch = "x86_64")]
     use crate::cpu::winograd::store_lanes;

@@ -16,7 +16,7 @@
 //! the slice loops, their portable twin).
 
 use super::{give_back, plane_stride, take_buffer, tile_grid, Tile};
-use crate::cpu::conv::ConvGeom;
+use crate::cpu::geom::ConvGeom;
 use crate::cpu::has_avx2;
 use rayon::prelude::*;
 
@@ -296,7 +296,7 @@ fn transform_input_with(
 /// the products it feeds (136 µs an image at 64 channels, 32×32).
 mod avx2 {
     use super::{tile_grid, SIDE};
-    use crate::cpu::conv::ConvGeom;
+    use crate::cpu::geom::ConvGeom;
     use crate::cpu::has_avx2;
     #[cfg(target_arch = "x86_64")]
     use crate::cpu::winograd::store_lanes;

@@ -27,7 +27,7 @@
 mod f2;
 mod f4;
 
-use super::conv::ConvGeom;
+use super::geom::ConvGeom;
 use super::matmul::{matmul, MatRef};
 use super::{
     chunks_per_run, give_back, par_extend, split_images, sum_in_order, take_buffer, with_avx2,
