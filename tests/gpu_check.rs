@@ -211,11 +211,17 @@ fn dry_run_runs_every_stage_and_prints_one_summary() {
     }
     // The tests stage's CPU stand-in (no test binaries given).
     assert_eq!(c.run("tests", "check-config")["status"], "ok");
-    for p in ["f32", "tf32", "bf16"] {
+    for p in ["f32", "tf32"] {
         let run = c.run("bench", &format!("resnet18-{p}"));
         assert!(seconds(&run["mixup_ms"]) > 0.0, "{}", c.dump());
         assert!(seconds(&run["vanilla_ms"]) > 0.0, "{}", c.dump());
     }
+    // The CPU has no bf16 path (the runner refuses it), so the dry run does not ask for it.
+    assert!(
+        c.summary["bench"]["runs"].get("resnet18-bf16").is_none(),
+        "{}",
+        c.dump()
+    );
     assert!(seconds(&c.run("resnext50", "resnext50-f32")["mixup_ms"]) > 0.0);
     // The data subset: 300 training and 100 test records, from CIFAR10_DIR or synthetic.
     let data = &c.summary["prereq"]["data"];
@@ -253,9 +259,9 @@ fn a_hung_stage_is_killed_at_its_cap_and_later_stages_still_run() {
     assert_eq!(c.status("bench"), "out of time", "{}", c.dump());
     let hung = c.run("bench", "resnet18-f32");
     assert_eq!(hung["status"], "out of time", "{}", c.dump());
-    // The hung command got its share of the stage (a third) and was killed at it.
+    // The hung command got its share of the stage (a half: f32 and tf32) and was killed at it.
     let budget = seconds(&hung["budget_s"]);
-    assert!(budget <= 3.1, "{}", c.dump());
+    assert!(budget <= 4.6, "{}", c.dump());
     assert!(seconds(&hung["seconds"]) < budget + 2.5, "{}", c.dump());
     assert!(
         seconds(&c.summary["bench"]["seconds"]) < 9.0 + 3.0,
@@ -265,7 +271,7 @@ fn a_hung_stage_is_killed_at_its_cap_and_later_stages_still_run() {
     assert_processes_gone(&c.hang_pids("out/logs/bench-resnet18-f32.log"), &c);
     // The stage's other commands and the later stages still ran.
     assert_eq!(
-        c.run("bench", "resnet18-bf16")["status"],
+        c.run("bench", "resnet18-tf32")["status"],
         "ok",
         "{}",
         c.dump()
