@@ -56,21 +56,27 @@ source "$cuda_env"
 # cudaforge gives nvcc half the cores unless told: candle's kernels are most of a cold build.
 export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 log "building runner and the CUDA test binaries (--features $features) in $CARGO_TARGET_DIR"
-cargo build --release -p runner --features "$features"
-executables=$(cargo test --release --features "$features" -p kernels -p backbones --no-run \
-    --message-format=json | python3 -c 'import json, sys
+# One cargo invocation for the runner and the test binaries: separate ones resolve features
+# with and without dev-dependencies and build candle and its nvcc kernels twice.
+executables=$(cargo test --release --features "$features" -p runner -p kernels -p backbones \
+    --no-run --message-format=json | python3 -c 'import json, sys
 found = {}
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") \
-            and m["target"]["name"] in ("cuda_agreement", "cuda_trajectory"):
-        found[m["target"]["name"]] = m["executable"]
-for name in ("cuda_agreement", "cuda_trajectory"):
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    target = m["target"]
+    if target["name"] in ("cuda_agreement", "cuda_trajectory") and target["kind"] == ["test"]:
+        found[target["name"]] = m["executable"]
+    elif target["name"] == "runner" and target["kind"] == ["bin"] and not m["profile"]["test"]:
+        found["runner"] = m["executable"]
+for name in ("runner", "cuda_agreement", "cuda_trajectory"):
     print(found.get(name, ""))')
-{ read -r agreement; read -r trajectory; } <<<"$executables"
+{ read -r runner_bin; read -r agreement; read -r trajectory; } <<<"$executables"
+[[ -x $runner_bin ]] || die "cargo test --no-run named no runner executable"
 [[ -x $agreement ]] || die "cargo test --no-run named no cuda_agreement executable"
 [[ -x $trajectory ]] || die "cargo test --no-run named no cuda_trajectory executable"
 
@@ -78,7 +84,7 @@ for name in ("cuda_agreement", "cuda_trajectory"):
 stage="$dir.partial.$$"
 rm -rf "$stage"
 mkdir -p "$stage/bin" "$stage/data"
-for pair in "runner=$CARGO_TARGET_DIR/release/runner" "cuda_agreement=$agreement" \
+for pair in "runner=$runner_bin" "cuda_agreement=$agreement" \
     "cuda_trajectory=$trajectory"; do
     name=${pair%%=*} src=${pair#*=}
     strip -o "$stage/bin/$name" "$src"
