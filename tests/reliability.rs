@@ -208,6 +208,15 @@ fn resume_from_into_a_new_work_dir_writes_a_meta_line() {
     );
     let lines = log_lines(&other);
     assert!(lines[0]["env_info"].is_string() && lines[0]["config"].is_string());
+    // The config's default precision is "tf32"; the CPU computes f32, and the log says so.
+    assert_eq!(lines[0]["precision"], "f32", "{}", lines[0]);
+    assert!(
+        lines[0]["model"]
+            .as_str()
+            .is_some_and(|m| m.contains("device cpu (f32)")),
+        "{}",
+        lines[0]
+    );
     assert!(lines.iter().any(|l| l["mode"] == "val"));
 }
 

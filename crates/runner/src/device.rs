@@ -66,15 +66,35 @@ pub fn configure(
     Ok(())
 }
 
-/// [`configure`] with the config file's spelling of the fields. The training entry calls it
-/// with the run's `cfg.train` right after opening the device.
-pub fn configure_from(device: &Device, cfg: &bench_config::TrainConfig) -> Result<()> {
-    let precision = match cfg.precision {
+/// The arithmetic a run's convolutions and matmuls really use: the requested precision on
+/// CUDA, f32 on the CPU (where tf32 means f32, as in PyTorch, and bf16 is refused). The log
+/// and the start-up line report this, so a CPU run's default `"tf32"` is not read as TF32.
+pub fn effective_precision(device: &Device, requested: Precision) -> Precision {
+    if device.is_cuda() {
+        requested
+    } else {
+        Precision::F32
+    }
+}
+
+/// The config's `train.precision` as the kernels' [`Precision`].
+pub fn requested_precision(cfg: &bench_config::TrainConfig) -> Precision {
+    match cfg.precision {
         bench_config::Precision::F32 => Precision::F32,
         bench_config::Precision::Tf32 => Precision::Tf32,
         bench_config::Precision::Bf16 => Precision::Bf16,
-    };
-    configure(device, precision, cfg.deterministic, "train.precision")
+    }
+}
+
+/// [`configure`] with the config file's spelling of the fields. The training entry calls it
+/// with the run's `cfg.train` right after opening the device.
+pub fn configure_from(device: &Device, cfg: &bench_config::TrainConfig) -> Result<()> {
+    configure(
+        device,
+        requested_precision(cfg),
+        cfg.deterministic,
+        "train.precision",
+    )
 }
 
 /// Why bf16 is refused on the CPU: the bf16 units this CPU lacks, or, where it has them, that
@@ -128,6 +148,7 @@ mod tests {
             .starts_with("train.precision: \"bf16\" on the CPU"));
         for p in [Precision::F32, Precision::Tf32] {
             configure(&cpu, p, false, "train.precision").unwrap();
+            assert_eq!(effective_precision(&cpu, p), Precision::F32);
         }
     }
 }

@@ -203,14 +203,21 @@ fn model_summary<M: StepModel>(cfg: &RunConfig, model: &M, device: &Device) -> S
         })
         .collect();
     format!(
-        "model: {arch}, base width {}, {} classes; parameters: {}; {}; device {}, {} threads",
+        "model: {arch}, base width {}, {} classes; parameters: {}; {}; device {} ({}), {} threads",
         b.base_width,
         b.num_classes,
         parts.join(", "),
         cfg.model.mix_mode.to_vec().join("+"),
         device_name(device),
+        run_precision(cfg, device),
         rayon::current_num_threads()
     )
+}
+
+/// The arithmetic the run really uses (`f32` on the CPU whatever `train.precision` says).
+fn run_precision(cfg: &RunConfig, device: &Device) -> &'static str {
+    crate::device::effective_precision(device, crate::device::requested_precision(&cfg.train))
+        .as_str()
 }
 
 /// Elements of a VarMap's BatchNorm buffers (running statistics), which are not trained.
@@ -918,6 +925,7 @@ fn new_log<M: StepModel>(
         ("git_commit", json!(crate::build_info::GIT_COMMIT)),
         ("hostname", json!(crate::build_info::hostname())),
         ("threads", json!(rayon::current_num_threads())),
+        ("precision", json!(run_precision(cfg, device))),
         ("model", json!(model_summary(cfg, model, device))),
     ])?;
     Ok(logger)
