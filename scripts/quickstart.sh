@@ -14,6 +14,15 @@ if [[ ! -f "$data/test_batch.bin" && ! -f "$data/cifar-10-batches-bin/test_batch
     python3 ../shared/tools/cifar-unpack.py "$shared_pack" "$data"
 fi
 
+# Each quickstart trains into a work dir of its own (the runner never overwrites a run), unless
+# the extra flags name one (continue a killed quickstart with --work-dir DIR --resume).
+run_dir=()
+case " $* " in
+*" --work-dir"*) ;;
+*) run_dir=(--work-dir "work_dirs/quickstart/r18_mixup_quick_$(date +%Y%m%d_%H%M%S)") ;;
+esac
+
 # --download fetches the official archive (md5-checked) only if the files are missing.
 exec cargo run --release -p runner -- \
-    --config configs/quickstart/r18_mixup_quick.json --data "$data" --download "$@"
+    --config configs/quickstart/r18_mixup_quick.json --data "$data" --download \
+    "${run_dir[@]}" "$@"
