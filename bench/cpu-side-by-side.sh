@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # mixbench vs PyTorch on this CPU, in one run: the same CIFAR ResNet train step (batch 100,
-# MixUp, f32) at each base width, the two programs alternating, best of REPS each. PyTorch also
-# runs its bf16 autocast (a user's fastest PyTorch option where the CPU has bf16 units; set
-# BF16=0 to skip it), and mixbench's bf16 row says why it cannot run where it cannot. Prints
-# one JSON object with the throughputs and ratios per width, and the CPU's bf16 units.
+# MixUp, f32) at each base width, the two programs alternating, best of REPS each. Where the
+# CPU has bf16 units (AMX-BF16, AVX512-BF16) PyTorch also runs its bf16 autocast, a user's
+# fastest PyTorch option there (BF16=1 forces it elsewhere, where it converts in software and
+# ran 16-29x slower than its f32; BF16=0 skips it), and mixbench's bf16 status says why it
+# cannot run where it cannot. Prints one JSON object with the throughputs and ratios per
+# width, and the CPU's bf16 units.
 #
 #   bench/cpu-side-by-side.sh [WIDTHS (default 16,64)] [REPS (default 2)]
 #
@@ -21,7 +23,13 @@ steps="${STEPS:-5}"
 py="${PYTHON:-.venv-ref/bin/python}"
 runner="${RUNNER:-target/release/runner}"
 threads="${THREADS:-$(nproc)}"
-bf16="${BF16:-1}"
+units=$(python3 -c 'import json
+flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split()
+print(json.dumps([u for u in ("amx_bf16", "avx512_bf16") if u in flags]))' 2>/dev/null || echo '[]')
+bf16="${BF16:-auto}"
+if [[ $bf16 == auto ]]; then
+    if [[ $units == "[]" ]]; then bf16=0; else bf16=1; fi
+fi
 
 [[ -x $runner ]] || cargo build --release -p runner >&2
 "$py" -c 'import torch' 2>/dev/null || {
@@ -59,9 +67,6 @@ done
 bf16_refusal=$("$runner" bench --arch "$arch" --batch 2 --base-width 8 --steps 1 \
     --step-modes vanilla --mix-modes mixup --precision bf16 2>&1 >/dev/null | tail -1 || true)
 torch_version=$("$py" -c 'import torch; print(torch.__version__)')
-units=$("$py" -c 'import json
-flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split()
-print(json.dumps([u for u in ("amx_bf16", "avx512_bf16") if u in flags]))')
 printf '{"arch": "%s", "batch": 100, "mix": "mixup", "threads": %s, "reps": %s, "steps": %s, "torch": "%s", "cpu_bf16_units": %s, "mixbench_bf16": %s, "rows": [%s]}\n' \
     "$arch" "$threads" "$reps" "$steps" "$torch_version" "$units" \
     "$("$py" -c 'import json,sys; print(json.dumps(sys.argv[1] or "ran"))' "$bf16_refusal")" \
