@@ -90,7 +90,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "arch": args.arch,
         "device": args.device,
         "dtype": "f32",
-        "precision": if device.is_cuda() { args.precision.as_str() } else { "f32" },
+        "precision": crate::device::effective_precision(&device, args.precision).as_str(),
         "deterministic": args.deterministic,
         "cudnn_conv": backbones::kernels::CUDNN_CONV,
         "batch": args.batch,
