@@ -1,5 +1,6 @@
 //! Per-layer timing of the custom conv op over the distinct conv shapes of a CIFAR ResNet-18
-//! at one base width, and their count-weighted sum: forward, and forward+backward.
+//! at one base width, and their count-weighted sums: forward, forward+backward (autograd),
+//! and the input gradient alone (`conv2d_backward`, as PuzzleMix's saliency pass runs it).
 //!
 //! `cargo run -p kernels --release --example conv_layers -- [--width 16] [--batch 100] [--reps 5]`
 //!
@@ -68,7 +69,7 @@ fn main() -> Result<()> {
         ("s4_1x1_s2", 4 * w, 8 * w, 8, 1, 2, 1),
     ];
     let mut rows = Vec::new();
-    let (mut total_fwd, mut total_fwd_bwd) = (0.0, 0.0);
+    let (mut total_fwd, mut total_fwd_bwd, mut total_dx) = (0.0, 0.0, 0.0);
     let only = std::env::var("CONV_LAYER").ok();
     for (name, c_in, c_out, hw, k, stride, count) in layers {
         if only.as_deref().is_some_and(|o| o != name) {
@@ -95,6 +96,20 @@ fn main() -> Result<()> {
                 .map(drop)
         })?;
         // Bit digest of the output and both gradients, to compare builds for bit-exactness.
+        // The backward as the taped network runs it (`kernels::conv2d_backward`, no autograd
+        // accumulation): the input gradient alone (PuzzleMix's saliency pass), the weight
+        // gradient alone (the stem in training), and both (every other training layer).
+        let gy = pseudo_random(kernels::conv2d(&xin, &wt, cfg)?.dims(), 1.0)?;
+        let (xd, wd) = (xin.detach(), wt.as_tensor().detach());
+        let dx = best_ms(reps, || {
+            kernels::conv2d_backward(&xd, &wd, &gy, cfg, true, false).map(drop)
+        })?;
+        let dw = best_ms(reps, || {
+            kernels::conv2d_backward(&xd, &wd, &gy, cfg, false, true).map(drop)
+        })?;
+        let dx_dw = best_ms(reps, || {
+            kernels::conv2d_backward(&xd, &wd, &gy, cfg, true, true).map(drop)
+        })?;
         let y = kernels::conv2d(&xin, &wt, cfg)?;
         let grads = (&y * &y)?.sum_all()?.backward()?;
         let mut digest = 0xcbf2_9ce4_8422_2325u64;
@@ -107,15 +122,21 @@ fn main() -> Result<()> {
             }
         }
         total_fwd += fwd * count as f64;
+        if name != "stem" {
+            total_dx += dx * count as f64;
+        }
         total_fwd_bwd += fwd_bwd * count as f64;
         rows.push(
             json!({"layer": name, "count": count, "fwd_ms": (fwd * 100.0).round() / 100.0,
             "fwd_bwd_ms": (fwd_bwd * 100.0).round() / 100.0,
+            "dx_ms": (dx * 100.0).round() / 100.0, "dw_ms": (dw * 100.0).round() / 100.0,
+            "dx_dw_ms": (dx_dw * 100.0).round() / 100.0,
             "digest": format!("{digest:016x}")}),
         );
     }
     let report = json!({"width": w, "batch": batch, "threads": rayon::current_num_threads(),
-        "layers": rows, "net_conv_fwd_ms": total_fwd.round(), "net_conv_fwd_bwd_ms": total_fwd_bwd.round()});
+        "layers": rows, "net_conv_fwd_ms": total_fwd.round(), "net_conv_fwd_bwd_ms": total_fwd_bwd.round(),
+        "net_conv_dx_ms": total_dx.round()});
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
     Ok(())
 }
