@@ -274,6 +274,19 @@ def train_step(model, opt, x, y, mix, rng, device, dtype):
     return loss
 
 
+def saliency_pass(model, x, y, device, dtype):
+    """PuzzleMix's saliency pass (spec 5.9.1): evaluation mode, the loss's gradient with
+    respect to the images alone (no parameter gradient), then back to training mode."""
+    model.eval()
+    x = x.detach().requires_grad_(True)
+    with autocast(device, dtype):
+        logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    (grad,) = torch.autograd.grad(loss, x)
+    model.train()
+    return grad.pow(2).mean(dim=1).sqrt()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -313,6 +326,21 @@ def bench_one(args, device, dtype):
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
+    saliency = {}
+    if args.saliency:
+        # On the same batch and weights as the timed steps: the share of a step PuzzleMix adds
+        # before its graph cuts, for `runner bench`'s `saliency_ms` / vanilla step beside it.
+        x = x_fixed if x_fixed is not None else normalize(augment(u8, rng), device)
+        sal_times = []
+        for i in range(args.warmup + args.steps):
+            sync(device)
+            start = time.perf_counter()
+            saliency_pass(model, x, y, device, dtype)
+            sync(device)
+            if i >= args.warmup:
+                sal_times.append(time.perf_counter() - start)
+        sal_s = float(np.median(sal_times))
+        saliency = {"saliency_ms": sal_s * 1e3, "saliency_to_step": sal_s / step_s}
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -335,6 +363,7 @@ def bench_one(args, device, dtype):
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "torch": torch.__version__,
+        **saliency,
     }
 
 
@@ -494,6 +523,11 @@ def main():
         "--step-only",
         action="store_true",
         help="time the step on a batch already on the device, as `runner bench` does",
+    )
+    b.add_argument(
+        "--saliency",
+        action="store_true",
+        help="also time PuzzleMix's saliency pass (eval mode, input gradient only): saliency_ms, saliency_to_step",
     )
     t = sub.choices["train"]
     t.add_argument("--dtype", default="f32", choices=DTYPES)
