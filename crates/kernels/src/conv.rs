@@ -78,8 +78,10 @@ fn geometry(x: &Shape, w: &Shape, cfg: ConvParams) -> Result<ConvGeom> {
 /// call. On CUDA f32 tensors in a build with feature `cudnn` the same op runs cuDNN's forward,
 /// backward-data and backward-filter (all groups in one call), in the arithmetic that
 /// [`crate::precision`] selects: f32, TF32, or bf16 autocast (inputs cast to bf16, result cast
-/// back to f32, so the caller sees f32 either way). Other devices and dtypes use candle's own
-/// `conv2d`, so callers can always use it.
+/// back to f32, so the caller sees f32 either way). On the CPU, bf16 rounds the operands and
+/// the result to bf16 around the f32 kernels (the same casts: the CUDA path's CPU twin, see
+/// `cpu::bf16`; no faster than f32). Other devices and dtypes use candle's own `conv2d`, so
+/// callers can always use it.
 pub fn conv2d(x: &Tensor, w: &Tensor, cfg: ConvParams) -> Result<Tensor> {
     let geom = geometry(x.shape(), w.shape(), cfg)?;
     let f32_args = x.dtype() == DType::F32 && w.dtype() == DType::F32;
@@ -126,7 +128,15 @@ impl CustomOp2 for Conv2dOp {
         crate::counters::record(crate::OpKind::ConvForward, 1);
         let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
         let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
-        let out = cpu::conv::conv2d_forward(g, x, w);
+        let out = if crate::precision() == crate::Precision::Bf16 {
+            // The CUDA autocast's casts around f32 arithmetic (`cpu::bf16`).
+            let mut out =
+                cpu::conv::conv2d_forward(g, &cpu::bf16::rounded(x), &cpu::bf16::rounded(w));
+            cpu::bf16::round_in_place(&mut out);
+            out
+        } else {
+            cpu::conv::conv2d_forward(g, x, w)
+        };
         Ok((
             CpuStorage::F32(out),
             Shape::from((g.batch, g.c_out, g.h_out, g.w_out)),
@@ -309,7 +319,20 @@ impl CustomOp3 for Conv2dBackwardOp {
         let x = cpu::f32_slice(s1, l1, self.name(), "input")?;
         let w = cpu::f32_slice(s2, l2, self.name(), "weight")?;
         let dy = cpu::f32_slice(s3, l3, self.name(), "output gradient")?;
-        let packed = cpu::conv::conv2d_backward(&self.geom, x, w, dy, self.need_x, self.need_w);
+        let (g, need_x, need_w) = (&self.geom, self.need_x, self.need_w);
+        let packed = if crate::precision() == crate::Precision::Bf16 {
+            // As the forward: bf16 operands (the output gradient included), bf16 results.
+            let (x, w, dy) = (
+                cpu::bf16::rounded(x),
+                cpu::bf16::rounded(w),
+                cpu::bf16::rounded(dy),
+            );
+            let mut packed = cpu::conv::conv2d_backward(g, &x, &w, &dy, need_x, need_w);
+            cpu::bf16::round_in_place(&mut packed);
+            packed
+        } else {
+            cpu::conv::conv2d_backward(g, x, w, dy, need_x, need_w)
+        };
         let shape = self.output_shape(l1.shape(), l2.shape());
         Ok((CpuStorage::F32(packed), shape))
     }

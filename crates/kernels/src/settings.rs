@@ -8,7 +8,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-/// Arithmetic used by convolutions (and candle's f32 matmuls) on CUDA. CPU ops are always f32.
+/// Arithmetic used by convolutions (and candle's f32 matmuls) on CUDA. On the CPU, f32 and
+/// tf32 both compute in f32, and bf16 gives the convolutions bf16 numerics on f32 units (each
+/// operand and result rounded to bf16, as the CUDA casts do; slower than f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// Strict f32: cuDNN restricted to FMA math, no tensor-core down-conversion.
@@ -57,13 +59,13 @@ impl FromStr for Precision {
 static PRECISION: AtomicU8 = AtomicU8::new(0);
 static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
 
-/// Sets the precision of CUDA convolutions for the rest of the process. Descriptors already
+/// Sets the precision of convolutions for the rest of the process. Descriptors already
 /// cached keep theirs, so call it before the first CUDA convolution.
 pub fn set_precision(p: Precision) {
     PRECISION.store(p as u8, Ordering::Relaxed);
 }
 
-/// The current CUDA convolution precision (default [`Precision::F32`]).
+/// The current convolution precision (default [`Precision::F32`]).
 pub fn precision() -> Precision {
     match PRECISION.load(Ordering::Relaxed) {
         1 => Precision::Tf32,

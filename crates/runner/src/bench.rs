@@ -52,7 +52,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// Arithmetic of convolutions and matmuls: `f32`, `tf32` or `bf16` (as
-    /// `train.precision`; on the CPU f32 and tf32 both compute in f32, and bf16 is refused).
+    /// `train.precision`; on the CPU f32 and tf32 both compute in f32, and bf16 is refused
+    /// unless MIXBENCH_CPU_BF16=emulate).
     #[arg(long, default_value = "tf32")]
     pub precision: crate::device::Precision,
     /// Restrict cuDNN to deterministic algorithms (as `train.deterministic`).
@@ -90,7 +91,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "arch": args.arch,
         "device": args.device,
         "dtype": "f32",
-        "precision": crate::device::effective_precision(&device, args.precision).as_str(),
+        "precision": crate::device::precision_label(&device, args.precision),
         "deterministic": args.deterministic,
         "cudnn_conv": backbones::kernels::CUDNN_CONV,
         "batch": args.batch,

@@ -38,7 +38,8 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 ///
 /// Errors, naming `field` (the config field or flag that asked), when the device cannot
 /// honour the request: bf16 without cuDNN convolutions, or bf16 on the CPU, which has no bf16
-/// path (a run must not train in f32 while its config says bf16).
+/// kernels (a run must not train in f32 while its config says bf16), unless [`CPU_BF16_ENV`]
+/// asks for the emulation.
 pub fn configure(
     device: &Device,
     precision: Precision,
@@ -52,7 +53,7 @@ pub fn configure(
                  `--features cudnn` (or use \"tf32\" / \"f32\")"
             );
         }
-        if !device.is_cuda() {
+        if !device.is_cuda() && !cpu_bf16_emulated()? {
             bail!(
                 "{}",
                 cpu_bf16_refusal(field, backbones::kernels::cpu_bf16_units())
@@ -66,14 +67,44 @@ pub fn configure(
     Ok(())
 }
 
+/// The environment variable that lets `"bf16"` run on the CPU without bf16 units:
+/// `MIXBENCH_CPU_BF16=emulate` gives the convolutions bf16's numerics on f32 units (operands
+/// and results rounded to bf16, as the CUDA autocast casts them; see `kernels::conv2d`). It is
+/// slower than f32, never faster: for accuracy studies of bf16 training on a machine without
+/// the hardware, and the log says `bf16-emulated`.
+pub const CPU_BF16_ENV: &str = "MIXBENCH_CPU_BF16";
+
+/// Whether [`CPU_BF16_ENV`] asks for bf16 emulation on the CPU (`emulate`; unset or empty:
+/// no). Any other value is an error naming the variable, not a silent f32 run.
+pub fn cpu_bf16_emulated() -> Result<bool> {
+    match std::env::var(CPU_BF16_ENV) {
+        Ok(v) if v == "emulate" => Ok(true),
+        Ok(v) if v.is_empty() => Ok(false),
+        Ok(v) => bail!("{CPU_BF16_ENV}: unknown value {v:?} (expected \"emulate\", or unset)"),
+        Err(_) => Ok(false),
+    }
+}
+
 /// The arithmetic a run's convolutions and matmuls really use: the requested precision on
-/// CUDA, f32 on the CPU (where tf32 means f32, as in PyTorch, and bf16 is refused). The log
-/// and the start-up line report this, so a CPU run's default `"tf32"` is not read as TF32.
+/// CUDA; on the CPU f32 (where tf32 means f32, as in PyTorch), or bf16 where [`configure`]
+/// accepted it (emulated, [`CPU_BF16_ENV`]). The log and the start-up line report this (as
+/// [`precision_label`]), so a CPU run's default `"tf32"` is not read as TF32.
 pub fn effective_precision(device: &Device, requested: Precision) -> Precision {
     if device.is_cuda() {
         requested
+    } else if requested == Precision::Bf16 && cpu_bf16_emulated().unwrap_or(false) {
+        Precision::Bf16
     } else {
         Precision::F32
+    }
+}
+
+/// [`effective_precision`] as the log, the start-up line and `runner bench` spell it:
+/// `bf16-emulated` for bf16 on the CPU, else the precision's config spelling.
+pub fn precision_label(device: &Device, requested: Precision) -> &'static str {
+    match effective_precision(device, requested) {
+        Precision::Bf16 if !device.is_cuda() => "bf16-emulated",
+        p => p.as_str(),
     }
 }
 
@@ -97,13 +128,15 @@ pub fn configure_from(device: &Device, cfg: &bench_config::TrainConfig) -> Resul
     )
 }
 
-/// Why bf16 is refused on the CPU: the bf16 units this CPU lacks, or, where it has them, that
-/// the CPU bf16 kernels do not exist yet.
+/// Why bf16 is refused on the CPU (unless emulated): the bf16 units this CPU lacks, or, where
+/// it has them, that the CPU bf16 kernels do not exist yet.
 fn cpu_bf16_refusal(field: &str, units: backbones::kernels::CpuBf16Units) -> String {
-    let instead = "use \"f32\" or \"tf32\" (both compute in f32 on the CPU)";
+    let instead = "use \"f32\" or \"tf32\" (both compute in f32 on the CPU), or set \
+                   MIXBENCH_CPU_BF16=emulate for bf16's numerics on f32 units (slower than f32)";
     if units.any() {
         format!(
-            "{field}: \"bf16\" on the CPU is not implemented yet (this CPU has {units}); {instead}"
+            "{field}: \"bf16\" on the CPU has no AMX or AVX512-BF16 kernels yet (this CPU has \
+             {units}); {instead}"
         )
     } else {
         format!(
@@ -125,14 +158,16 @@ mod tests {
             none,
             "train.precision: \"bf16\" on the CPU needs AMX-BF16 or AVX512-BF16, and this CPU \
              has neither AMX-BF16 nor AVX512-BF16; use \"f32\" or \"tf32\" (both compute in \
-             f32 on the CPU)"
+             f32 on the CPU), or set MIXBENCH_CPU_BF16=emulate for bf16's numerics on f32 \
+             units (slower than f32)"
         );
         let amx = CpuBf16Units {
             amx_bf16: true,
             avx512_bf16: false,
         };
         let msg = cpu_bf16_refusal("--precision", amx);
-        assert!(msg.starts_with("--precision: \"bf16\" on the CPU is not implemented yet"));
+        assert!(msg
+            .starts_with("--precision: \"bf16\" on the CPU has no AMX or AVX512-BF16 kernels yet"));
         assert!(
             msg.contains("this CPU has AMX-BF16 (no AVX512-BF16)"),
             "{msg}"

@@ -214,10 +214,10 @@ fn model_summary<M: StepModel>(cfg: &RunConfig, model: &M, device: &Device) -> S
     )
 }
 
-/// The arithmetic the run really uses (`f32` on the CPU whatever `train.precision` says).
+/// The arithmetic the run really uses (`f32` on the CPU whatever `train.precision` says,
+/// unless bf16 is emulated there: `bf16-emulated`).
 fn run_precision(cfg: &RunConfig, device: &Device) -> &'static str {
-    crate::device::effective_precision(device, crate::device::requested_precision(&cfg.train))
-        .as_str()
+    crate::device::precision_label(device, crate::device::requested_precision(&cfg.train))
 }
 
 /// Elements of a VarMap's BatchNorm buffers (running statistics), which are not trained.

@@ -3,6 +3,7 @@
 //! to provide the same kernels.
 
 pub(crate) mod batch_norm;
+pub(crate) mod bf16;
 pub(crate) mod conv;
 pub(crate) mod geom;
 pub(crate) mod loss;
