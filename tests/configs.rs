@@ -4,8 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The runner, without the caller's `MIXBENCH_CPU_BF16` (the bf16 refusal case needs it unset).
 fn runner() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_runner"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
+    cmd.env_remove("MIXBENCH_CPU_BF16");
+    cmd
 }
 
 fn repo_root() -> PathBuf {
@@ -109,7 +112,8 @@ fn bad_configs_fail_with_one_line_naming_file_and_field() {
             "model.head.loss",
         ),
         (r#"{"max_epochs": "many"}"#, "max_epochs"),
-        // The CPU has no bf16 path: refused, not trained in f32 under a bf16 label.
+        // The CPU has no bf16 kernels: refused (without MIXBENCH_CPU_BF16=emulate), not trained
+        // in f32 under a bf16 label.
         (
             r#"{"train": {"precision": "bf16"}}"#,
             "train.precision: \"bf16\" on the CPU",

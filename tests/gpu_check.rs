@@ -216,7 +216,8 @@ fn dry_run_runs_every_stage_and_prints_one_summary() {
         assert!(seconds(&run["mixup_ms"]) > 0.0, "{}", c.dump());
         assert!(seconds(&run["vanilla_ms"]) > 0.0, "{}", c.dump());
     }
-    // The CPU has no bf16 path (the runner refuses it), so the dry run does not ask for it.
+    // The CPU has no bf16 kernels (the runner refuses bf16 unless emulated), so the dry run
+    // does not ask for it.
     assert!(
         c.summary["bench"]["runs"].get("resnet18-bf16").is_none(),
         "{}",

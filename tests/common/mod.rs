@@ -7,8 +7,12 @@ use std::process::{Command, Output};
 
 use serde_json::{json, Value};
 
+/// The runner binary, without the caller's `MIXBENCH_CPU_BF16` (the tests that want the bf16
+/// emulation set it themselves; the refusal tests must not inherit it).
 pub fn runner() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_runner"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
+    cmd.env_remove("MIXBENCH_CPU_BF16");
+    cmd
 }
 
 pub fn data_dir(test: &str) -> Option<PathBuf> {
