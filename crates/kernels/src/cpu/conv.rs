@@ -303,6 +303,9 @@ fn conv2d_forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut Vec<f3
     if winograd::applies(g) {
         return winograd::forward_into(g, x, weight, out);
     }
+    if super::grouped::applies(g) {
+        return super::grouped::forward_into(g, x, weight, out);
+    }
     let sched = g.schedule(false);
     let (cog, kg, plane) = (g.c_out_per_group(), g.k_per_group(), g.plane_out());
     let (len, chunk) = (
@@ -466,6 +469,13 @@ pub(crate) fn conv2d_backward(
         debug_assert!(!need_grad_x || transposed_conv.is_some());
         if need_grad_w {
             winograd::weight_grad(g, x, grad_out, grad_w);
+        }
+        return packed;
+    }
+    if super::grouped::applies(g) && (!need_grad_x || transposed_conv.is_some()) {
+        // The input gradient (if needed) was the direct grouped conv above.
+        if need_grad_w {
+            super::grouped::weight_grad(g, x, grad_out, grad_w);
         }
         return packed;
     }

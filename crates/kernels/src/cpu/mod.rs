@@ -6,6 +6,7 @@ pub(crate) mod batch_norm;
 pub(crate) mod bf16;
 pub(crate) mod conv;
 pub(crate) mod geom;
+pub(crate) mod grouped;
 pub(crate) mod loss;
 pub(crate) mod matmul;
 pub(crate) mod winograd;

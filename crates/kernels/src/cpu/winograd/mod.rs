@@ -90,6 +90,12 @@ enum Choice {
     Off,
 }
 
+/// Whether `MIXBENCH_CPU_CONV=im2col` asks for im2col + GEMM everywhere (the direct grouped
+/// kernel, `cpu::grouped`, honours it too).
+pub(crate) fn im2col_only() -> bool {
+    choice() == Choice::Off
+}
+
 fn choice() -> Choice {
     static CHOICE: OnceLock<Choice> = OnceLock::new();
     *CHOICE.get_or_init(|| match std::env::var("MIXBENCH_CPU_CONV").as_deref() {
