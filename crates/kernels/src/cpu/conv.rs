@@ -472,14 +472,17 @@ pub(crate) fn conv2d_backward(
         }
         return packed;
     }
-    if super::grouped::applies(g) && (!need_grad_x || transposed_conv.is_some()) {
-        // The input gradient (if needed) was the direct grouped conv above.
-        if need_grad_w {
-            super::grouped::weight_grad(g, x, grad_out, grad_w);
-        }
+    // Grouped 3×3: the weight gradient is the direct kernel's (`cpu::grouped`); the input
+    // gradient was the direct grouped conv above (stride 1), or is im2col's below (stride 2).
+    let direct_grad_w = need_grad_w && super::grouped::applies(g);
+    let need_grad_w = need_grad_w && !direct_grad_w;
+    let need_grad_x = need_grad_x && transposed_conv.is_none();
+    if direct_grad_w {
+        super::grouped::weight_grad(g, x, grad_out, grad_w);
+    }
+    if !need_grad_x && !need_grad_w {
         return packed;
     }
-    let need_grad_x = need_grad_x && transposed_conv.is_none();
     let chunk_count = g.batch.div_ceil(sched.images_per_chunk);
     let mut grad_x_chunks: Vec<Option<&mut [f32]>> = if need_grad_x {
         grad_x

@@ -1,5 +1,6 @@
-//! Direct grouped 3×3 convolution (stride 1, padding 1), the forward of ResNeXt's 32-group
-//! layers and, through the flipped-kernel transposed convolution, their input gradient.
+//! Direct grouped 3×3 convolution (stride 1 or 2, padding 1): the forward and weight gradient
+//! of ResNeXt's 32-group layers and, through the flipped-kernel transposed convolution, the
+//! input gradient of the stride-1 ones (stride 2's stays im2col's col2im).
 //!
 //! im2col + GEMM gives each group a GEMM with as many rows as the group has output channels
 //! (4 in ResNeXt-50's stage 1), which leaves most of the GEMM microkernel idle: those layers
@@ -11,6 +12,8 @@
 //! registers; each sums over the group's input channels, then the 9 taps, in that fixed order
 //! (deterministic; not the GEMM's order, so results differ from im2col in the last bits). The
 //! two padding columns of each row are computed and dropped (6 % extra at 32×32, 50 % at 4×4).
+//! Stride 2 splits the padded plane into its four phases (even/odd rows × columns), where
+//! every tap is again a constant offset ([`Padded`]).
 //!
 //! The weight gradient ([`weight_grad`]) uses the same layout: the output gradient is laid out
 //! in padded rows too (zero in the two padding columns), so `∂w[co][ci][tap]` is a dot product
@@ -28,16 +31,17 @@ const P_BLOCK: usize = 16;
 /// Output positions per chunk of work the forward aims for (as the im2col path's columns).
 const TARGET_POSITIONS: usize = 256;
 
-/// Whether [`forward_into`] computes `g`: grouped, 3×3, stride 1, padding 1, on a CPU with
-/// AVX2 and FMA, unless `MIXBENCH_CPU_CONV=im2col` asks for im2col everywhere.
+/// Whether [`forward_into`] and [`weight_grad`] compute `g`: grouped, 3×3, stride 1 or 2,
+/// padding 1, on a CPU with AVX2 and FMA, unless `MIXBENCH_CPU_CONV=im2col` asks for im2col
+/// everywhere.
 pub(crate) fn applies(g: &ConvGeom) -> bool {
     g.groups > 1
         && g.kh == 3
         && g.kw == 3
-        && g.stride == 1
+        && (g.stride == 1 || g.stride == 2)
         && g.padding == 1
-        && g.h_out == g.h
-        && g.w_out == g.w
+        && g.h_out == (g.h - 1) / g.stride + 1
+        && g.w_out == (g.w - 1) / g.stride + 1
         && avx2_fma()
         && !super::winograd::im2col_only()
 }
@@ -54,22 +58,54 @@ fn avx2_fma() -> bool {
 }
 
 /// The padded-plane layout of one image's group.
+///
+/// Stride 1: one zero-padded plane per channel, rows `w + 2` apart; output position `p =
+/// y·row + x` reads tap `(ky, kx)` at `p + ky·row + kx`. Stride 2: the padded plane split into
+/// its four phases (even/odd rows × even/odd columns), each with rows `⌈(w + 2) / 2⌉` apart;
+/// tap `(ky, kx)` of output `(y, x)` is padded pixel `(2y + ky, 2x + kx)`, which sits in phase
+/// `(ky mod 2, kx mod 2)` at `(y + ky/2, x + kx/2)`: again a constant offset per tap.
 struct Padded {
-    /// Padded row length, `w + 2`.
+    stride: usize,
+    /// Row length of the (phase) planes and of the computed output rows.
     row: usize,
-    /// Output positions computed per channel: `h` padded rows, rounded up to [`P_BLOCK`].
+    /// Floats per phase plane (the whole padded plane for stride 1).
+    phase: usize,
+    /// Output positions computed per channel: `h_out` rows of `row`, rounded up to
+    /// [`P_BLOCK`]; the columns past `w_out` are computed and dropped.
     span: usize,
-    /// Floats per padded channel: every tap of every computed position is inside.
+    /// Floats per padded channel (its phases): every tap of every computed position is inside.
     channel: usize,
+    /// Where tap `ky·3 + kx` of output position 0 reads, within a channel.
+    offsets: [usize; 9],
 }
 
 impl Padded {
     fn of(g: &ConvGeom) -> Self {
-        let row = g.w + 2;
-        let span = (g.h * row).div_ceil(P_BLOCK) * P_BLOCK;
-        // The last computed position reads up to span - 1 + 2·row + 2.
-        let channel = (span + 2 * row + 2).max((g.h + 2) * row);
-        Padded { row, span, channel }
+        let stride = g.stride;
+        let (rows, row) = ((g.h + 2).div_ceil(stride), (g.w + 2).div_ceil(stride));
+        let span = (g.h_out * row).div_ceil(P_BLOCK) * P_BLOCK;
+        // The farthest in-phase offset is 2·row + 2 (stride 1) or row + 1 (stride 2).
+        let reach = (2 / stride) * row + 2 / stride;
+        let phase = (span + reach).max(rows * row);
+        let phases = stride * stride;
+        let offsets = std::array::from_fn(|t| {
+            let (ky, kx) = (t / 3, t % 3);
+            let which = (ky % stride) * stride + kx % stride;
+            which * phase + (ky / stride) * row + kx / stride
+        });
+        Padded {
+            stride,
+            row,
+            phase,
+            span,
+            channel: phases * phase,
+            offsets,
+        }
+    }
+
+    /// Whether every tap of every computed position lies inside a channel.
+    fn taps_inside(&self) -> bool {
+        self.offsets.iter().all(|&o| o + self.span <= self.channel)
     }
 }
 
@@ -95,8 +131,9 @@ pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut Ve
         applies(g),
         "grouped direct conv: unsupported geometry {g:?}"
     );
-    let sched = split_images(g.batch, g.h * g.w, TARGET_POSITIONS, 2);
-    let (cig, cog, plane) = (g.c_in_per_group(), g.c_out_per_group(), g.h * g.w);
+    let (plane_in, plane) = (g.h * g.w, g.h_out * g.w_out);
+    let sched = split_images(g.batch, plane, TARGET_POSITIONS, 2);
+    let (cig, cog) = (g.c_in_per_group(), g.c_out_per_group());
     let lay = Padded::of(g);
     // Every group's packed weights once, shared by all chunks.
     let per_group = cog.div_ceil(CO_BLOCK) * cig * 9 * CO_BLOCK;
@@ -119,7 +156,8 @@ pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut Ve
             for b in 0..images {
                 let img = &x[(first + b) * g.image_in()..][..g.image_in()];
                 for grp in 0..g.groups {
-                    fill_padded(g, &lay, &img[grp * cig * plane..][..cig * plane], &mut pad);
+                    let planes = &img[grp * cig * plane_in..][..cig * plane_in];
+                    fill_padded(g, &lay, planes, &mut pad);
                     let w_grp = &packed[grp * per_group..][..per_group];
                     let out_grp =
                         &mut out_chunk[b * image_out + grp * cog * plane..][..cog * plane];
@@ -132,8 +170,9 @@ pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut Ve
                         for j in 0..n {
                             let dst = &mut out_grp[(blk * CO_BLOCK + j) * plane..][..plane];
                             let src = &acc[j * lay.span..];
-                            for y in 0..g.h {
-                                dst[y * g.w..][..g.w].copy_from_slice(&src[y * lay.row..][..g.w]);
+                            for y in 0..g.h_out {
+                                dst[y * g.w_out..][..g.w_out]
+                                    .copy_from_slice(&src[y * lay.row..][..g.w_out]);
                             }
                         }
                     }
@@ -153,7 +192,8 @@ pub(crate) fn weight_grad(g: &ConvGeom, x: &[f32], grad_out: &[f32], grad_w: &mu
         applies(g),
         "grouped direct conv: unsupported geometry {g:?}"
     );
-    let (cig, cog, plane) = (g.c_in_per_group(), g.c_out_per_group(), g.h * g.w);
+    let (cig, cog) = (g.c_in_per_group(), g.c_out_per_group());
+    let (plane_in, plane) = (g.h * g.w, g.h_out * g.w_out);
     let lay = Padded::of(g);
     let runs = rayon::current_num_threads().clamp(1, g.batch.max(1));
     let per_run = g.batch.div_ceil(runs);
@@ -167,7 +207,8 @@ pub(crate) fn weight_grad(g: &ConvGeom, x: &[f32], grad_out: &[f32], grad_w: &mu
             let mut dys = take_buffer(images * cog * lay.span);
             for grp in 0..g.groups {
                 for b in 0..images {
-                    let img = &x[(first + b) * g.image_in() + grp * cig * plane..][..cig * plane];
+                    let img =
+                        &x[(first + b) * g.image_in() + grp * cig * plane_in..][..cig * plane_in];
                     fill_padded(g, &lay, img, &mut xs[b * cig * lay.channel..]);
                     let dy =
                         &grad_out[(first + b) * g.image_out() + grp * cog * plane..][..cog * plane];
@@ -190,15 +231,15 @@ pub(crate) fn weight_grad(g: &ConvGeom, x: &[f32], grad_out: &[f32], grad_w: &mu
     sum_in_order(&parts, &mut grad_w[..w_len]);
 }
 
-/// `rows` = the `planes` with rows `lay.row` apart, zero in the two padding columns of each
-/// row and after the last row, `lay.span` floats per plane: the output positions
-/// [`forward_into`] computes, so padding positions contribute nothing.
+/// `rows` = the output-gradient `planes` with rows `lay.row` apart, zero in the columns past
+/// `w_out` and after the last row, `lay.span` floats per plane: the output positions
+/// [`forward_into`] computes, so the dropped ones contribute nothing.
 fn fill_rows(g: &ConvGeom, lay: &Padded, planes: &[f32], rows: &mut [f32]) {
     rows.fill(0.0);
-    for (c, plane) in planes.chunks_exact(g.h * g.w).enumerate() {
+    for (c, plane) in planes.chunks_exact(g.h_out * g.w_out).enumerate() {
         let ch = &mut rows[c * lay.span..][..lay.span];
-        for (y, row) in plane.chunks_exact(g.w).enumerate() {
-            ch[y * lay.row..][..g.w].copy_from_slice(row);
+        for (y, row) in plane.chunks_exact(g.w_out).enumerate() {
+            ch[y * lay.row..][..g.w_out].copy_from_slice(row);
         }
     }
 }
@@ -231,8 +272,8 @@ unsafe fn weight_grad_avx2(
         dst.len() >= cog * cig * 9,
         "grouped dW: destination too short"
     );
-    assert!(lay.span.is_multiple_of(8) && lay.span + 2 * lay.row + 2 <= lay.channel);
-    let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * lay.row + t % 3);
+    assert!(lay.span.is_multiple_of(8) && lay.taps_inside());
+    let offsets = lay.offsets;
     let (xp, dp) = (xs.as_ptr(), dys.as_ptr());
     for co in 0..cog {
         for ci in 0..cig {
@@ -243,7 +284,7 @@ unsafe fn weight_grad_avx2(
                 for p in (0..lay.span).step_by(8) {
                     let d = _mm256_loadu_ps(dy.add(p));
                     for (a, &off) in acc.iter_mut().zip(&offsets) {
-                        // In bounds: p + 7 + off ≤ span - 1 + 2·row + 2 < channel (asserted).
+                        // In bounds: p + 7 + off < span + off ≤ channel (asserted).
                         *a = _mm256_fmadd_ps(d, _mm256_loadu_ps(xc.add(p + off)), *a);
                     }
                 }
@@ -278,16 +319,36 @@ unsafe fn weight_grad_avx2(
     unreachable!("grouped direct conv needs AVX2 (`applies` is false elsewhere)")
 }
 
-/// `pad` = the group's `cig` planes, zero-padded by one pixel, rows `lay.row` apart, each
-/// channel `lay.channel` floats (zero beyond the last padded row).
+/// `pad` = the group's `cig` planes, zero-padded by one pixel, in `lay`'s layout (one plane
+/// with rows `lay.row` apart for stride 1, its four phases for stride 2), each channel
+/// `lay.channel` floats, zero everywhere else.
 fn fill_padded(g: &ConvGeom, lay: &Padded, planes: &[f32], pad: &mut [f32]) {
     let cig = planes.len() / (g.h * g.w);
     let pad = &mut pad[..cig * lay.channel];
     pad.fill(0.0);
     for (c, plane) in planes.chunks_exact(g.h * g.w).enumerate() {
         let ch = &mut pad[c * lay.channel..][..lay.channel];
+        if lay.stride == 1 {
+            for (y, row) in plane.chunks_exact(g.w).enumerate() {
+                ch[(y + 1) * lay.row + 1..][..g.w].copy_from_slice(row);
+            }
+            continue;
+        }
+        // Padded pixel (y + 1, x + 1) goes to phase ((y + 1) mod 2, (x + 1) mod 2), at
+        // ((y + 1) / 2, (x + 1) / 2): even x to the odd-column phase at x / 2, odd x to the
+        // even-column phase at (x + 1) / 2.
         for (y, row) in plane.chunks_exact(g.w).enumerate() {
-            ch[(y + 1) * lay.row + 1..][..g.w].copy_from_slice(row);
+            let (py, a) = ((y + 1) % 2, y.div_ceil(2));
+            let (even_cols, odd_cols) = ch.split_at_mut((py * 2 + 1) * lay.phase);
+            let even_cols = &mut even_cols[py * 2 * lay.phase + a * lay.row..][..lay.row];
+            let odd_cols = &mut odd_cols[a * lay.row..][..lay.row];
+            for (k, pair) in row.chunks_exact(2).enumerate() {
+                odd_cols[k] = pair[0];
+                even_cols[k + 1] = pair[1];
+            }
+            if g.w % 2 == 1 {
+                odd_cols[g.w / 2] = row[g.w - 1];
+            }
         }
     }
 }
@@ -313,8 +374,8 @@ unsafe fn block_avx2(lay: &Padded, cig: usize, pad: &[f32], w: &[f32], acc: &mut
         acc.len() >= CO_BLOCK * lay.span,
         "grouped conv: accumulator too short"
     );
-    assert!(lay.span.is_multiple_of(P_BLOCK) && lay.span + 2 * lay.row + 2 <= lay.channel);
-    let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * lay.row + t % 3);
+    assert!(lay.span.is_multiple_of(P_BLOCK) && lay.taps_inside());
+    let offsets = lay.offsets;
     let (pp, wp, ap) = (pad.as_ptr(), w.as_ptr(), acc.as_mut_ptr());
     for p0 in (0..lay.span).step_by(P_BLOCK) {
         let mut s = [[_mm256_setzero_ps(); 2]; CO_BLOCK];
@@ -322,7 +383,7 @@ unsafe fn block_avx2(lay: &Padded, cig: usize, pad: &[f32], w: &[f32], acc: &mut
             let base = pp.add(ci * lay.channel + p0);
             let wci = wp.add(ci * 9 * CO_BLOCK);
             for (t, &off) in offsets.iter().enumerate() {
-                // In bounds: p0 + 15 + off ≤ span - 1 + 2·row + 2 < channel (asserted).
+                // In bounds: p0 + 15 + off < span + off ≤ channel (asserted).
                 let v0 = _mm256_loadu_ps(base.add(off));
                 let v1 = _mm256_loadu_ps(base.add(off + 8));
                 for (j, sj) in s.iter_mut().enumerate() {
@@ -352,17 +413,17 @@ mod tests {
     /// f64 direct grouped convolution.
     fn reference(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
         let (cig, cog) = (g.c_in_per_group(), g.c_out_per_group());
-        let mut y = vec![0f64; g.batch * g.c_out * g.h * g.w];
+        let mut y = vec![0f64; g.batch * g.c_out * g.h_out * g.w_out];
         for b in 0..g.batch {
             for co in 0..g.c_out {
                 let grp = co / cog;
-                for oy in 0..g.h {
-                    for ox in 0..g.w {
+                for oy in 0..g.h_out {
+                    for ox in 0..g.w_out {
                         let mut s = 0f64;
                         for ci in 0..cig {
                             for ky in 0..3 {
                                 for kx in 0..3 {
-                                    let (iy, ix) = (oy + ky, ox + kx);
+                                    let (iy, ix) = (oy * g.stride + ky, ox * g.stride + kx);
                                     if iy < 1 || ix < 1 || iy > g.h || ix > g.w {
                                         continue;
                                     }
@@ -373,7 +434,7 @@ mod tests {
                                 }
                             }
                         }
-                        y[((b * g.c_out + co) * g.h + oy) * g.w + ox] = s;
+                        y[((b * g.c_out + co) * g.h_out + oy) * g.w_out + ox] = s;
                     }
                 }
             }
@@ -388,13 +449,13 @@ mod tests {
         for b in 0..g.batch {
             for co in 0..g.c_out {
                 let grp = co / cog;
-                for oy in 0..g.h {
-                    for ox in 0..g.w {
-                        let d = dy[((b * g.c_out + co) * g.h + oy) * g.w + ox] as f64;
+                for oy in 0..g.h_out {
+                    for ox in 0..g.w_out {
+                        let d = dy[((b * g.c_out + co) * g.h_out + oy) * g.w_out + ox] as f64;
                         for ci in 0..cig {
                             for ky in 0..3 {
                                 for kx in 0..3 {
-                                    let (iy, ix) = (oy + ky, ox + kx);
+                                    let (iy, ix) = (oy * g.stride + ky, ox * g.stride + kx);
                                     if iy < 1 || ix < 1 || iy > g.h || ix > g.w {
                                         continue;
                                     }
@@ -412,15 +473,24 @@ mod tests {
         gw
     }
 
-    const CASES: [(usize, usize, usize, usize, usize); 5] = [
-        (2, 16, 16, 32, 4),
-        (3, 64, 64, 4, 2),
-        (2, 8, 12, 7, 4),
-        (1, 6, 6, 1, 3),
-        (5, 8, 8, 5, 2),
+    /// (batch, c_in, c_out, side, groups, stride): ResNeXt's 4/4 and 32/32 groups, 3 outputs
+    /// per group (a partial register block), odd and tiny planes, both strides.
+    const CASES: [(usize, usize, usize, usize, usize, usize); 10] = [
+        (2, 16, 16, 32, 4, 1),
+        (3, 64, 64, 4, 2, 1),
+        (2, 8, 12, 7, 4, 1),
+        (1, 6, 6, 1, 3, 1),
+        (5, 8, 8, 5, 2, 1),
+        (2, 16, 16, 32, 4, 2),
+        (3, 64, 64, 8, 2, 2),
+        (2, 8, 12, 7, 4, 2),
+        (1, 6, 6, 1, 3, 2),
+        (2, 8, 8, 6, 2, 2),
     ];
 
-    fn geom(batch: usize, c_in: usize, c_out: usize, side: usize, groups: usize) -> ConvGeom {
+    fn geom(case: (usize, usize, usize, usize, usize, usize)) -> ConvGeom {
+        let (batch, c_in, c_out, side, groups, stride) = case;
+        let side_out = (side - 1) / stride + 1;
         ConvGeom {
             batch,
             c_in,
@@ -429,11 +499,11 @@ mod tests {
             c_out,
             kh: 3,
             kw: 3,
-            stride: 1,
+            stride,
             padding: 1,
             groups,
-            h_out: side,
-            w_out: side,
+            h_out: side_out,
+            w_out: side_out,
         }
     }
 
@@ -443,11 +513,11 @@ mod tests {
             eprintln!("SKIPPED grouped direct conv: this CPU has no AVX2/FMA");
             return;
         }
-        for (batch, c_in, c_out, side, groups) in CASES {
-            let g = geom(batch, c_in, c_out, side, groups);
-            let x = test_values(batch * c_in * side * side, 3);
-            let dy = test_values(batch * c_out * side * side, 4);
-            let mut gw = vec![f32::NAN; c_out * (c_in / groups) * 9];
+        for case in CASES {
+            let g = geom(case);
+            let x = test_values(g.batch * g.image_in(), 3);
+            let dy = test_values(g.batch * g.image_out(), 4);
+            let mut gw = vec![f32::NAN; g.c_out * g.c_in_per_group() * 9];
             weight_grad(&g, &x, &dy, &mut gw);
             let want = reference_weight_grad(&g, &x, &dy);
             let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
@@ -471,10 +541,10 @@ mod tests {
         }
         // (batch, c_in, c_out, side, groups): ResNeXt's 4/4 and 32/32 groups, 3 outputs per
         // group (a partial register block), odd and tiny planes.
-        for (batch, c_in, c_out, side, groups) in CASES {
-            let g = geom(batch, c_in, c_out, side, groups);
-            let x = test_values(batch * c_in * side * side, 1);
-            let w = test_values(c_out * (c_in / groups) * 9, 2);
+        for case in CASES {
+            let g = geom(case);
+            let x = test_values(g.batch * g.image_in(), 1);
+            let w = test_values(g.c_out * g.c_in_per_group() * 9, 2);
             let mut out = Vec::new();
             forward_into(&g, &x, &w, &mut out);
             let want = reference(&g, &x, &w);
