@@ -385,10 +385,9 @@ fn emulated_bf16_trains_differently_from_f32_and_resumes_exactly() {
         c
     };
     let train_losses_of = |work: &std::path::Path| -> Vec<f64> {
-        log_lines(work)
-            .iter()
-            .filter(|l| l["mode"] == "train")
-            .map(|l| l["loss"].as_f64().unwrap())
+        train_losses(&log_lines(work))
+            .into_iter()
+            .map(|(_, loss)| loss)
             .collect()
     };
     let whole = tempfile::tempdir().unwrap();

@@ -95,11 +95,11 @@ fn main() -> Result<()> {
                 .backward()
                 .map(drop)
         })?;
-        // Bit digest of the output and both gradients, to compare builds for bit-exactness.
+        let y = kernels::conv2d(&xin, &wt, cfg)?;
         // The backward as the taped network runs it (`kernels::conv2d_backward`, no autograd
         // accumulation): the input gradient alone (PuzzleMix's saliency pass), the weight
         // gradient alone (the stem in training), and both (every other training layer).
-        let gy = pseudo_random(kernels::conv2d(&xin, &wt, cfg)?.dims(), 1.0)?;
+        let gy = pseudo_random(y.dims(), 1.0)?;
         let (xd, wd) = (xin.detach(), wt.as_tensor().detach());
         let dx = best_ms(reps, || {
             kernels::conv2d_backward(&xd, &wd, &gy, cfg, true, false).map(drop)
@@ -110,7 +110,7 @@ fn main() -> Result<()> {
         let dx_dw = best_ms(reps, || {
             kernels::conv2d_backward(&xd, &wd, &gy, cfg, true, true).map(drop)
         })?;
-        let y = kernels::conv2d(&xin, &wt, cfg)?;
+        // Bit digest of the output and both gradients, to compare builds for bit-exactness.
         let grads = (&y * &y)?.sum_all()?.backward()?;
         let mut digest = 0xcbf2_9ce4_8422_2325u64;
         let mut tensors = vec![y];

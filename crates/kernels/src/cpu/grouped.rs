@@ -22,7 +22,7 @@
 //! order, so the result depends on the thread count only.
 
 use super::geom::ConvGeom;
-use super::{give_back, par_extend, split_images, sum_in_order, take_buffer};
+use super::{give_back, has_avx2_fma, par_extend, split_images, sum_in_order, take_buffer};
 
 /// Output channels per register block.
 const CO_BLOCK: usize = 4;
@@ -42,19 +42,8 @@ pub(crate) fn applies(g: &ConvGeom) -> bool {
         && g.padding == 1
         && g.h_out == (g.h - 1) / g.stride + 1
         && g.w_out == (g.w - 1) / g.stride + 1
-        && avx2_fma()
+        && has_avx2_fma()
         && !super::winograd::im2col_only()
-}
-
-fn avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// The padded-plane layout of one image's group.
@@ -109,20 +98,29 @@ impl Padded {
     }
 }
 
-/// The weights of one group as `[co block][ci][tap][CO_BLOCK]`, zero beyond the group's
-/// output channels, so a block's four weights of one input channel and tap are adjacent.
-fn pack_weights(g: &ConvGeom, weight: &[f32], grp: usize, packed: &mut Vec<f32>) {
+/// Every group's weights as `[group][co block][ci][tap][CO_BLOCK]` ([`group_weights_len`]
+/// floats a group), zero beyond a group's output channels, so a block's four weights of one
+/// input channel and tap are adjacent.
+fn pack_weights(g: &ConvGeom, weight: &[f32]) -> Vec<f32> {
     let (cig, cog) = (g.c_in_per_group(), g.c_out_per_group());
-    let blocks = cog.div_ceil(CO_BLOCK);
-    packed.clear();
-    packed.resize(blocks * cig * 9 * CO_BLOCK, 0.0);
-    for co in 0..cog {
-        let (b, j) = (co / CO_BLOCK, co % CO_BLOCK);
-        let src = &weight[(grp * cog + co) * cig * 9..][..cig * 9];
-        for (ci_tap, &v) in src.iter().enumerate() {
-            packed[(b * cig * 9 + ci_tap) * CO_BLOCK + j] = v;
+    let per_group = group_weights_len(g);
+    let mut packed = vec![0f32; g.groups * per_group];
+    for grp in 0..g.groups {
+        for co in 0..cog {
+            let (b, j) = (co / CO_BLOCK, co % CO_BLOCK);
+            let src = &weight[(grp * cog + co) * cig * 9..][..cig * 9];
+            let dst = &mut packed[grp * per_group + b * cig * 9 * CO_BLOCK..];
+            for (ci_tap, &v) in src.iter().enumerate() {
+                dst[ci_tap * CO_BLOCK + j] = v;
+            }
         }
     }
+    packed
+}
+
+/// Floats of one group's packed weights ([`pack_weights`]).
+fn group_weights_len(g: &ConvGeom) -> usize {
+    g.c_out_per_group().div_ceil(CO_BLOCK) * g.c_in_per_group() * 9 * CO_BLOCK
 }
 
 /// The forward of `g` (which [`applies`]), appending its `batch · c_out · h · w` outputs.
@@ -136,13 +134,7 @@ pub(crate) fn forward_into(g: &ConvGeom, x: &[f32], weight: &[f32], out: &mut Ve
     let (cig, cog) = (g.c_in_per_group(), g.c_out_per_group());
     let lay = Padded::of(g);
     // Every group's packed weights once, shared by all chunks.
-    let per_group = cog.div_ceil(CO_BLOCK) * cig * 9 * CO_BLOCK;
-    let mut packed = Vec::with_capacity(g.groups * per_group);
-    let mut one = Vec::new();
-    for grp in 0..g.groups {
-        pack_weights(g, weight, grp, &mut one);
-        packed.extend_from_slice(&one);
-    }
+    let (per_group, packed) = (group_weights_len(g), pack_weights(g, weight));
     let image_out = g.c_out * plane;
     par_extend(
         out,
@@ -410,48 +402,17 @@ mod tests {
     use super::*;
     use crate::cpu::test_values;
 
-    /// f64 direct grouped convolution.
-    fn reference(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f64> {
+    /// f64 direct grouped convolution and its weight gradient for output gradient `dy`.
+    fn reference(g: &ConvGeom, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
         let (cig, cog) = (g.c_in_per_group(), g.c_out_per_group());
         let mut y = vec![0f64; g.batch * g.c_out * g.h_out * g.w_out];
-        for b in 0..g.batch {
-            for co in 0..g.c_out {
-                let grp = co / cog;
-                for oy in 0..g.h_out {
-                    for ox in 0..g.w_out {
-                        let mut s = 0f64;
-                        for ci in 0..cig {
-                            for ky in 0..3 {
-                                for kx in 0..3 {
-                                    let (iy, ix) = (oy * g.stride + ky, ox * g.stride + kx);
-                                    if iy < 1 || ix < 1 || iy > g.h || ix > g.w {
-                                        continue;
-                                    }
-                                    let xv = x[((b * g.c_in + grp * cig + ci) * g.h + iy - 1) * g.w
-                                        + ix
-                                        - 1] as f64;
-                                    s += xv * w[((co * cig + ci) * 3 + ky) * 3 + kx] as f64;
-                                }
-                            }
-                        }
-                        y[((b * g.c_out + co) * g.h_out + oy) * g.w_out + ox] = s;
-                    }
-                }
-            }
-        }
-        y
-    }
-
-    /// f64 weight gradient of the grouped convolution for output gradient `dy`.
-    fn reference_weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f64> {
-        let (cig, cog) = (g.c_in_per_group(), g.c_out_per_group());
         let mut gw = vec![0f64; g.c_out * cig * 9];
         for b in 0..g.batch {
             for co in 0..g.c_out {
                 let grp = co / cog;
                 for oy in 0..g.h_out {
                     for ox in 0..g.w_out {
-                        let d = dy[((b * g.c_out + co) * g.h_out + oy) * g.w_out + ox] as f64;
+                        let yi = ((b * g.c_out + co) * g.h_out + oy) * g.w_out + ox;
                         for ci in 0..cig {
                             for ky in 0..3 {
                                 for kx in 0..3 {
@@ -462,7 +423,9 @@ mod tests {
                                     let xv = x[((b * g.c_in + grp * cig + ci) * g.h + iy - 1) * g.w
                                         + ix
                                         - 1] as f64;
-                                    gw[((co * cig + ci) * 3 + ky) * 3 + kx] += d * xv;
+                                    let wi = ((co * cig + ci) * 3 + ky) * 3 + kx;
+                                    y[yi] += xv * w[wi] as f64;
+                                    gw[wi] += dy[yi] as f64 * xv;
                                 }
                             }
                         }
@@ -470,7 +433,7 @@ mod tests {
                 }
             }
         }
-        gw
+        (y, gw)
     }
 
     /// (batch, c_in, c_out, side, groups, stride): ResNeXt's 4/4 and 32/32 groups, 3 outputs
@@ -509,7 +472,7 @@ mod tests {
 
     #[test]
     fn weight_gradient_matches_f64_and_depends_on_the_thread_count_only() {
-        if !avx2_fma() {
+        if !has_avx2_fma() {
             eprintln!("SKIPPED grouped direct conv: this CPU has no AVX2/FMA");
             return;
         }
@@ -519,7 +482,8 @@ mod tests {
             let dy = test_values(g.batch * g.image_out(), 4);
             let mut gw = vec![f32::NAN; g.c_out * g.c_in_per_group() * 9];
             weight_grad(&g, &x, &dy, &mut gw);
-            let want = reference_weight_grad(&g, &x, &dy);
+            let w = test_values(gw.len(), 2);
+            let want = reference(&g, &x, &w, &dy).1;
             let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
             for (i, (a, e)) in gw.iter().zip(&want).enumerate() {
                 assert!(
@@ -535,7 +499,7 @@ mod tests {
 
     #[test]
     fn matches_an_f64_direct_convolution_on_every_plane_size() {
-        if !avx2_fma() {
+        if !has_avx2_fma() {
             eprintln!("SKIPPED grouped direct conv: this CPU has no AVX2/FMA");
             return;
         }
@@ -547,7 +511,8 @@ mod tests {
             let w = test_values(g.c_out * g.c_in_per_group() * 9, 2);
             let mut out = Vec::new();
             forward_into(&g, &x, &w, &mut out);
-            let want = reference(&g, &x, &w);
+            let dy = test_values(g.batch * g.image_out(), 4);
+            let want = reference(&g, &x, &w, &dy).0;
             assert_eq!(out.len(), want.len());
             let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
             for (i, (a, e)) in out.iter().zip(&want).enumerate() {

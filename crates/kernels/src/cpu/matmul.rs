@@ -151,19 +151,7 @@ mod dot {
 
     /// Whether `gemm` would take its horizontal kernels and this CPU can run [`products`].
     pub(super) fn applies(m: usize, n: usize, lhs: &MatRef<'_>, rhs: &MatRef<'_>) -> bool {
-        m * n <= 256 && lhs.col_stride == 1 && rhs.row_stride == 1 && avx2_fma()
-    }
-
-    fn avx2_fma() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        m * n <= 256 && lhs.col_stride == 1 && rhs.row_stride == 1 && crate::cpu::has_avx2_fma()
     }
 
     /// The product for [`super::matmul`] once [`applies`] holds (views bounds-checked by the
@@ -332,7 +320,7 @@ mod dot {
 
         #[test]
         fn small_dot_products_give_the_bits_of_gemm() {
-            if !super::avx2_fma() {
+            if !crate::cpu::has_avx2_fma() {
                 eprintln!("SKIPPED (no AVX2/FMA): dot products not used on this CPU");
                 return;
             }

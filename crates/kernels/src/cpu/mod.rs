@@ -88,6 +88,19 @@ pub(crate) fn has_avx2() -> bool {
     }
 }
 
+/// Whether the CPU has AVX2 and FMA, which the kernels without a portable twin need (the
+/// small dot products, the direct grouped convolution): callers take another path elsewhere.
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Runs `f` in a function compiled for AVX2 and FMA when the CPU has them, else as is.
 ///
 /// The crate is built for baseline x86-64 (SSE2) so that one binary runs everywhere; element-wise
